@@ -1,0 +1,181 @@
+"""export_model: a Hugging Face causal LM in, an export directory (graphs + manifest + tokenizer) out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import PreTrainedModel
+
+from ..graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTokens, ValidationError
+from ..graphs.manifest import GRAPH_FILES, METADATA_KEY, WEIGHTS_FILE
+from ..graphs.onnx_files import embed_metadata, write_graphs
+from ..graphs.report import DiffRow, TOLERANCES, failures, format_table
+from .config import ModelDims
+from .families import family_for
+from .load import Source, library_versions, load_source
+from .trace import IR_VERSION, OPSET, trace_graphs
+from .validate import DECODE_STEPS, validate_export
+
+WEIGHTS_SLACK = 1.1  # the weights file may exceed the parameter bytes by at most 10 %
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    directory: Path
+    manifest: Manifest
+    validation: list[DiffRow]
+
+
+def export_model(
+    model_or_path: PreTrainedModel | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    all_logits: bool = False,
+    validate: bool = True,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    tokenizer: Any | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> ExportResult:
+    """Export prefill.onnx + decode.onnx (+ weights, manifest, tokenizer files) into `out_dir`.
+
+    The directory appears only when everything succeeded: output is assembled in a temporary
+    directory beside it and renamed at the end. Raises KvgraphError for user errors and
+    ValidationError when the graphs disagree with PyTorch beyond the dtype's tolerance.
+    """
+    out = _check_destination(Path(out_dir), force)
+    source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    family = family_for(source.model.config.model_type)
+    contract = _contract(source.model, dtype, all_logits)
+    log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary directory
+    try:
+        manifest, rows = _build(source, family, contract, staging, validate, log)
+        _publish(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # also on KeyboardInterrupt: nothing half-written
+        raise
+    return ExportResult(out, manifest, rows)
+
+
+def _build(source: Source, family, contract: GraphContract, staging: Path, validate: bool, log) -> tuple[Manifest, list[DiffRow]]:
+    graphs = trace_graphs(source.model, family, contract)
+    weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE)
+    del graphs
+    parameter_bytes = _parameter_bytes(source.model)
+    if weights_bytes > WEIGHTS_SLACK * parameter_bytes:
+        raise KvgraphError(f"{WEIGHTS_FILE} is {weights_bytes} bytes for {parameter_bytes} parameter bytes: weights are duplicated")
+    log(f"wrote {', '.join(GRAPH_FILES.values())} and {WEIGHTS_FILE} ({weights_bytes / 1e6:.1f} MB)")
+    files = _copy_tokenizer(source, staging)
+    rows: list[DiffRow] = []
+    if validate:
+        rows = validate_export(staging, source.model, family, contract)
+        log("validation against PyTorch (max |diff| per tensor and step):\n" + format_table(rows))
+        if failures(rows):
+            bad = failures(rows)[0]
+            raise ValidationError(
+                f"validation failed: {len(failures(rows))} tensors exceed the {contract.dtype} tolerance "
+                f"{TOLERANCES[contract.dtype]} (first: {bad.graph} step {bad.step} {bad.tensor}, max |diff| {bad.max_abs_diff:.3e})"
+            )
+    manifest = _manifest(source, contract, files, rows, validate, parameter_bytes)
+    manifest.write(staging)
+    for file in GRAPH_FILES.values():
+        embed_metadata(staging / file, {METADATA_KEY: manifest.dumps()})
+    return manifest, rows
+
+
+def _contract(model: torch.nn.Module, dtype: str, all_logits: bool) -> GraphContract:
+    dims = ModelDims.from_hf(model.config)
+    return GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits)
+
+
+def _parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+
+
+def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[DiffRow], validated: bool, parameter_bytes: int) -> Manifest:
+    config = source.model.config
+    dims = ModelDims.from_hf(config)
+    info = ModelInfo(dims.family, type(source.model).__name__, source.description, dims.max_positions, parameter_bytes)
+    validation = None
+    if validated:
+        validation = {
+            "passed": not failures(rows),
+            "batch": "2 rows, prompt lengths 7 and 4 (left-padded)",
+            "decode_steps": DECODE_STEPS,
+            "tolerance": TOLERANCES[contract.dtype],
+            "rows": [row.to_json() for row in rows],
+        }
+    files = {**{name: file for name, file in GRAPH_FILES.items()}, "weights": WEIGHTS_FILE, **files}
+    return Manifest(contract, info, _special_tokens(source), OPSET, IR_VERSION, library_versions(), files, validation)
+
+
+def _special_tokens(source: Source) -> SpecialTokens:
+    generation = source.model.generation_config
+    config = source.model.config
+    eos = generation.eos_token_id if generation.eos_token_id is not None else getattr(config, "eos_token_id", None)
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    bos = generation.bos_token_id if generation.bos_token_id is not None else getattr(config, "bos_token_id", None)
+    pad = generation.pad_token_id if generation.pad_token_id is not None else getattr(config, "pad_token_id", None)
+    if pad is None and source.tokenizer is not None:
+        pad = source.tokenizer.pad_token_id
+    return SpecialTokens(bos, tuple(int(t) for t in eos_ids), pad)
+
+
+def _copy_tokenizer(source: Source, staging: Path) -> dict[str, str]:
+    """Save tokenizer files and generation_config.json beside the graphs; returns role -> file."""
+    scratch = staging / ".tokenizer"
+    if source.tokenizer is not None:
+        source.tokenizer.save_pretrained(str(scratch))
+    source.model.generation_config.save_pretrained(str(scratch))
+    files = {}
+    for name in TOKENIZER_FILES:
+        if (scratch / name).is_file():
+            shutil.move(str(scratch / name), str(staging / name))
+            files[name.rsplit(".", 1)[0]] = name
+    shutil.rmtree(scratch)
+    return files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_destination(out: Path, force: bool) -> Path:
+    out = out.expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise KvgraphError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise KvgraphError(f"{out}: exists and is not empty; pass --force to replace it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise KvgraphError(f"{parent}: the output's parent directory does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise KvgraphError(f"{parent}: not writable, cannot create {out.name}")
+    return out
+
+
+def _publish(staging: Path, out: Path, force: bool) -> None:
+    """Move the finished staging directory to `out`, replacing an old one only at the very end."""
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise KvgraphError(f"{out}: appeared while exporting and is not empty; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+

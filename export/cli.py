@@ -1,0 +1,39 @@
+"""`kvgraph export MODEL OUT`: the command-line face of export_model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..graphs.manifest import MANIFEST_NAME
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a local Hugging Face model directory or a hub id")
+    parser.add_argument("out", help="the export directory to create")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="graph dtype (default float32)")
+    parser.add_argument("--all-logits", action="store_true", help="prefill returns logits for every position (for scoring)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from . import export_model
+    except ImportError as exc:
+        print(f"kvgraph export needs the export extra (pip install 'kvgraph[export]'): {exc}", file=sys.stderr)
+        return 2
+
+    result = export_model(
+        args.model,
+        args.out,
+        dtype=args.dtype,
+        all_logits=args.all_logits,
+        validate=not args.no_validate,
+        force=args.force,
+        trust_remote_code=args.trust_remote_code,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    print(f"exported to {result.directory} (see {result.directory / MANIFEST_NAME})")
+    return 0

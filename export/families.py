@@ -1,0 +1,38 @@
+"""Architecture families: the ones the parity suite proves, and per-family quirks.
+
+Every causal LM goes through the same wrapper (export/wrappers.py); a family only needs an
+entry here when it differs from the generic path. Quirks are small adapters keyed by the
+transformers `model_type`, never `if model_type == ...` branches elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    tested: bool = False  # covered by the parity suite
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)  # extra kwargs for model.forward
+
+
+_FAMILIES = {
+    name: Family(name, tested=True)
+    for name in ("gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+}
+
+TESTED = tuple(_FAMILIES)
+
+# Model types the decoder-only path cannot handle, with the reason shown to the user.
+UNSUPPORTED = {
+    "t5": "encoder-decoder models are not supported by the decoder-only exporter yet",
+    "bart": "encoder-decoder models are not supported by the decoder-only exporter yet",
+    "marian": "encoder-decoder models are not supported by the decoder-only exporter yet",
+}
+
+
+def family_for(model_type: str) -> Family:
+    """The registered family, or the generic one for an untested model type."""
+    return _FAMILIES.get(model_type, Family(model_type))

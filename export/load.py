@@ -1,0 +1,110 @@
+"""Loading what export needs: the model, its tokenizer and generation config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..graphs import KvgraphError
+from .families import UNSUPPORTED
+
+transformers.utils.logging.disable_progress_bar()
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class Source:
+    model: PreTrainedModel
+    tokenizer: Any | None  # a transformers tokenizer, or None when the source has none
+    description: str  # the path or hub id, or "<in-memory LlamaForCausalLM>"
+
+
+def load_source(model_or_path: PreTrainedModel | str | os.PathLike, *, dtype: str, trust_remote_code: bool, tokenizer: Any | None = None) -> Source:
+    """Load (or accept) a causal LM in eval mode and in the requested dtype."""
+    if dtype not in TORCH_DTYPES:
+        raise KvgraphError(f"--dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    if isinstance(model_or_path, PreTrainedModel):
+        source = Source(model_or_path, tokenizer, f"<in-memory {type(model_or_path).__name__}>")
+    elif isinstance(model_or_path, (str, os.PathLike)):
+        source = _load_from(str(model_or_path), trust_remote_code, tokenizer)
+    else:
+        raise TypeError(f"export_model expects a PreTrainedModel or a path/hub id, got {type(model_or_path).__name__}")
+    check_supported(source.model.config, source.description)
+    source.model = source.model.to(TORCH_DTYPES[dtype]).eval()
+    return source
+
+
+def check_supported(config, description: str) -> None:
+    model_type = getattr(config, "model_type", "?")
+    if model_type in UNSUPPORTED or getattr(config, "is_encoder_decoder", False):
+        reason = UNSUPPORTED.get(model_type, "encoder-decoder models are not supported by the decoder-only exporter yet")
+        raise KvgraphError(f"{description}: model type {model_type!r}: {reason}")
+
+
+def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None) -> Source:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise KvgraphError(f"{name}: not a directory (expected a Hugging Face model directory)")
+        if not os.access(path, os.R_OK | os.X_OK) or not (path / "config.json").is_file():
+            raise KvgraphError(f"{name}: no readable config.json; is this a Hugging Face model directory?")
+    elif name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]:
+        raise KvgraphError(f"{name}: model path not found")
+    config = _config(name, trust_remote_code)
+    check_supported(config, name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except ValueError as exc:
+        raise KvgraphError(f"{name}: model type {config.model_type!r} has no causal-LM class in transformers: {_first_line(exc)}") from exc
+    except OSError as exc:
+        raise KvgraphError(f"{name}: cannot load the weights: {_first_line(exc)}") from exc
+    if tokenizer is None:
+        tokenizer = _tokenizer(name, trust_remote_code)
+    return Source(model, tokenizer, name)
+
+
+def _config(name: str, trust_remote_code: bool):
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise KvgraphError(f"{name}: this model needs its own code from the hub; pass --trust-remote-code if you trust it") from exc
+        raise KvgraphError(f"{name}: cannot read the model config: {_first_line(exc)}") from exc
+    except OSError as exc:
+        raise KvgraphError(f"{name}: cannot load the model config (a local path or a reachable hub id): {_first_line(exc)}") from exc
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise KvgraphError(f"{name}: this model needs its own code (auto_map in config.json); pass --trust-remote-code if you trust it")
+    return config
+
+
+def _tokenizer(name: str, trust_remote_code: bool):
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None  # a model without tokenizer files still exports; the manifest says so
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

@@ -1,0 +1,134 @@
+"""Tracing the prefill and decode wrappers into ONNX with torch.onnx (dynamo exporter)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import onnx
+import torch
+
+from ..graphs import GraphContract, KvgraphError, io_mismatches
+from ..graphs.contract import BATCH, PAST, SEQUENCE
+from ..graphs.onnx_files import apply_shapes, read_io, untie_transposed_copies
+from .families import Family
+from .wrappers import DecodeStep, PrefillStep
+
+OPSET = 23  # the exporter fuses RMSNormalization / RotaryEmbedding / Attention at exactly 23
+IR_VERSION = 10  # onnxruntime reads IR <= 13; onnx writes 14 by default
+
+# Example sizes for tracing; all distinct and > 1 so no dimension gets specialised.
+_BATCH, _PROMPT, _PAST = 2, 7, 5
+
+
+class TraceError(KvgraphError):
+    """torch.onnx could not turn the model into a graph."""
+
+
+def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, onnx.ModelProto]:
+    """Export both graphs; returns {"prefill": ModelProto, "decode": ModelProto} matching the contract."""
+    logits_to_keep = 0 if contract.all_logits else 1
+    graphs = {
+        "prefill": _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract),
+        "decode": _export(DecodeStep(model, family), _decode_example(model, contract), "decode", contract),
+    }
+    for name, proto in graphs.items():
+        inputs, outputs = contract.graphs()[name]
+        apply_shapes(proto, inputs, outputs)
+        read_inputs, read_outputs = read_io(proto)
+        reasons = io_mismatches(name, inputs, read_inputs) + io_mismatches(name, outputs, read_outputs)
+        if reasons:
+            raise TraceError(f"model type {family.model_type!r}: the traced graph breaks the contract: " + "; ".join(reasons))
+        untie_transposed_copies(proto)
+    return graphs
+
+
+def _prefill_example(contract: GraphContract):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, contract.vocab_size, (_BATCH, _PROMPT), generator=generator)
+    mask = torch.ones(_BATCH, _PROMPT, dtype=torch.int64)
+    mask[1, :2] = 0  # a left-padded row, so the traced graph sees a real padding mask
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return (ids, mask, positions)
+
+
+def _decode_example(model: torch.nn.Module, contract: GraphContract):
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, contract.vocab_size, (_BATCH, 1), generator=generator)
+    mask = torch.ones(_BATCH, _PAST + 1, dtype=torch.int64)
+    mask[1, :2] = 0
+    positions = mask.sum(-1, keepdim=True) - 1
+    cache_shape = (_BATCH, contract.num_kv_heads, _PAST, contract.head_dim)  # (B, Hkv, P, D)
+    past = tuple(torch.randn(cache_shape, generator=generator).to(dtype) for _ in contract.cache_slots())
+    return (ids, mask, positions, *past)
+
+
+def _dynamic_shapes(graph: str, contract: GraphContract):
+    batch = torch.export.Dim(BATCH)
+    if graph == "prefill":
+        sequence = torch.export.Dim(SEQUENCE)
+        token = {0: batch, 1: sequence}
+        return (token, token, token)
+    past = torch.export.Dim(PAST)
+    cache = tuple({0: batch, 2: past} for _ in contract.cache_slots())
+    return ({0: batch}, {0: batch, 1: past + 1}, {0: batch}, cache)
+
+
+def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphContract) -> onnx.ModelProto:
+    inputs, outputs = contract.graphs()[graph]
+    model_type = step.model.config.model_type
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                step.eval(),
+                example,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[spec.name for spec in inputs],
+                output_names=[spec.name for spec in outputs],
+                dynamic_shapes=_dynamic_shapes(graph, contract),
+                verbose=False,
+            )
+    except Exception as exc:  # torch.export / onnx translation raise many types; all mean "cannot trace"
+        raise TraceError(f"model type {model_type!r}: {graph} graph failed at {_failing_step(exc)}: {_summary(exc)}") from exc
+    proto = program.model_proto
+    proto.ir_version = IR_VERSION
+    return proto
+
+
+def _failing_step(exc: Exception) -> str:
+    text = str(exc)
+    if "torch.export" in text and "step 1/3" in text:
+        return "step 1/3 (torch.export capture)"
+    if "step 2/3" in text or "decompos" in text.lower():
+        return "step 2/3 (decomposition)"
+    if "step 3/3" in text or "translat" in text.lower():
+        return "step 3/3 (translation to ONNX)"
+    return f"tracing ({type(exc).__name__})"
+
+
+def _summary(exc: BaseException) -> str:
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [line for line in str(root).splitlines() if line.strip()]
+    return f"{type(root).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings; kvgraph prints its own summary instead."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -1,0 +1,90 @@
+"""Export-time validation: the written graphs in onnxruntime against the PyTorch model.
+
+Runs prefill and a few decode steps on a left-padded batch of 2, feeding each side its own
+presents as the next pasts, and returns one labelled max-abs-diff row per tensor and step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..graphs import GraphContract
+from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from ..graphs.conventions import decode_position_ids, left_pad, prefill_position_ids
+from ..graphs.manifest import GRAPH_FILES
+from ..graphs.report import DiffRow, compare_step
+from .families import Family
+from .wrappers import DecodeStep, PrefillStep
+
+PROMPT_LENGTHS = (7, 4)  # the second row is left-padded by 3
+DECODE_STEPS = 3
+
+
+class OrtGraphs:
+    """The two graphs of an export directory in onnxruntime, one call per step (numpy in and out)."""
+
+    def __init__(self, directory: str | Path, contract: GraphContract, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+        self.contract = contract
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.sessions = {
+            name: ort.InferenceSession(str(Path(directory) / file), options, providers=list(providers))
+            for name, file in GRAPH_FILES.items()
+        }
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+        # (B, S), (B, S) -> [logits (B, 1|S, V), present.0.key (B, Hkv, S, D), ...]
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: prefill_position_ids(attention_mask)}
+        return self.sessions["prefill"].run(None, feeds)
+
+    def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+        # (B, 1), (B, P+1), past (B, Hkv, P, D) each -> [logits (B, 1, V), present (B, Hkv, P+1, D) ...]
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: decode_position_ids(attention_mask)}
+        feeds.update(zip(self.contract.past_names(), past))
+        return self.sessions["decode"].run(None, feeds)
+
+
+def validate_export(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract, steps: int = DECODE_STEPS) -> list[DiffRow]:
+    graphs = OrtGraphs(directory, contract)
+    reference = _TorchSteps(model, family, contract)
+    ids, mask = _sample_batch(contract.vocab_size)
+    names = [LOGITS, *contract.present_names()]
+    actual, expected = graphs.prefill(ids, mask), reference.prefill(ids, mask)
+    rows = compare_step("prefill", 0, names, actual, expected, mask, contract.dtype)
+    for step in range(1, steps + 1):
+        token = expected[0][:, -1].argmax(-1)[:, None].astype(np.int64)  # greedy on PyTorch's logits
+        mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+        actual = graphs.decode(token, mask, actual[1:])
+        expected = reference.decode(token, mask, expected[1:])
+        rows += compare_step("decode", step, names, actual, expected, mask, contract.dtype)
+    return rows
+
+
+def _sample_batch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, vocab_size, size=n).tolist() for n in PROMPT_LENGTHS]
+    return left_pad(rows, pad_id=0)
+
+
+class _TorchSteps:
+    """The same wrappers that were traced, run eagerly in PyTorch."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, contract: GraphContract) -> None:
+        self.prefill_step = PrefillStep(model, family, 0 if contract.all_logits else 1)
+        self.decode_step = DecodeStep(model, family)
+        self.dtype = next(model.parameters()).dtype
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        return self._run(self.prefill_step, ids, mask, prefill_position_ids(mask))
+
+    def decode(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+        return self._run(self.decode_step, ids, mask, decode_position_ids(mask), *past)
+
+    def _run(self, step, ids, mask, positions, *past) -> list[np.ndarray]:
+        with torch.no_grad():
+            outputs = step(*(torch.from_numpy(np.ascontiguousarray(x)) for x in (ids, mask, positions, *past)))
+        return [t.contiguous().numpy() for t in outputs]

@@ -1,0 +1,148 @@
+"""The graph contract: every input/output name, dtype and symbolic shape of the exported graphs.
+
+Export, runtime and tests all ask this object; no other module spells a tensor name.
+Shapes use the letters B (batch), S (prompt length), P (past length), Hkv (KV heads),
+D (head dim), V (vocab), written as trailing comments `# (B, Hkv, S, D)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+Dim = Union[int, str]
+
+# Symbolic dimension names, as written into the graphs and the manifest.
+BATCH = "batch"
+SEQUENCE = "sequence"
+PAST = "past_sequence"
+PAST_PLUS_ONE = "past_sequence+1"
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+KV_KINDS = ("key", "value")
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: "int64", "float32", "float16"
+    shape: tuple[Dim, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TensorSpec:
+        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    """What the prefill and decode graphs of one decoder-only export look like."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str = "float32"
+    all_logits: bool = False  # prefill returns logits for every position, not only the last
+
+    def __post_init__(self) -> None:
+        for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GraphContract.{field} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"GraphContract.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    # -- names -------------------------------------------------------------------------------
+
+    @staticmethod
+    def past_name(layer: int, kind: str) -> str:
+        return f"past.{layer}.{kind}"
+
+    @staticmethod
+    def present_name(layer: int, kind: str) -> str:
+        return f"present.{layer}.{kind}"
+
+    def cache_slots(self) -> Iterator[tuple[int, str]]:
+        """(layer, "key"|"value") in graph order: layer 0 key, layer 0 value, layer 1 key, ..."""
+        for layer in range(self.num_layers):
+            for kind in KV_KINDS:
+                yield layer, kind
+
+    def past_names(self) -> list[str]:
+        return [self.past_name(layer, kind) for layer, kind in self.cache_slots()]
+
+    def present_names(self) -> list[str]:
+        return [self.present_name(layer, kind) for layer, kind in self.cache_slots()]
+
+    # -- graphs ------------------------------------------------------------------------------
+
+    def _token_inputs(self, length: Dim, mask_length: Dim) -> list[TensorSpec]:
+        return [
+            TensorSpec(INPUT_IDS, "int64", (BATCH, length)),
+            TensorSpec(ATTENTION_MASK, "int64", (BATCH, mask_length)),
+            TensorSpec(POSITION_IDS, "int64", (BATCH, length)),
+        ]
+
+    def _cache(self, names: list[str], length: Dim) -> list[TensorSpec]:
+        shape = (BATCH, self.num_kv_heads, length, self.head_dim)  # (B, Hkv, S, D)
+        return [TensorSpec(name, self.dtype, shape) for name in names]
+
+    def prefill_inputs(self) -> list[TensorSpec]:
+        return self._token_inputs(SEQUENCE, SEQUENCE)
+
+    def prefill_outputs(self) -> list[TensorSpec]:
+        positions = SEQUENCE if self.all_logits else 1
+        logits = TensorSpec(LOGITS, self.dtype, (BATCH, positions, self.vocab_size))
+        return [logits, *self._cache(self.present_names(), SEQUENCE)]
+
+    def decode_inputs(self) -> list[TensorSpec]:
+        return [*self._token_inputs(1, PAST_PLUS_ONE), *self._cache(self.past_names(), PAST)]
+
+    def decode_outputs(self) -> list[TensorSpec]:
+        logits = TensorSpec(LOGITS, self.dtype, (BATCH, 1, self.vocab_size))
+        return [logits, *self._cache(self.present_names(), PAST_PLUS_ONE)]
+
+    def graphs(self) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
+        """Graph name -> (inputs, outputs), in the order the graphs declare them."""
+        return {
+            "prefill": (self.prefill_inputs(), self.prefill_outputs()),
+            "decode": (self.decode_inputs(), self.decode_outputs()),
+        }
+
+    def cache_bytes_per_token(self) -> int:
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def io_mismatches(graph: str, expected: list[TensorSpec], actual: list[TensorSpec]) -> list[str]:
+    """Reasons why `actual` (read from a graph file) differs from the contract; empty when equal.
+
+    Symbolic dims match any symbolic name or size; fixed dims must match exactly.
+    """
+    reasons = []
+    want_names = [spec.name for spec in expected]
+    got_names = [spec.name for spec in actual]
+    if want_names != got_names:
+        missing = [n for n in want_names if n not in got_names]
+        extra = [n for n in got_names if n not in want_names]
+        return [f"{graph}: tensor names differ (missing {missing}, unexpected {extra})"]
+    for want, got in zip(expected, actual):
+        if want.dtype != got.dtype:
+            reasons.append(f"{graph}: {want.name} has dtype {got.dtype}, expected {want.dtype}")
+        if len(want.shape) != len(got.shape) or any(
+            isinstance(w, int) and w != g for w, g in zip(want.shape, got.shape)
+        ):
+            reasons.append(f"{graph}: {want.name} has shape {format_shape(got.shape)}, expected {format_shape(want.shape)}")
+    return reasons
+
+
+def format_shape(shape: tuple[Dim, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"

@@ -1,0 +1,66 @@
+"""`kvgraph inspect DIR`: what an export directory holds, as a table or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .contract import format_shape
+from .manifest import Manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="an export directory (with kvgraph.json)")
+    parser.add_argument("--json", action="store_true", help="print the manifest plus file sizes as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    manifest = Manifest.load(directory)
+    sizes = {file: (directory / file).stat().st_size for file in manifest.files.values() if (directory / file).is_file()}
+    if args.json:
+        print(json.dumps({**manifest.to_json(), "file_sizes": sizes}, indent=2))
+    else:
+        print(describe(manifest, sizes))
+    return 0
+
+
+def describe(manifest: Manifest, sizes: dict[str, int]) -> str:
+    c, m, t = manifest.contract, manifest.model, manifest.special_tokens
+    lines = [
+        f"kvgraph export, format {manifest.format_version}",
+        f"model        {m.family} ({m.architecture}) from {m.source}",
+        f"shape        {c.num_layers} layers, {c.num_kv_heads} KV heads, head dim {c.head_dim}, vocab {c.vocab_size}, {c.dtype}",
+        f"positions    max {m.max_positions}; cache {c.cache_bytes_per_token()} bytes per token per row",
+        f"tokens       bos {t.bos_token_id}, eos {list(t.eos_token_ids)}, pad {t.pad_token_id}",
+        f"onnx         opset {manifest.opset}, IR {manifest.ir_version}; " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()),
+        "",
+    ]
+    for name, (inputs, outputs) in c.graphs().items():
+        lines.append(f"{name}.onnx")
+        for role, specs in (("in ", inputs), ("out", outputs)):
+            lines += [f"  {role} {spec.name:20} {spec.dtype:8} {format_shape(spec.shape)}" for spec in _folded(specs)]
+    lines += ["", "files"] + [f"  {file:28} {size / 1e6:10.2f} MB" for file, size in sorted(sizes.items())]
+    lines.append("")
+    lines.append(_validation_line(manifest.validation))
+    return "\n".join(lines)
+
+
+def _folded(specs):
+    """Show layer 0's cache tensors and elide the rest ("... 2N tensors like it")."""
+    cache = [s for s in specs if s.name.startswith(("past.", "present."))]
+    head = [s for s in specs if s not in cache]
+    if len(cache) <= 4:
+        return specs
+    shown = cache[:2]
+    rest = type(shown[0])(f"... {len(cache) - 2} more", shown[0].dtype, shown[0].shape)
+    return head + shown + [rest]
+
+
+def _validation_line(validation) -> str:
+    if validation is None:
+        return "validation   skipped (--no-validate)"
+    worst = max((row["max_abs_diff"] for row in validation["rows"]), default=0.0)
+    verdict = "passed" if validation["passed"] else "FAILED"
+    return f"validation   {verdict}: {len(validation['rows'])} tensors over prefill + {validation['decode_steps']} decode steps, worst max |diff| {worst:.2e}"

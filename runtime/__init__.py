@@ -1,0 +1,1 @@
+"""The onnxruntime side of kvgraph. Never imports torch or transformers."""
