@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests' own helpers (families, oracle)
+
+from families import TINY_CONFIGS, tiny_model  # noqa: E402
+
+
+class Exported:
+    def __init__(self, family, model, directory, manifest):
+        self.family = family
+        self.model = model
+        self.directory = directory
+        self.manifest = manifest
+        self.contract = manifest.contract
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory):
+    """Each tiny family model is exported once per test session, on first use."""
+    from kvgraph.export import export_model
+
+    cache = {}
+
+    def get(family: str) -> Exported:
+        if family not in cache:
+            model = tiny_model(family)
+            out = tmp_path_factory.mktemp("exports") / family
+            result = export_model(model, out)
+            cache[family] = Exported(family, model, out, result.manifest)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def exported(request, export_cache) -> Exported:
+    return export_cache(request.param)

@@ -1,0 +1,46 @@
+"""Tiny random-init configs, one per family the parity suite proves (>= 2 layers, GQA where the family has it).
+
+initializer_range 0.1 (init_std for OPT) keeps the top-2 logit gap well above float noise, so
+greedy comparisons test the graphs, not rounding.
+"""
+
+from __future__ import annotations
+
+_DECODER = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+TINY_CONFIGS = {
+    "gpt2": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.1, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(_DECODER, num_key_value_heads=None),
+    "opt": dict(
+        vocab_size=128, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, init_std=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    ),
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": dict(_DECODER, head_dim=16),
+    "phi3": _DECODER,
+    "gemma": dict(_DECODER, head_dim=16),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in {**TINY_CONFIGS[family], **overrides}.items() if v is not None}
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **settings)
+    return AutoModelForCausalLM.from_config(config).eval()

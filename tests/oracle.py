@@ -1,0 +1,61 @@
+"""The plain, separate oracle: PyTorch eager through the model's own forward, and an ORT loop.
+
+Nothing here comes from kvgraph.export: the Hugging Face model is called directly with a
+DynamicCache, exactly as `generate()` would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers.cache_utils import DynamicCache
+
+from kvgraph.graphs.conventions import decode_position_ids, prefill_position_ids
+
+
+def torch_step(model, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None = None, all_logits: bool = False):
+    """One forward in eager PyTorch: returns [logits (B, 1|S, V), key0, value0, key1, ...] as numpy."""
+    positions = prefill_position_ids(mask) if past is None else decode_position_ids(mask)
+    cache = DynamicCache(config=model.config)
+    for layer in range(len(past or []) // 2):
+        cache.update(torch.from_numpy(past[2 * layer]), torch.from_numpy(past[2 * layer + 1]), layer)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True,
+        )
+    logits = out.logits if all_logits else out.logits[:, -1:]
+    cache_tensors = [t.numpy() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    return [logits.numpy(), *cache_tensors]
+
+
+class OrtPair:
+    """prefill.onnx and decode.onnx of an export directory, fed by contract names."""
+
+    def __init__(self, directory, contract):
+        self.contract = contract
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.prefill_session = ort.InferenceSession(str(directory / "prefill.onnx"), options, providers=["CPUExecutionProvider"])
+        self.decode_session = ort.InferenceSession(str(directory / "decode.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def prefill(self, ids, mask):
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": prefill_position_ids(mask)}
+        return self.prefill_session.run(None, feeds)
+
+    def decode(self, ids, mask, past):
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": decode_position_ids(mask)}
+        feeds.update(zip(self.contract.past_names(), past))
+        return self.decode_session.run(None, feeds)
+
+    def greedy(self, ids, mask, new_tokens: int) -> np.ndarray:
+        """(B, S) prompt -> (B, new_tokens) greedy continuation with the cache."""
+        outputs = self.prefill(ids, mask)
+        tokens = []
+        for _ in range(new_tokens):
+            token = outputs[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+            tokens.append(token)
+            mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+            outputs = self.decode(token, mask, outputs[1:])
+        return np.concatenate(tokens, axis=1)
