@@ -12,7 +12,7 @@ import torch
 
 from ..graphs import GraphContract, KvgraphError, io_mismatches
 from ..graphs.contract import BATCH, PAST, SEQUENCE
-from ..graphs.onnx_files import apply_shapes, read_io, untie_transposed_copies
+from ..graphs.onnx_files import apply_shapes, read_io, strip_exporter_metadata, untie_transposed_copies
 from .families import Family
 from .wrappers import DecodeStep, PrefillStep
 
@@ -42,6 +42,7 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
         if reasons:
             raise TraceError(f"model type {family.model_type!r}: the traced graph breaks the contract: " + "; ".join(reasons))
         untie_transposed_copies(proto)
+        strip_exporter_metadata(proto)
     return graphs
 
 

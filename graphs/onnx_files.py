@@ -52,6 +52,21 @@ def apply_shapes(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list
                     dim.dim_value = want
 
 
+def strip_exporter_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces with machine paths, FX text).
+
+    It is most of a small graph's bytes and makes exports differ between machines.
+    """
+    graph = model.graph
+    for item in [*graph.node, *graph.value_info, *graph.input, *graph.output, *graph.initializer]:
+        keep = [p for p in item.metadata_props if not p.key.startswith("pkg.torch.")]
+        del item.metadata_props[:]
+        item.metadata_props.extend(keep)
+    keep = [p for p in graph.metadata_props if not p.key.startswith("pkg.torch.")]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(keep)
+
+
 # Tied embeddings: the exporter folds `lm_head.weight.T` into a second initializer, so the
 # embedding would be stored twice. Replace the folded copy with a Transpose of the original:
 #

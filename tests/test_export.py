@@ -1,0 +1,136 @@
+"""What export writes, and how it refuses bad input without leaving anything half-written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from families import tiny_model
+from kvgraph.export import TraceError, export_model
+from kvgraph.graphs import KvgraphError, Manifest, ValidationError
+from kvgraph.graphs import report
+from kvgraph.graphs.report import compare, failures, format_table
+from oracle import OrtPair, torch_step
+
+
+def _no_leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if name in p.name]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma", "llama"])
+def test_weights_are_stored_once_even_when_tied(export_cache, family):
+    exported = export_cache(family)
+    data = exported.directory / "model.onnx.data"
+    assert data.stat().st_size <= 1.1 * exported.manifest.model.parameter_bytes
+    for graph in ("prefill.onnx", "decode.onnx"):
+        model = onnx.load(str(exported.directory / graph), load_external_data=False)
+        locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+        assert locations == {"model.onnx.data"}
+        assert (exported.directory / graph).stat().st_size < 0.2 * data.stat().st_size
+
+
+def test_graphs_use_standard_onnx_ops_only(export_cache):
+    exported = export_cache("llama")
+    for graph in ("prefill.onnx", "decode.onnx"):
+        model = onnx.load(str(exported.directory / graph), load_external_data=False)
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", 23)]
+        assert model.ir_version == 10
+        assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= {n.op_type for n in model.graph.node}
+
+
+def test_manifest_is_complete_and_embedded_in_each_graph(export_cache):
+    exported = export_cache("llama")
+    text = (exported.directory / "kvgraph.json").read_text()
+    data = json.loads(text)
+    assert data["model"]["family"] == "llama" and data["contract"]["num_kv_heads"] == 2
+    assert data["special_tokens"] == {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 0}
+    assert data["model"]["max_positions"] == 128 and data["opset"] == 23
+    assert {"torch", "transformers", "onnx"} <= set(data["versions"])
+    validation = data["validation"]
+    assert validation["passed"] and len(validation["rows"]) == (1 + 2 * 2) * (1 + validation["decode_steps"])
+    assert validation["decode_steps"] >= 3
+    for graph in ("prefill.onnx", "decode.onnx"):
+        model = onnx.load(str(exported.directory / graph), load_external_data=False)
+        assert {p.key: p.value for p in model.metadata_props}["kvgraph.manifest"] == text
+
+
+def test_all_logits_option_keeps_every_position(tmp_path):
+    model = tiny_model("qwen2")
+    result = export_model(model, tmp_path / "out", all_logits=True)
+    ids = np.array([[5, 9, 14, 3, 77]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    logits = OrtPair(tmp_path / "out", result.manifest.contract).prefill(ids, mask)[0]
+    assert logits.shape == (1, 5, 128)
+    row = compare("prefill", 0, "logits", logits, torch_step(model, ids, mask, all_logits=True)[0], "float32")
+    assert row.ok, format_table([row])
+
+
+def test_float16_export_loads_and_validates(tmp_path):
+    result = export_model(tiny_model("llama"), tmp_path / "fp16", dtype="float16")
+    assert result.manifest.contract.dtype == "float16"
+    assert result.manifest.validation["tolerance"] == {"atol": 2e-2, "rtol": 2e-2}
+    assert not failures(result.validation), format_table(result.validation)
+    ids = np.array([[5, 9, 14]], dtype=np.int64)
+    outputs = OrtPair(tmp_path / "fp16", result.manifest.contract).prefill(ids, np.ones_like(ids))
+    assert outputs[0].dtype == np.float16 and outputs[1].dtype == np.float16
+
+
+def test_untested_family_goes_through_the_generic_path(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("olmo", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    result = export_model(AutoModelForCausalLM.from_config(config).eval(), tmp_path / "olmo")
+    assert result.manifest.model.family == "olmo" and result.manifest.validation["passed"]
+
+
+def test_failed_validation_publishes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(report.TOLERANCES, "float32", {"atol": 0.0, "rtol": 0.0})  # float noise alone now fails
+    model = tiny_model("llama")
+    with pytest.raises(ValidationError, match="exceed the float32 tolerance"):
+        export_model(model, tmp_path / "out")
+    assert _no_leftovers(tmp_path, "out") == []
+
+
+def test_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kvgraph.export.api.validate_export", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(tiny_model("llama"), tmp_path / "out")
+    assert _no_leftovers(tmp_path, "out") == []
+
+
+def test_model_that_cannot_trace_names_type_and_step(tmp_path):
+    model = tiny_model("llama")
+    inner_forward = model.model.forward
+
+    def forward(*args, **kwargs):
+        if kwargs["input_ids"].sum() > 10:  # data-dependent branch
+            return inner_forward(*args, **kwargs)
+        return inner_forward(*args, **kwargs)
+
+    model.model.forward = forward
+    with pytest.raises(TraceError, match=r"model type 'llama': prefill graph failed at step 1/3 \(torch.export capture\)"):
+        export_model(model, tmp_path / "out")
+    assert _no_leftovers(tmp_path, "out") == []
+
+
+def test_in_memory_encoder_decoder_is_refused(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16))
+    with pytest.raises(KvgraphError, match="model type 't5'"):
+        export_model(model, tmp_path / "out")
+
+
+def test_manifest_loads_back(export_cache):
+    exported = export_cache("llama")
+    assert Manifest.load(exported.directory) == exported.manifest
