@@ -1,0 +1,146 @@
+"""The `kvgraph` command: export from a model directory, inspect, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from families import tiny_model
+from kvgraph.runtime.cli import main
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="w1", eos_token="w2", pad_token="w0", unk_token="w3")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny_model("llama").save_pretrained(directory)
+    _tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cli_export(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    assert main(["export", str(model_dir), str(out)]) == 0
+    return out
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def test_export_from_a_directory_copies_tokenizer_and_generation_config(cli_export):
+    names = {p.name for p in cli_export.iterdir()}
+    assert {"prefill.onnx", "decode.onnx", "model.onnx.data", "kvgraph.json", "tokenizer.json",
+            "tokenizer_config.json", "generation_config.json", "chat_template.jinja"} == names
+    manifest = json.loads((cli_export / "kvgraph.json").read_text())
+    assert manifest["files"]["tokenizer"] == "tokenizer.json"
+    assert manifest["files"]["chat_template"] == "chat_template.jinja"
+    assert (cli_export / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
+
+def test_inspect_prints_a_table_and_json(cli_export, capsys):
+    code, out, _ = _run(capsys, "inspect", cli_export)
+    assert code == 0
+    assert "llama (LlamaForCausalLM)" in out
+    assert "past.0.key" in out and "(batch, 2, past_sequence, 16)" in out
+    assert "validation   passed" in out
+    code, out, _ = _run(capsys, "inspect", cli_export, "--json")
+    data = json.loads(out)
+    assert data["graphs"]["prefill"]["outputs"][0]["shape"] == ["batch", 1, 128]
+    assert data["file_sizes"]["model.onnx.data"] > 0
+
+
+def test_non_empty_output_is_refused_without_force(cli_export, model_dir, capsys):
+    before = sorted(p.name for p in cli_export.iterdir())
+    code, _, err = _run(capsys, "export", model_dir, cli_export)
+    assert code == 1 and "exists and is not empty; pass --force" in err
+    assert sorted(p.name for p in cli_export.iterdir()) == before
+
+
+def test_force_replaces_an_existing_directory(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    code, _, _ = _run(capsys, "export", model_dir, out, "--force", "--no-validate")
+    assert code == 0
+    assert not (out / "stale.txt").exists() and (out / "decode.onnx").is_file()
+    assert json.loads((out / "kvgraph.json").read_text())["validation"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_missing_model_path(tmp_path, capsys):
+    code, _, err = _run(capsys, "export", tmp_path / "no-such-model", tmp_path / "out")
+    assert code == 1 and "no-such-model: model path not found" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_without_config(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(capsys, "export", tmp_path / "empty", tmp_path / "out")
+    assert code == 1 and "no readable config.json" in err
+
+
+def test_unsupported_family_is_named(tmp_path, capsys):
+    from transformers import T5Config
+
+    T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(tmp_path / "t5")
+    code, _, err = _run(capsys, "export", tmp_path / "t5", tmp_path / "out")
+    assert code == 1 and "model type 't5'" in err and "encoder-decoder" in err
+
+
+def test_remote_code_is_refused_without_the_flag(model_dir, tmp_path, capsys):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (remote / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "export", remote, tmp_path / "out")
+    assert code == 1 and "--trust-remote-code" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_parent_must_be_a_directory(model_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run(capsys, "export", model_dir, tmp_path / "file" / "out")
+    assert code == 1 and "parent directory does not exist" in err
+
+
+def test_unknown_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["export", "a", "b", "--no-such-option"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_inspect_a_directory_that_is_not_an_export(tmp_path, capsys):
+    code, _, err = _run(capsys, "inspect", tmp_path)
+    assert code == 1 and "no manifest here" in err
+
+
+def test_console_script_parses_without_importing_torch():
+    probe = "import sys; from kvgraph.runtime.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    help_text = subprocess.run([str(Path(sys.executable).with_name("kvgraph")), "export", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--trust-remote-code" in help_text
