@@ -40,3 +40,16 @@ def export_cache(tmp_path_factory):
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def exported(request, export_cache) -> Exported:
     return export_cache(request.param)
+
+
+@pytest.fixture(scope="session")
+def text_export(tmp_path_factory):
+    """A tiny llama with a byte-level tokenizer and chat template, exported once: (model, directory)."""
+    from families import text_model_dir
+    from kvgraph.export import export_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = text_model_dir(tmp_path_factory.mktemp("hf") / "text-llama")
+    out = tmp_path_factory.mktemp("exports") / "text-llama"
+    export_model(model_dir, out)
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), out

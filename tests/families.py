@@ -44,3 +44,35 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = AutoConfig.for_model(family, **settings)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def byte_tokenizer(chat_template: str | None = None):
+    """A byte-level tokenizer: ids 0-2 are <pad>, <s>, </s>; ids 3..258 are the 256 bytes.
+
+    Every byte is one token, so multi-byte characters span several tokens (as in real BPEs).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: 3 + i for i, ch in enumerate(sorted(alphabet))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def text_model_dir(directory, family: str = "llama"):
+    """A tiny model with a byte-level tokenizer and chat template, saved as a Hugging Face directory."""
+    tiny_model(family, vocab_size=260).save_pretrained(directory)
+    byte_tokenizer(CHAT_TEMPLATE).save_pretrained(directory)
+    return directory

@@ -1,0 +1,56 @@
+"""`kvgraph generate DIR --prompt ...`: generation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from .generator import GenerationResult, Generator
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="an export directory (from kvgraph export)")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the model's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (cut before it); repeatable")
+    parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every step with the prefill graph (no KV cache)")
+    parser.add_argument("--provider", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    generator = Generator.load(args.directory, provider=args.provider, threads=args.threads)
+    options = dict(
+        max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop, use_cache=not args.no_cache,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    if args.stream and not args.json:
+        for prompt in args.prompt:
+            for piece in generator.stream(prompt, **options):
+                print(piece, end="", flush=True)
+            print()
+        return 0
+    results = generator.generate(list(args.prompt), **options)
+    for result in results:
+        _print(result, args.json)
+    return 0
+
+
+def _print(result: GenerationResult, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                          "finish_reason": result.finish_reason, "stats": asdict(result.stats)}))
+    else:
+        print(result.text)
+        print(f"[{result.finish_reason}] {result.stats.summary()}", file=sys.stderr)

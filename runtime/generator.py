@@ -1,0 +1,230 @@
+"""Generator: text (or token ids) in, text out, over the prefill and decode graphs.
+
+    gen = Generator.load("out/", provider="cpu")
+    gen.generate("Once upon a time", max_new_tokens=64).text
+    for piece in gen.stream("Tell me a story"): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..graphs import KvgraphError
+from ..graphs.conventions import left_pad
+from .loop import BatchRun, Request, RowState
+from .sampling import Sampling
+from .session import LoadedGraphs, load_graphs
+from .steps import KVCache, decode_one, prefill
+from .text import IncrementalText, TextCodec
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_ms: float
+    decode_tokens_per_s: float
+
+    def summary(self) -> str:
+        return (f"{self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens, prefill {self.prefill_ms:.1f} ms, "
+                f"decode {self.decode_tokens_per_s:.1f} tok/s")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids only (an eos that ended the row included)
+    finish_reason: str  # "eos", "stop" or "length"
+    stats: GenerationStats
+
+
+class Generator:
+    """One loaded export. Thread-safe: every call owns its own cache."""
+
+    def __init__(self, graphs: LoadedGraphs, codec: TextCodec | None) -> None:
+        self.graphs = graphs
+        self.codec = codec
+        tokens = graphs.manifest.special_tokens
+        self.eos_ids = frozenset(tokens.eos_token_ids)
+        self.pad_id = tokens.pad_token_id if tokens.pad_token_id is not None else next(iter(tokens.eos_token_ids), 0)
+
+    @classmethod
+    def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None) -> Generator:
+        graphs = load_graphs(directory, provider, threads)
+        has_tokenizer = (Path(directory) / "tokenizer.json").is_file()
+        return cls(graphs, TextCodec(Path(directory)) if has_tokenizer else None)
+
+    # -- public API --------------------------------------------------------------------------
+
+    def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
+                 use_cache: bool = True, **sampling) -> GenerationResult | list[GenerationResult]:
+        """One prompt -> one result; a list of prompts -> a left-padded batch, one result each."""
+        batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer))
+        prompts = list(prompt) if batch else [prompt]
+        requests = [self._request(p, max_new_tokens, chat, stop) for p in prompts]
+        results = self._run(requests, Sampling(**sampling), use_cache)
+        return results if batch else results[0]
+
+    def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
+               use_cache: bool = True, **sampling) -> Iterator[str]:
+        """Yield text pieces as tokens arrive; their concatenation equals generate(...).text."""
+        request = self._request(prompt, max_new_tokens, chat, stop)
+        text = IncrementalText(self._need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
+        run, _ = self._start([request], Sampling(**sampling), use_cache)
+        for b, token in run:
+            if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
+                piece = text.push(token)
+                if piece:
+                    yield piece
+        yield text.finish(run.rows[0].text)
+
+    def chat(self, **sampling) -> Conversation:
+        return Conversation(self, Sampling(**sampling))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _need_codec(self) -> TextCodec:
+        if self.codec is None:
+            raise KvgraphError(f"{self.graphs.directory}: no tokenizer.json in this export; pass token ids")
+        return self.codec
+
+    def _request(self, prompt, max_new_tokens: int, chat: bool, stop: Sequence[str]) -> Request:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise KvgraphError("the prompt is empty")
+            codec = self._need_codec()
+            ids = codec.encode_chat([{"role": "user", "content": prompt}]) if chat else codec.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        return Request(ids, max_new_tokens, tuple(stop))
+
+    def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> list[GenerationResult]:
+        run, prefill_s = self._start(requests, sampling, use_cache)
+        run.run()
+        return [self._result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]
+
+    def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> tuple[BatchRun, float]:
+        """Check the requests, run the prefill; the returned BatchRun generates when iterated."""
+        self._check(requests)
+        ids, mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
+        stepper = _CachedSteps(self.graphs) if use_cache else _RecomputeSteps(self.graphs)
+        start = time.perf_counter()
+        logits = stepper.first(ids, mask)
+        return BatchRun(requests, logits, mask, stepper.next, sampling, self), time.perf_counter() - start
+
+    def _check(self, requests: list[Request]) -> None:
+        contract = self.graphs.contract
+        max_positions = self.graphs.manifest.model.max_positions
+        for request in requests:
+            if not request.prompt_ids:
+                raise KvgraphError("the prompt is empty (no tokens)")
+            if request.max_new_tokens < 1:
+                raise KvgraphError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+            bad = [t for t in request.prompt_ids if not 0 <= t < contract.vocab_size]
+            if bad:
+                raise KvgraphError(f"token id {bad[0]} is outside the vocabulary [0, {contract.vocab_size})")
+            total = len(request.prompt_ids) + request.max_new_tokens
+            if max_positions and total > max_positions:
+                raise KvgraphError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
+                                   f"exceeds the model's max positions ({max_positions})")
+
+    def text_of(self, token_ids: list[int]) -> str:
+        return self.codec.decode(token_ids) if self.codec is not None else ""
+
+    def _result(self, request: Request, row: RowState, prefill_s: float, run: BatchRun) -> GenerationResult:
+        rate = run.decode_steps / run.decode_seconds if run.decode_seconds > 0 else 0.0
+        stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate)
+        return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)
+
+
+class _CachedSteps:
+    """prefill once, then one decode step per token, the cache handed over on the device."""
+
+    def __init__(self, graphs: LoadedGraphs, cache: KVCache | None = None) -> None:
+        self.graphs = graphs
+        self.cache = cache
+
+    def first(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        logits, self.cache = prefill(self.graphs, ids, mask)
+        return logits[:, -1]
+
+    def next(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        logits, self.cache = decode_one(self.graphs, self.cache, tokens, mask)
+        return logits[:, -1]
+
+
+class _RecomputeSteps:
+    """No cache: every step runs the prefill graph over the whole sequence so far."""
+
+    def __init__(self, graphs: LoadedGraphs) -> None:
+        self.graphs = graphs
+        self.ids: np.ndarray | None = None
+
+    def first(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.ids = ids
+        return prefill(self.graphs, ids, mask)[0][:, -1]
+
+    def next(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.ids = np.concatenate([self.ids, tokens], axis=1)
+        return prefill(self.graphs, self.ids, mask)[0][:, -1]
+
+
+@dataclass
+class Conversation:
+    """A multi-turn chat that keeps its cache: a follow-up turn processes only its new tokens."""
+
+    generator: Generator
+    sampling: Sampling
+    messages: list[dict[str, str]] = field(default_factory=list)
+    cached_ids: list[int] = field(default_factory=list)  # tokens whose K/V are in `cache`
+    cache: KVCache | None = None
+    processed_tokens: list[int] = field(default_factory=list)  # per turn: tokens run through a graph before generating
+
+    def send(self, text: str, max_new_tokens: int = 64, stop: Sequence[str] = ()) -> GenerationResult:
+        if not text:
+            raise KvgraphError("the message is empty")
+        codec = self.generator._need_codec()
+        self.messages.append({"role": "user", "content": text})
+        ids = codec.encode_chat(self.messages)
+        request = Request(ids, max_new_tokens, tuple(stop))
+        self.generator._check([request])
+        start = time.perf_counter()
+        stepper, logits, mask = self._resume(ids)
+        prefill_s = time.perf_counter() - start
+        run = BatchRun([request], logits, mask, stepper.next, self.sampling, self.generator).run()
+        row = run.rows[0]
+        self.cache = stepper.cache
+        self.cached_ids = ids + row.tokens[:-1]  # the last token was sampled, never fed
+        self.messages.append({"role": "assistant", "content": row.text})
+        return self.generator._result(request, row, prefill_s, run)
+
+    def _resume(self, ids: list[int]):
+        """Reuse the cache for the longest common prefix; run only the new tokens through the graphs."""
+        common = _common_prefix(self.cached_ids, ids[:-1])
+        graphs = self.generator.graphs
+        if common == 0 or self.cache is None:
+            stepper = _CachedSteps(graphs)
+            array = np.array([ids], dtype=np.int64)
+            logits = stepper.first(array, np.ones_like(array))
+            self.processed_tokens.append(len(ids))
+            return stepper, logits, np.ones_like(array)
+        stepper = _CachedSteps(graphs, self.cache.truncated(common))
+        mask = np.ones((1, common), dtype=np.int64)
+        for token in ids[common:]:
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            logits = stepper.next(np.array([[token]], dtype=np.int64), mask)
+        self.processed_tokens.append(len(ids) - common)
+        return stepper, logits, mask
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

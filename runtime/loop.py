@@ -1,0 +1,102 @@
+"""The token loop over a batch: sample, append, check each row's stop conditions, step again.
+
+Rows stop on their own (eos id, a stop string, or max_new_tokens); a finished row is fed the pad
+token from then on and its tokens and text no longer change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from .sampling import Sampling, next_tokens
+
+Step = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens (B, 1), mask (B, P+1)) -> logits (B, V)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class RowState:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "eos", "stop" or "length" once finished
+    text: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Vocabulary(Protocol):
+    eos_ids: frozenset[int]
+    pad_id: int
+
+    def text_of(self, token_ids: list[int]) -> str: ...
+
+
+class BatchRun:
+    """Iterate to run; yields (row, token) after each token is appended and the row checked."""
+
+    def __init__(self, requests: list[Request], first_logits: np.ndarray, mask: np.ndarray, step: Step,
+                 sampling: Sampling, vocab: Vocabulary) -> None:
+        self.requests = requests
+        self.logits = first_logits  # (B, V) for the next token of every row
+        self.mask = mask  # (B, P) attention mask of everything fed so far
+        self.step = step
+        self.sampling = sampling
+        self.vocab = vocab
+        self.rows = [RowState() for _ in requests]
+        self.decode_seconds = 0.0
+        self.decode_steps = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng(self.sampling.seed)
+        while True:
+            seen = [np.array(r.prompt_ids + row.tokens, dtype=np.int64) for r, row in zip(self.requests, self.rows)]
+            chosen = next_tokens(self.logits, seen, self.sampling, rng)
+            for b, row in enumerate(self.rows):
+                if not row.finished:
+                    self._append(b, int(chosen[b]))
+                    yield b, int(chosen[b])
+            if all(row.finished for row in self.rows):
+                break
+            feed = np.array([[self.vocab.pad_id if row.finished else row.tokens[-1]] for row in self.rows], dtype=np.int64)
+            self.mask = np.concatenate([self.mask, np.ones_like(feed)], axis=1)
+            start = time.perf_counter()
+            self.logits = self.step(feed, self.mask)
+            self.decode_seconds += time.perf_counter() - start
+            self.decode_steps += 1
+        for row in self.rows:
+            if row.finish_reason != "stop":
+                row.text = self.vocab.text_of(row.tokens)
+
+    def run(self) -> BatchRun:
+        for _ in self:
+            pass
+        return self
+
+    def _append(self, b: int, token: int) -> None:
+        row, request = self.rows[b], self.requests[b]
+        row.tokens.append(token)
+        if token in self.vocab.eos_ids:
+            row.finish_reason = "eos"
+        elif request.stop and self._cut_at_stop(row, request.stop):
+            row.finish_reason = "stop"
+        elif len(row.tokens) >= request.max_new_tokens:
+            row.finish_reason = "length"
+
+    def _cut_at_stop(self, row: RowState, stops: tuple[str, ...]) -> bool:
+        text = self.vocab.text_of(row.tokens)
+        hits = [text.find(s) for s in stops if s and s in text]
+        if not hits:
+            return False
+        row.text = text[: min(hits)]  # text is cut before the stop string
+        return True

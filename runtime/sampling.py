@@ -1,0 +1,94 @@
+"""Choosing the next token from logits: greedy, or sampled in Hugging Face's order.
+
+Order (as transformers applies its processors and warpers): repetition penalty, temperature,
+top-k, top-p, then a draw from the softmax. Everything is numpy on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graphs import KvgraphError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    repetition_penalty: float = 1.0  # 1 disables
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise KvgraphError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise KvgraphError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise KvgraphError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise KvgraphError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
+    """logits (B, V); seen[b] = token ids in row b so far. Positive logits divided, negative multiplied."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.copy()
+    for b, ids in enumerate(seen):
+        ids = np.unique(ids)
+        chosen = logits[b, ids]
+        logits[b, ids] = np.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return logits
+
+
+def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.sort(logits, axis=-1)[:, -k][:, None]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of tokens whose probability reaches p (at least one token)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(logits, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    probs = _softmax(sorted_logits)
+    cumulative = np.cumsum(probs, axis=-1)
+    remove_sorted = cumulative <= (1 - p)
+    remove_sorted[:, -1] = False  # always keep the most likely token
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, logits)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def processed_logits(logits: np.ndarray, seen: list[np.ndarray], sampling: Sampling) -> np.ndarray:
+    """(B, V) logits after penalty, temperature, top-k, top-p (float64)."""
+    out = apply_repetition_penalty(logits.astype(np.float64), seen, sampling.repetition_penalty)
+    if sampling.greedy:
+        return out
+    out = out / sampling.temperature
+    return apply_top_p(apply_top_k(out, sampling.top_k), sampling.top_p)
+
+
+def next_tokens(logits: np.ndarray, seen: list[np.ndarray], sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """(B, V) logits -> (B,) int64 next token ids."""
+    scores = processed_logits(logits, seen, sampling)
+    if sampling.greedy:
+        return scores.argmax(axis=-1).astype(np.int64)
+    probs = _softmax(scores)
+    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)

@@ -1,0 +1,84 @@
+"""Loading an export directory into onnxruntime sessions, checked against its manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..graphs import GraphContract, KvgraphError, Manifest, TensorSpec, io_mismatches
+from ..graphs.manifest import GRAPH_FILES
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the cache lives: the session's device, as onnxruntime's OrtValue APIs name it."""
+
+    provider: str  # "cpu" or "cuda"
+    ort_type: str  # "cpu" or "cuda"
+    index: int = 0
+
+    @classmethod
+    def for_provider(cls, provider: str) -> Device:
+        return cls(provider, "cuda" if provider == "cuda" else "cpu")
+
+
+def resolve_provider(provider: str) -> str:
+    """"cpu"/"cuda" -> onnxruntime's provider name, or a clear error listing what is available."""
+    available = ort.get_available_providers()
+    name = PROVIDERS.get(provider)
+    if name is None:
+        raise KvgraphError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)} (available here: {available})")
+    if name not in available:
+        hint = " (install kvgraph[gpu] and run on a machine with a GPU)" if provider == "cuda" else ""
+        raise KvgraphError(f"provider {provider!r} is not available{hint}; available providers: {available}")
+    return name
+
+
+@dataclass
+class LoadedGraphs:
+    directory: Path
+    manifest: Manifest
+    sessions: dict[str, ort.InferenceSession]
+    device: Device
+
+    @property
+    def contract(self) -> GraphContract:
+        return self.manifest.contract
+
+
+def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | None = None) -> LoadedGraphs:
+    """Read the manifest, open both graphs on the provider, and check them against the manifest."""
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    provider_name = resolve_provider(provider)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    sessions = {name: _open(directory / file, options, provider_name) for name, file in GRAPH_FILES.items()}
+    for name, (inputs, outputs) in manifest.contract.graphs().items():
+        session = sessions[name]
+        reasons = io_mismatches(GRAPH_FILES[name], inputs, [_spec(i) for i in session.get_inputs()])
+        reasons += io_mismatches(GRAPH_FILES[name], outputs, [_spec(o) for o in session.get_outputs()])
+        if reasons:
+            raise KvgraphError(f"{directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons))
+    return LoadedGraphs(directory, manifest, sessions, Device.for_provider(provider))
+
+
+def _open(path: Path, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+    if not path.is_file():
+        raise KvgraphError(f"{path}: graph file missing")
+    try:
+        return ort.InferenceSession(str(path), options, providers=[provider])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for unreadable files
+        raise KvgraphError(f"{path}: onnxruntime cannot load this graph: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def _spec(node) -> TensorSpec:
+    shape = tuple(d if isinstance(d, (int, str)) else "?" for d in node.shape)
+    return TensorSpec(node.name, _ORT_DTYPES.get(node.type, node.type), shape)
