@@ -61,12 +61,14 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     if threads:
         options.intra_op_num_threads = threads
     sessions = {name: _open(directory / file, options, provider_name) for name, file in GRAPH_FILES.items()}
+    reasons = []
     for name, (inputs, outputs) in manifest.contract.graphs().items():
         session = sessions[name]
-        reasons = io_mismatches(GRAPH_FILES[name], inputs, [_spec(i) for i in session.get_inputs()])
+        reasons += io_mismatches(GRAPH_FILES[name], inputs, [_spec(i) for i in session.get_inputs()])
         reasons += io_mismatches(GRAPH_FILES[name], outputs, [_spec(o) for o in session.get_outputs()])
-        if reasons:
-            raise KvgraphError(f"{directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons))
+    if reasons:
+        more = f"; and {len(reasons) - 4} more" if len(reasons) > 4 else ""
+        raise KvgraphError(f"{directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons[:4]) + more)
     return LoadedGraphs(directory, manifest, sessions, Device.for_provider(provider))
 
 

@@ -1,0 +1,198 @@
+"""The onnxruntime Generator: equivalences (batch, recompute, stream, chat), stops, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from kvgraph.graphs import KvgraphError, Manifest, ManifestError
+from kvgraph.runtime import Generator
+from kvgraph.runtime.cli import main
+
+PROMPTS = ["Once upon a time", "héllo wörld €", "a"]
+
+
+@pytest.fixture(scope="module")
+def gen(text_export):
+    return Generator.load(text_export[1])
+
+
+def test_greedy_equals_transformers_generate(gen, text_export):
+    model, _ = text_export
+    result = gen.generate("The answer is", max_new_tokens=12)
+    ids = gen.codec.encode("The answer is")
+    config = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=2, pad_token_id=0)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), generation_config=config)
+    assert result.token_ids == theirs[0, len(ids):].tolist()
+    assert result.stats.prompt_tokens == len(ids) and result.stats.new_tokens == len(result.token_ids)
+
+
+def test_padded_batch_equals_one_by_one(gen):
+    batch = gen.generate(PROMPTS, max_new_tokens=10)
+    alone = [gen.generate(p, max_new_tokens=10) for p in PROMPTS]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
+    assert [r.text for r in batch] == [r.text for r in alone]
+
+
+def test_rows_stop_on_their_own_at_eos(gen):
+    free = gen.generate(PROMPTS, max_new_tokens=10)
+    eos = free[0].token_ids[-1]  # pretend a token row 0 produces is the eos id
+    patched = Generator(gen.graphs, gen.codec)
+    patched.eos_ids = frozenset({eos})
+    rows = patched.generate(PROMPTS, max_new_tokens=10)
+    for row, reference in zip(rows, free):
+        if eos in reference.token_ids:
+            assert row.token_ids == reference.token_ids[: reference.token_ids.index(eos) + 1]
+            assert row.finish_reason == "eos"
+        else:
+            assert row.token_ids == reference.token_ids and row.finish_reason == "length"
+    assert rows[0].finish_reason == "eos"
+
+
+def test_recompute_equals_cache(gen):
+    cached = gen.generate(PROMPTS, max_new_tokens=10)
+    recomputed = gen.generate(PROMPTS, max_new_tokens=10, use_cache=False)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in recomputed]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_stream_equals_generate_and_never_splits_a_character(gen, seed):
+    options = dict(max_new_tokens=24, temperature=1.5, seed=seed)  # random bytes: many partial UTF-8 sequences
+    pieces = list(gen.stream("héllo", **options))
+    assert "".join(pieces) == gen.generate("héllo", **options).text
+    assert len(pieces) > 2
+    assert not any(p.endswith("\ufffd") for p in pieces[:-1]), pieces
+
+
+def test_seeded_sampling_is_reproducible(gen):
+    a = gen.generate("x", max_new_tokens=12, temperature=0.9, top_p=0.9, seed=5)
+    b = gen.generate("x", max_new_tokens=12, temperature=0.9, top_p=0.9, seed=5)
+    c = gen.generate("x", max_new_tokens=12, temperature=0.9, top_p=0.9, seed=6)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_stop_string_cuts_text_before_it(gen):
+    free = gen.generate("stop here", max_new_tokens=20)
+    stop = free.text[5:8]
+    assert len(stop) == 3
+    cut = gen.generate("stop here", max_new_tokens=20, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.find(stop)]
+    streamed = "".join(gen.stream("stop here", max_new_tokens=20, stop=[stop]))
+    assert streamed == cut.text
+
+
+def test_conversation_continuation_equals_one_shot(gen):
+    conversation = gen.chat()
+    first = conversation.send("hi there", max_new_tokens=6)
+    second = conversation.send("and then?", max_new_tokens=6)
+    messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": first.text},
+                {"role": "user", "content": "and then?"}]
+    full_ids = gen.codec.encode_chat(messages)
+    one_shot = gen.generate(full_ids, max_new_tokens=6)
+    assert second.token_ids == one_shot.token_ids
+    assert conversation.processed_tokens[1] < len(full_ids) / 2  # the second turn reused the cache
+
+
+def test_chat_template_renders_in_a_sandbox(gen):
+    rendered = gen.codec.render_chat([{"role": "user", "content": "hi"}])
+    assert rendered == "<s><|user|>hi</s><|assistant|>"
+    evil = type(gen.codec).__new__(type(gen.codec))
+    evil.__dict__.update(gen.codec.__dict__)
+    evil.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(KvgraphError, match="chat template failed"):
+        evil.render_chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("prompt,kwargs,message", [
+    ("", {}, "prompt is empty"),
+    ([5, 999], {}, "token id 999 is outside the vocabulary"),
+    ("x", {"max_new_tokens": 500}, "exceeds the model's max positions"),
+    ("x", {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ("x", {"temperature": -1.0}, "temperature"),
+    ("x", {"top_p": 0.0}, "top_p"),
+    ("x", {"top_k": -2}, "top_k"),
+])
+def test_bad_requests_are_refused(gen, prompt, kwargs, message):
+    with pytest.raises(KvgraphError, match=message):
+        gen.generate(prompt, **kwargs)
+
+
+def test_unknown_and_unavailable_providers(text_export):
+    with pytest.raises(KvgraphError, match="unknown provider 'tpu'"):
+        Generator.load(text_export[1], provider="tpu")
+    with pytest.raises(KvgraphError, match="provider 'cuda' is not available.*CPUExecutionProvider"):
+        Generator.load(text_export[1], provider="cuda")
+
+
+def _copy_export(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_graphs_that_do_not_match_the_manifest(text_export, tmp_path):
+    directory = _copy_export(text_export[1], tmp_path / "copy")
+    manifest = Manifest.load(directory)
+    replace(manifest, contract=replace(manifest.contract, head_dim=32)).write(directory)
+    with pytest.raises(KvgraphError, match=r"do not match kvgraph.json: prefill.onnx: present.0.key has shape \(batch, 2, sequence, 16\), expected \(batch, 2, sequence, 32\).*and \d+ more"):
+        Generator.load(directory)
+
+
+def test_newer_manifest_and_missing_manifest(text_export, tmp_path):
+    directory = _copy_export(text_export[1], tmp_path / "copy")
+    data = json.loads((directory / "kvgraph.json").read_text())
+    data["format_version"] = "9.0"
+    (directory / "kvgraph.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="newer than this kvgraph reads"):
+        Generator.load(directory)
+    with pytest.raises(ManifestError, match="no manifest here"):
+        Generator.load(tmp_path)
+
+
+def test_cli_json_and_plain_output(text_export, capsys):
+    assert main(["generate", str(text_export[1]), "--prompt", "a", "--prompt", "bc", "--max-new-tokens", "5", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    objects = [json.loads(line) for line in lines]
+    assert len(objects) == 2
+    assert set(objects[0]["stats"]) >= {"prompt_tokens", "new_tokens", "prefill_ms", "decode_tokens_per_s"}
+    assert len(objects[0]["token_ids"]) == objects[0]["stats"]["new_tokens"] <= 5
+    assert main(["generate", str(text_export[1]), "--prompt", "a", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "prompt tokens" in captured.err and "tok/s" in captured.err
+
+
+def test_cli_errors_are_one_line(text_export, tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "a"]) == 1
+    assert main(["generate", str(text_export[1]), "--prompt", "a", "--top-p", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "no manifest here" in err and "top_p must be in (0, 1]" in err and "Traceback" not in err
+
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'optimum'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from kvgraph.runtime import Generator
+gen = Generator.load(sys.argv[1])
+print(gen.generate('abc', max_new_tokens=4).token_ids)
+assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)
+"""
+
+
+def test_runtime_works_with_torch_and_transformers_unimportable(gen, text_export):
+    out = subprocess.run([sys.executable, "-c", BLOCKER, str(text_export[1])], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == gen.generate("abc", max_new_tokens=4).token_ids
