@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTokens, ValidationError
-from ..graphs.manifest import GRAPH_FILES, METADATA_KEY, WEIGHTS_FILE
+from ..graphs.manifest import METADATA_KEY, WEIGHTS_FILE, graph_file
 from ..graphs.onnx_files import embed_metadata, write_graphs
 from ..graphs.report import DiffRow, TOLERANCES, failures, format_table
 from .config import ModelDims
@@ -39,13 +39,14 @@ def export_model(
     *,
     dtype: str = "float32",
     all_logits: bool = False,
+    extend: bool = False,
     validate: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
     tokenizer: Any | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> ExportResult:
-    """Export prefill.onnx + decode.onnx (+ weights, manifest, tokenizer files) into `out_dir`.
+    """Export prefill.onnx + decode.onnx (+ extend.onnx when `extend`, weights, manifest, tokenizer files).
 
     The directory appears only when everything succeeded: output is assembled in a temporary
     directory beside it and renamed at the end. Raises KvgraphError for user errors and
@@ -54,7 +55,7 @@ def export_model(
     out = _check_destination(Path(out_dir), force)
     source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     family = family_for(source.model.config.model_type)
-    contract = _contract(source.model, dtype, all_logits)
+    contract = _contract(source.model, dtype, all_logits, extend)
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary directory
@@ -74,7 +75,7 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     parameter_bytes = _parameter_bytes(source.model)
     if weights_bytes > WEIGHTS_SLACK * parameter_bytes:
         raise KvgraphError(f"{WEIGHTS_FILE} is {weights_bytes} bytes for {parameter_bytes} parameter bytes: weights are duplicated")
-    log(f"wrote {', '.join(GRAPH_FILES.values())} and {WEIGHTS_FILE} ({weights_bytes / 1e6:.1f} MB)")
+    log(f"wrote {', '.join(graph_file(name) for name in contract.graphs())} and {WEIGHTS_FILE} ({weights_bytes / 1e6:.1f} MB)")
     files = _copy_tokenizer(source, staging)
     rows: list[DiffRow] = []
     if validate:
@@ -88,14 +89,14 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
             )
     manifest = _manifest(source, contract, files, rows, validate, parameter_bytes)
     manifest.write(staging)
-    for file in GRAPH_FILES.values():
-        embed_metadata(staging / file, {METADATA_KEY: manifest.dumps()})
+    for name in contract.graphs():
+        embed_metadata(staging / graph_file(name), {METADATA_KEY: manifest.dumps()})
     return manifest, rows
 
 
-def _contract(model: torch.nn.Module, dtype: str, all_logits: bool) -> GraphContract:
+def _contract(model: torch.nn.Module, dtype: str, all_logits: bool, extend: bool) -> GraphContract:
     dims = ModelDims.from_hf(model.config)
-    return GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits)
+    return GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, extend)
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:
@@ -115,7 +116,7 @@ def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[D
             "tolerance": TOLERANCES[contract.dtype],
             "rows": [row.to_json() for row in rows],
         }
-    files = {**{name: file for name, file in GRAPH_FILES.items()}, "weights": WEIGHTS_FILE, **files}
+    files = {**{name: graph_file(name) for name in contract.graphs()}, "weights": WEIGHTS_FILE, **files}
     return Manifest(contract, info, _special_tokens(source), OPSET, IR_VERSION, library_versions(), files, validation)
 
 

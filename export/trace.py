@@ -11,7 +11,7 @@ import onnx
 import torch
 
 from ..graphs import GraphContract, KvgraphError, io_mismatches
-from ..graphs.contract import BATCH, PAST, SEQUENCE
+from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE
 from ..graphs.onnx_files import apply_shapes, read_io, strip_exporter_metadata, untie_transposed_copies
 from .families import Family
 from .wrappers import DecodeStep, PrefillStep
@@ -20,7 +20,7 @@ OPSET = 23  # the exporter fuses RMSNormalization / RotaryEmbedding / Attention 
 IR_VERSION = 10  # onnxruntime reads IR <= 13; onnx writes 14 by default
 
 # Example sizes for tracing; all distinct and > 1 so no dimension gets specialised.
-_BATCH, _PROMPT, _PAST = 2, 7, 5
+_BATCH, _PROMPT, _PAST, _NEW = 2, 7, 5, 3
 
 
 class TraceError(KvgraphError):
@@ -32,8 +32,10 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
     logits_to_keep = 0 if contract.all_logits else 1
     graphs = {
         "prefill": _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract),
-        "decode": _export(DecodeStep(model, family), _decode_example(model, contract), "decode", contract),
+        "decode": _export(DecodeStep(model, family), _decode_example(model, contract, 1), "decode", contract),
     }
+    if contract.extend:  # the decode wrapper with a dynamic number of new tokens
+        graphs["extend"] = _export(DecodeStep(model, family), _decode_example(model, contract, _NEW), "extend", contract)
     for name, proto in graphs.items():
         inputs, outputs = contract.graphs()[name]
         apply_shapes(proto, inputs, outputs)
@@ -55,13 +57,13 @@ def _prefill_example(contract: GraphContract):
     return (ids, mask, positions)
 
 
-def _decode_example(model: torch.nn.Module, contract: GraphContract):
+def _decode_example(model: torch.nn.Module, contract: GraphContract, new: int):
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, contract.vocab_size, (_BATCH, 1), generator=generator)
-    mask = torch.ones(_BATCH, _PAST + 1, dtype=torch.int64)
+    ids = torch.randint(0, contract.vocab_size, (_BATCH, new), generator=generator)
+    mask = torch.ones(_BATCH, _PAST + new, dtype=torch.int64)
     mask[1, :2] = 0
-    positions = mask.sum(-1, keepdim=True) - 1
+    positions = (mask.cumsum(-1) - 1)[:, -new:]
     cache_shape = (_BATCH, contract.num_kv_heads, _PAST, contract.head_dim)  # (B, Hkv, P, D)
     past = tuple(torch.randn(cache_shape, generator=generator).to(dtype) for _ in contract.cache_slots())
     return (ids, mask, positions, *past)
@@ -75,6 +77,9 @@ def _dynamic_shapes(graph: str, contract: GraphContract):
         return (token, token, token)
     past = torch.export.Dim(PAST)
     cache = tuple({0: batch, 2: past} for _ in contract.cache_slots())
+    if graph == "extend":  # torch.export cannot add two dims: the mask length gets a dim of its own
+        new = {0: batch, 1: torch.export.Dim(NEW)}
+        return (new, {0: batch, 1: torch.export.Dim(PAST_PLUS_NEW.replace("+", "_plus_"))}, new, cache)
     return ({0: batch}, {0: batch, 1: past + 1}, {0: batch}, cache)
 
 

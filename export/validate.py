@@ -14,14 +14,15 @@ import torch
 
 from ..graphs import GraphContract
 from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from ..graphs.conventions import decode_position_ids, left_pad, prefill_position_ids
-from ..graphs.manifest import GRAPH_FILES
+from ..graphs.conventions import decode_position_ids, extend_position_ids, left_pad, prefill_position_ids
+from ..graphs.manifest import graph_file
 from ..graphs.report import DiffRow, compare_step
 from .families import Family
 from .wrappers import DecodeStep, PrefillStep
 
 PROMPT_LENGTHS = (7, 4)  # the second row is left-padded by 3
 DECODE_STEPS = 3
+EXTEND_TOKENS = 3  # the extend graph, when exported, is checked once after the decode steps
 
 
 class OrtGraphs:
@@ -32,8 +33,8 @@ class OrtGraphs:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.sessions = {
-            name: ort.InferenceSession(str(Path(directory) / file), options, providers=list(providers))
-            for name, file in GRAPH_FILES.items()
+            name: ort.InferenceSession(str(Path(directory) / graph_file(name)), options, providers=list(providers))
+            for name in contract.graphs()
         }
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
@@ -46,6 +47,13 @@ class OrtGraphs:
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: decode_position_ids(attention_mask)}
         feeds.update(zip(self.contract.past_names(), past))
         return self.sessions["decode"].run(None, feeds)
+
+    def extend(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+        # (B, Q), (B, P+Q), past (B, Hkv, P, D) each -> [logits (B, 1, V), present (B, Hkv, P+Q, D) ...]
+        positions = extend_position_ids(attention_mask, input_ids.shape[1])
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: positions}
+        feeds.update(zip(self.contract.past_names(), past))
+        return self.sessions["extend"].run(None, feeds)
 
 
 def validate_export(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract, steps: int = DECODE_STEPS) -> list[DiffRow]:
@@ -61,6 +69,12 @@ def validate_export(directory: Path, model: torch.nn.Module, family: Family, con
         actual = graphs.decode(token, mask, actual[1:])
         expected = reference.decode(token, mask, expected[1:])
         rows += compare_step("decode", step, names, actual, expected, mask, contract.dtype)
+    if contract.extend:
+        tokens = np.random.default_rng(1).integers(0, contract.vocab_size, size=(mask.shape[0], EXTEND_TOKENS))
+        mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
+        actual = graphs.extend(tokens, mask, actual[1:])
+        expected = reference.extend(tokens, mask, expected[1:])
+        rows += compare_step("extend", steps + 1, names, actual, expected, mask, contract.dtype)
     return rows
 
 
@@ -83,6 +97,9 @@ class _TorchSteps:
 
     def decode(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
         return self._run(self.decode_step, ids, mask, decode_position_ids(mask), *past)
+
+    def extend(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+        return self._run(self.decode_step, ids, mask, extend_position_ids(mask, ids.shape[1]), *past)
 
     def _run(self, step, ids, mask, positions, *past) -> list[np.ndarray]:
         with torch.no_grad():

@@ -17,6 +17,8 @@ BATCH = "batch"
 SEQUENCE = "sequence"
 PAST = "past_sequence"
 PAST_PLUS_ONE = "past_sequence+1"
+NEW = "new_sequence"
+PAST_PLUS_NEW = "past_sequence+new_sequence"
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -51,6 +53,7 @@ class GraphContract:
     vocab_size: int
     dtype: str = "float32"
     all_logits: bool = False  # prefill returns logits for every position, not only the last
+    extend: bool = False  # also an extend graph: several new tokens after a past (chat turns, chunked prompts)
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
@@ -110,12 +113,22 @@ class GraphContract:
         logits = TensorSpec(LOGITS, self.dtype, (BATCH, 1, self.vocab_size))
         return [logits, *self._cache(self.present_names(), PAST_PLUS_ONE)]
 
+    def extend_inputs(self) -> list[TensorSpec]:
+        return [*self._token_inputs(NEW, PAST_PLUS_NEW), *self._cache(self.past_names(), PAST)]
+
+    def extend_outputs(self) -> list[TensorSpec]:
+        logits = TensorSpec(LOGITS, self.dtype, (BATCH, 1, self.vocab_size))
+        return [logits, *self._cache(self.present_names(), PAST_PLUS_NEW)]
+
     def graphs(self) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
         """Graph name -> (inputs, outputs), in the order the graphs declare them."""
-        return {
+        graphs = {
             "prefill": (self.prefill_inputs(), self.prefill_outputs()),
             "decode": (self.decode_inputs(), self.decode_outputs()),
         }
+        if self.extend:
+            graphs["extend"] = (self.extend_inputs(), self.extend_outputs())
+        return graphs
 
     def cache_bytes_per_token(self) -> int:
         itemsize = 4 if self.dtype == "float32" else 2

@@ -18,7 +18,8 @@ DESCRIPTION = {
     "attention_mask": "int64 (B, total length so far): 1 for real tokens, 0 for left padding; "
     "decode appends a 1 column for the new token every step",
     "position_ids": "cumsum(attention_mask, axis=-1) - 1, with padded columns set to "
-    f"{PAD_POSITION}; decode feeds sum(attention_mask, axis=-1) - 1 for the new token",
+    f"{PAD_POSITION}; decode feeds sum(attention_mask, axis=-1) - 1 for the new token; extend feeds "
+    "the last Q columns of cumsum(attention_mask, axis=-1) - 1",
     "cache": "present.{i}.{key,value} of one step is fed as past.{i}.{key,value} of the next; "
     "layout (B, Hkv, S, D); entries at padded columns are unspecified and masked",
 }
@@ -33,6 +34,11 @@ def prefill_position_ids(attention_mask: np.ndarray) -> np.ndarray:
 def decode_position_ids(attention_mask: np.ndarray) -> np.ndarray:
     """(B, P+1) int64 mask that already includes the new token -> (B, 1) position ids."""
     return (attention_mask.sum(axis=-1, dtype=np.int64) - 1)[:, None]
+
+
+def extend_position_ids(attention_mask: np.ndarray, new: int) -> np.ndarray:
+    """(B, P+Q) int64 mask that already includes Q new tokens -> (B, Q) position ids."""
+    return prefill_position_ids(attention_mask)[:, -new:]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,12 @@ from .errors import ManifestError
 MANIFEST_NAME = "kvgraph.json"
 FORMAT_VERSION = "1.0"
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
-GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 WEIGHTS_FILE = "model.onnx.data"
+
+
+def graph_file(graph: str) -> str:
+    """prefill -> prefill.onnx, decode -> decode.onnx, extend -> extend.onnx"""
+    return f"{graph}.onnx"
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         graphs = {
             name: {
-                "file": GRAPH_FILES[name],
+                "file": graph_file(name),
                 "inputs": [spec.to_json() for spec in inputs],
                 "outputs": [spec.to_json() for spec in outputs],
             }

@@ -19,7 +19,7 @@ from ..graphs.conventions import left_pad
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
 from .session import LoadedGraphs, load_graphs
-from .steps import KVCache, decode_one, prefill
+from .steps import KVCache, decode_one, extend, prefill
 from .text import IncrementalText, TextCodec
 
 @dataclass(frozen=True)
@@ -213,10 +213,14 @@ class Conversation:
             self.processed_tokens.append(len(ids))
             return stepper, logits, np.ones_like(array)
         stepper = _CachedSteps(graphs, self.cache.truncated(common))
-        mask = np.ones((1, common), dtype=np.int64)
-        for token in ids[common:]:
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            logits = stepper.next(np.array([[token]], dtype=np.int64), mask)
+        mask = np.ones((1, len(ids)), dtype=np.int64)
+        new = np.array([ids[common:]], dtype=np.int64)
+        if graphs.contract.extend:  # all new tokens in one call
+            logits, stepper.cache = extend(graphs, stepper.cache, new, mask)
+            logits = logits[:, -1]
+        else:  # one decode step per new token
+            for n in range(new.shape[1]):
+                logits = stepper.next(new[:, n:n + 1], mask[:, : common + n + 1])
         self.processed_tokens.append(len(ids) - common)
         return stepper, logits, mask
 

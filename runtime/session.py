@@ -8,7 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..graphs import GraphContract, KvgraphError, Manifest, TensorSpec, io_mismatches
-from ..graphs.manifest import GRAPH_FILES
+from ..graphs.manifest import graph_file
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -60,12 +60,12 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    sessions = {name: _open(directory / file, options, provider_name) for name, file in GRAPH_FILES.items()}
+    sessions = {name: _open(directory / graph_file(name), options, provider_name) for name in manifest.contract.graphs()}
     reasons = []
     for name, (inputs, outputs) in manifest.contract.graphs().items():
         session = sessions[name]
-        reasons += io_mismatches(GRAPH_FILES[name], inputs, [_spec(i) for i in session.get_inputs()])
-        reasons += io_mismatches(GRAPH_FILES[name], outputs, [_spec(o) for o in session.get_outputs()])
+        reasons += io_mismatches(graph_file(name), inputs, [_spec(i) for i in session.get_inputs()])
+        reasons += io_mismatches(graph_file(name), outputs, [_spec(o) for o in session.get_outputs()])
     if reasons:
         more = f"; and {len(reasons) - 4} more" if len(reasons) > 4 else ""
         raise KvgraphError(f"{directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons[:4]) + more)

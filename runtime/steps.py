@@ -2,6 +2,7 @@
 
     prefill(graphs, input_ids, attention_mask)            -> (logits, cache)
     decode_one(graphs, cache, tokens, attention_mask)     -> (logits, cache)
+    extend(graphs, cache, tokens, attention_mask)         -> (logits, cache)   (when exported)
 
 Inputs and outputs are bound with IOBinding: each step's presents stay on the session's device
 and are bound as the next step's pasts as they are, with no numpy round trip of K/V.
@@ -15,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from ..graphs.conventions import decode_position_ids, prefill_position_ids
+from ..graphs.conventions import decode_position_ids, extend_position_ids, prefill_position_ids
 from .session import Device, LoadedGraphs
 
 
@@ -50,6 +51,15 @@ def decode_one(graphs: LoadedGraphs, cache: KVCache, tokens: np.ndarray, attenti
         raise ValueError(f"decode expects attention_mask of shape (B, {cache.length + 1}), got {attention_mask.shape}")
     feeds = {INPUT_IDS: tokens, ATTENTION_MASK: attention_mask, POSITION_IDS: decode_position_ids(attention_mask)}
     return _run(graphs, "decode", feeds, past=cache)
+
+
+def extend(graphs: LoadedGraphs, cache: KVCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache]:
+    # tokens: (B, Q); attention_mask: (B, P+Q) including the new tokens -> logits (B, 1, V), cache of length P+Q
+    if attention_mask.shape[1] != cache.length + tokens.shape[1]:
+        raise ValueError(f"extend expects attention_mask of shape (B, {cache.length + tokens.shape[1]}), got {attention_mask.shape}")
+    positions = extend_position_ids(attention_mask, tokens.shape[1])
+    feeds = {INPUT_IDS: tokens, ATTENTION_MASK: attention_mask, POSITION_IDS: positions}
+    return _run(graphs, "extend", feeds, past=cache)
 
 
 def _run(graphs: LoadedGraphs, graph: str, feeds: dict[str, np.ndarray], past: KVCache | None) -> tuple[np.ndarray, KVCache]:

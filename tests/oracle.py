@@ -11,12 +11,12 @@ import onnxruntime as ort
 import torch
 from transformers.cache_utils import DynamicCache
 
-from kvgraph.graphs.conventions import decode_position_ids, prefill_position_ids
+from kvgraph.graphs.conventions import extend_position_ids, prefill_position_ids
 
 
 def torch_step(model, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None = None, all_logits: bool = False):
     """One forward in eager PyTorch: returns [logits (B, 1|S, V), key0, value0, key1, ...] as numpy."""
-    positions = prefill_position_ids(mask) if past is None else decode_position_ids(mask)
+    positions = prefill_position_ids(mask) if past is None else extend_position_ids(mask, ids.shape[1])
     cache = DynamicCache(config=model.config)
     for layer in range(len(past or []) // 2):
         cache.update(torch.from_numpy(past[2 * layer]), torch.from_numpy(past[2 * layer + 1]), layer)
@@ -39,15 +39,23 @@ class OrtPair:
         options.log_severity_level = 3
         self.prefill_session = ort.InferenceSession(str(directory / "prefill.onnx"), options, providers=["CPUExecutionProvider"])
         self.decode_session = ort.InferenceSession(str(directory / "decode.onnx"), options, providers=["CPUExecutionProvider"])
+        if contract.extend:
+            self.extend_session = ort.InferenceSession(str(directory / "extend.onnx"), options, providers=["CPUExecutionProvider"])
 
     def prefill(self, ids, mask):
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": prefill_position_ids(mask)}
         return self.prefill_session.run(None, feeds)
 
     def decode(self, ids, mask, past):
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": decode_position_ids(mask)}
+        return self._step(self.decode_session, ids, mask, past)
+
+    def extend(self, ids, mask, past):
+        return self._step(self.extend_session, ids, mask, past)
+
+    def _step(self, session, ids, mask, past):
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": extend_position_ids(mask, ids.shape[1])}
         feeds.update(zip(self.contract.past_names(), past))
-        return self.decode_session.run(None, feeds)
+        return session.run(None, feeds)
 
     def greedy(self, ids, mask, new_tokens: int) -> np.ndarray:
         """(B, S) prompt -> (B, new_tokens) greedy continuation with the cache."""

@@ -127,3 +127,20 @@ def _first_gap(exported, ids, mask, tokens) -> str:
     logits = torch_step(exported.model, full, np.ones_like(full), all_logits=True)[0][0, ids.shape[1] - 1:]
     gaps = np.sort(logits, axis=-1)[:, -1] - np.sort(logits, axis=-1)[:, -2]
     return f"top-2 logit gaps per step (PyTorch): {np.round(gaps, 5).tolist()}"
+
+
+def test_extend_matches_pytorch_and_decode_steps(exported):
+    """extend.onnx: several new tokens after a past equal PyTorch, and equal feeding them one by one."""
+    graphs = OrtPair(exported.directory, exported.contract)
+    ids, mask = left_pad(_prompts(exported.contract.vocab_size, (3, 6), seed=6), pad_id=0)
+    prefilled, reference = graphs.prefill(ids, mask), torch_step(exported.model, ids, mask)
+    new = np.array(_prompts(exported.contract.vocab_size, (4, 4), seed=7), dtype=np.int64)
+    grown = np.concatenate([mask, np.ones_like(new)], axis=1)
+    actual = graphs.extend(new, grown, prefilled[1:])
+    expected = torch_step(exported.model, new, grown, reference[1:])
+    rows = compare_step("extend", 1, _names(exported.contract), actual, expected, grown, "float32")
+    stepped = prefilled
+    for n in range(new.shape[1]):
+        stepped = graphs.decode(new[:, n:n + 1], grown[:, : mask.shape[1] + n + 1], stepped[1:])
+    rows += compare_step("extend=decode", 1, _names(exported.contract), actual, stepped, grown, "float32")
+    _assert_rows(rows, f"{exported.family}: extend differs")
