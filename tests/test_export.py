@@ -26,11 +26,12 @@ def test_weights_are_stored_once_even_when_tied(export_cache, family):
     exported = export_cache(family)
     data = exported.directory / "model.onnx.data"
     assert data.stat().st_size <= 1.1 * exported.manifest.model.parameter_bytes
-    for graph in ("prefill.onnx", "decode.onnx"):
+    for graph in ("prefill.onnx", "decode.onnx", "extend.onnx"):
         model = onnx.load(str(exported.directory / graph), load_external_data=False)
         locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
         assert locations == {"model.onnx.data"}
-        assert (exported.directory / graph).stat().st_size < 0.2 * data.stat().st_size
+        inline = [t for t in model.graph.initializer if not t.external_data]
+        assert all(len(t.raw_data) < 1024 for t in inline)  # only small constants stay in the graph file
 
 
 def test_graphs_use_standard_onnx_ops_only(export_cache):
@@ -52,9 +53,11 @@ def test_manifest_is_complete_and_embedded_in_each_graph(export_cache):
     assert data["model"]["max_positions"] == 128 and data["opset"] == 23
     assert {"torch", "transformers", "onnx"} <= set(data["versions"])
     validation = data["validation"]
-    assert validation["passed"] and len(validation["rows"]) == (1 + 2 * 2) * (1 + validation["decode_steps"])
+    tensors = 1 + 2 * 2  # logits and 2 layers' key and value
+    assert validation["passed"] and len(validation["rows"]) == tensors * (1 + validation["decode_steps"] + 1)  # + extend
+    assert {row["graph"] for row in validation["rows"]} == {"prefill", "decode", "extend"}
     assert validation["decode_steps"] >= 3
-    for graph in ("prefill.onnx", "decode.onnx"):
+    for graph in ("prefill.onnx", "decode.onnx", "extend.onnx"):
         model = onnx.load(str(exported.directory / graph), load_external_data=False)
         assert {p.key: p.value for p in model.metadata_props}["kvgraph.manifest"] == text
 
