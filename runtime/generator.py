@@ -98,8 +98,10 @@ class Generator:
                 raise KvgraphError("the prompt is empty")
             codec = self._need_codec()
             ids = codec.encode_chat([{"role": "user", "content": prompt}]) if chat else codec.encode(prompt)
-        else:
+        elif isinstance(prompt, Sequence) and all(isinstance(t, (int, np.integer)) for t in prompt):
             ids = [int(t) for t in prompt]
+        else:
+            raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         return Request(ids, max_new_tokens, tuple(stop))
 
     def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> list[GenerationResult]:
