@@ -8,7 +8,7 @@ import numpy as np
 
 # Per-dtype tolerances: |actual - expected| <= atol + rtol * |expected|, elementwise.
 TOLERANCES = {
-    "float32": {"atol": 1e-4, "rtol": 1e-4},
+    "float32": {"atol": 1e-4, "rtol": 0.0},  # SmolLM2-135M (30 layers) stays under 6e-5
     "float16": {"atol": 2e-2, "rtol": 2e-2},
 }
 
