@@ -24,7 +24,7 @@ def ensure_export(models: Path) -> Path:
     if not (onnx_dir / "kvgraph.json").is_file():
         from kvgraph.export import export_model
 
-        export_model(hf_dir, onnx_dir, extend=True, force=True, log=lambda message: print(message, file=sys.stderr))
+        export_model(hf_dir, onnx_dir, force=True, log=lambda message: print(message, file=sys.stderr))
     return onnx_dir
 
 

@@ -39,14 +39,13 @@ def export_model(
     *,
     dtype: str = "float32",
     all_logits: bool = False,
-    extend: bool = False,
     validate: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
     tokenizer: Any | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> ExportResult:
-    """Export prefill.onnx + decode.onnx (+ extend.onnx when `extend`, weights, manifest, tokenizer files).
+    """Export prefill.onnx, decode.onnx and extend.onnx (+ weights, manifest, tokenizer files) into `out_dir`.
 
     The directory appears only when everything succeeded: output is assembled in a temporary
     directory beside it and renamed at the end. Raises KvgraphError for user errors and
@@ -55,7 +54,7 @@ def export_model(
     out = _check_destination(Path(out_dir), force)
     source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     family = family_for(source.model.config.model_type)
-    contract = _contract(source.model, dtype, all_logits, extend)
+    contract = _contract(source.model, dtype, all_logits)
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary directory
@@ -94,9 +93,9 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     return manifest, rows
 
 
-def _contract(model: torch.nn.Module, dtype: str, all_logits: bool, extend: bool) -> GraphContract:
+def _contract(model: torch.nn.Module, dtype: str, all_logits: bool) -> GraphContract:
     dims = ModelDims.from_hf(model.config)
-    return GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, extend)
+    return GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits)
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:

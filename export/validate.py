@@ -22,7 +22,7 @@ from .wrappers import DecodeStep, PrefillStep
 
 PROMPT_LENGTHS = (7, 4)  # the second row is left-padded by 3
 DECODE_STEPS = 3
-EXTEND_TOKENS = 3  # the extend graph, when exported, is checked once after the decode steps
+EXTEND_TOKENS = 3  # the extend graph is checked once, after the decode steps
 
 
 class OrtGraphs:
@@ -69,12 +69,11 @@ def validate_export(directory: Path, model: torch.nn.Module, family: Family, con
         actual = graphs.decode(token, mask, actual[1:])
         expected = reference.decode(token, mask, expected[1:])
         rows += compare_step("decode", step, names, actual, expected, mask, contract.dtype)
-    if contract.extend:
-        tokens = np.random.default_rng(1).integers(0, contract.vocab_size, size=(mask.shape[0], EXTEND_TOKENS))
-        mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
-        actual = graphs.extend(tokens, mask, actual[1:])
-        expected = reference.extend(tokens, mask, expected[1:])
-        rows += compare_step("extend", steps + 1, names, actual, expected, mask, contract.dtype)
+    tokens = np.random.default_rng(1).integers(0, contract.vocab_size, size=(mask.shape[0], EXTEND_TOKENS))
+    mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
+    actual = graphs.extend(tokens, mask, actual[1:])
+    expected = reference.extend(tokens, mask, expected[1:])
+    rows += compare_step("extend", steps + 1, names, actual, expected, mask, contract.dtype)
     return rows
 
 

@@ -53,7 +53,6 @@ class GraphContract:
     vocab_size: int
     dtype: str = "float32"
     all_logits: bool = False  # prefill returns logits for every position, not only the last
-    extend: bool = False  # also an extend graph: several new tokens after a past (chat turns, chunked prompts)
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
@@ -122,13 +121,11 @@ class GraphContract:
 
     def graphs(self) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
         """Graph name -> (inputs, outputs), in the order the graphs declare them."""
-        graphs = {
+        return {
             "prefill": (self.prefill_inputs(), self.prefill_outputs()),
             "decode": (self.decode_inputs(), self.decode_outputs()),
+            "extend": (self.extend_inputs(), self.extend_outputs()),
         }
-        if self.extend:
-            graphs["extend"] = (self.extend_inputs(), self.extend_outputs())
-        return graphs
 
     def cache_bytes_per_token(self) -> int:
         itemsize = 4 if self.dtype == "float32" else 2

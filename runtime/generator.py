@@ -214,15 +214,11 @@ class Conversation:
             logits = stepper.first(array, np.ones_like(array))
             self.processed_tokens.append(len(ids))
             return stepper, logits, np.ones_like(array)
-        stepper = _CachedSteps(graphs, self.cache.truncated(common))
         mask = np.ones((1, len(ids)), dtype=np.int64)
         new = np.array([ids[common:]], dtype=np.int64)
-        if graphs.contract.extend:  # all new tokens in one call
-            logits, stepper.cache = extend(graphs, stepper.cache, new, mask)
-            logits = logits[:, -1]
-        else:  # one decode step per new token
-            for n in range(new.shape[1]):
-                logits = stepper.next(new[:, n:n + 1], mask[:, : common + n + 1])
+        logits, cache = extend(graphs, self.cache.truncated(common), new, mask)  # all new tokens in one call
+        stepper = _CachedSteps(graphs, cache)
+        logits = logits[:, -1]
         self.processed_tokens.append(len(ids) - common)
         return stepper, logits, mask
 

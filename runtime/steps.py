@@ -2,7 +2,7 @@
 
     prefill(graphs, input_ids, attention_mask)            -> (logits, cache)
     decode_one(graphs, cache, tokens, attention_mask)     -> (logits, cache)
-    extend(graphs, cache, tokens, attention_mask)         -> (logits, cache)   (when exported)
+    extend(graphs, cache, tokens, attention_mask)         -> (logits, cache)   (several new tokens)
 
 Inputs and outputs are bound with IOBinding: each step's presents stay on the session's device
 and are bound as the next step's pasts as they are, with no numpy round trip of K/V.

@@ -30,7 +30,7 @@ def export_cache(tmp_path_factory):
         if family not in cache:
             model = tiny_model(family)
             out = tmp_path_factory.mktemp("exports") / family
-            result = export_model(model, out, extend=True)
+            result = export_model(model, out)
             cache[family] = Exported(family, model, out, result.manifest)
         return cache[family]
 
@@ -51,5 +51,5 @@ def text_export(tmp_path_factory):
 
     model_dir = text_model_dir(tmp_path_factory.mktemp("hf") / "text-llama")
     out = tmp_path_factory.mktemp("exports") / "text-llama"
-    export_model(model_dir, out, extend=True)
+    export_model(model_dir, out)
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), out

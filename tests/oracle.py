@@ -39,8 +39,7 @@ class OrtPair:
         options.log_severity_level = 3
         self.prefill_session = ort.InferenceSession(str(directory / "prefill.onnx"), options, providers=["CPUExecutionProvider"])
         self.decode_session = ort.InferenceSession(str(directory / "decode.onnx"), options, providers=["CPUExecutionProvider"])
-        if contract.extend:
-            self.extend_session = ort.InferenceSession(str(directory / "extend.onnx"), options, providers=["CPUExecutionProvider"])
+        self.extend_session = ort.InferenceSession(str(directory / "extend.onnx"), options, providers=["CPUExecutionProvider"])
 
     def prefill(self, ids, mask):
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": prefill_position_ids(mask)}

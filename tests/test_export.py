@@ -102,10 +102,11 @@ def test_failed_validation_publishes_nothing(tmp_path, monkeypatch):
 
 
 def test_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):
-    def interrupt(*args, **kwargs):
+    def interrupt(*args, **kwargs):  # Ctrl-C while tracing, the longest phase
+        assert _no_leftovers(tmp_path, "out"), "the staging directory exists by now"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kvgraph.export.api.validate_export", interrupt)
+    monkeypatch.setattr("kvgraph.export.api.trace_graphs", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_model(tiny_model("llama"), tmp_path / "out")
     assert _no_leftovers(tmp_path, "out") == []

@@ -197,15 +197,3 @@ def test_runtime_works_with_torch_and_transformers_unimportable(gen, text_export
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == gen.generate("abc", max_new_tokens=4).token_ids
 
-
-def test_conversation_without_extend_graph_feeds_decode_steps(gen):
-    from kvgraph.runtime.generator import Conversation
-
-    contract = replace(gen.graphs.manifest.contract, extend=False)
-    graphs = replace(gen.graphs, manifest=replace(gen.graphs.manifest, contract=contract))
-    plain = Generator(graphs, gen.codec)
-    with_extend, without = gen.chat(), plain.chat()
-    assert isinstance(without, Conversation)
-    for text in ("hi there", "and then?"):
-        assert with_extend.send(text, max_new_tokens=5).token_ids == without.send(text, max_new_tokens=5).token_ids
-    assert with_extend.processed_tokens == without.processed_tokens
