@@ -22,6 +22,7 @@ from .session import LoadedGraphs, load_graphs
 from .steps import KVCache, decode_one, extend, prefill
 from .text import IncrementalText, TextCodec
 
+
 @dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
