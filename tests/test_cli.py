@@ -51,7 +51,7 @@ def _run(capsys, *argv):
 
 def test_export_from_a_directory_copies_tokenizer_and_generation_config(cli_export):
     names = {p.name for p in cli_export.iterdir()}
-    assert {"prefill.onnx", "decode.onnx", "model.onnx.data", "kvgraph.json", "tokenizer.json",
+    assert {"prefill.onnx", "decode.onnx", "extend.onnx", "model.onnx.data", "kvgraph.json", "tokenizer.json",
             "tokenizer_config.json", "generation_config.json", "chat_template.jinja"} == names
     manifest = json.loads((cli_export / "kvgraph.json").read_text())
     assert manifest["files"]["tokenizer"] == "tokenizer.json"
