@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
@@ -39,20 +40,45 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
+EAGER = ("prefill", "decode")  # extend opens on first use: every session holds its own copy of the weights
+
+
 @dataclass
 class LoadedGraphs:
     directory: Path
     manifest: Manifest
-    sessions: dict[str, ort.InferenceSession]
     device: Device
+    options: ort.SessionOptions
+    provider_name: str
+    sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def contract(self) -> GraphContract:
         return self.manifest.contract
 
+    def session(self, graph: str) -> ort.InferenceSession:
+        """The graph's session, opened and checked against the manifest on first use."""
+        with self._lock:
+            if graph not in self.sessions:
+                self.sessions[graph] = self._open_checked([graph])[graph]
+            return self.sessions[graph]
+
+    def _open_checked(self, graphs: list[str]) -> dict[str, ort.InferenceSession]:
+        sessions = {name: _open(self.directory / graph_file(name), self.options, self.provider_name) for name in graphs}
+        reasons = []
+        for name, session in sessions.items():
+            inputs, outputs = self.contract.graphs()[name]
+            reasons += io_mismatches(graph_file(name), inputs, [_spec(i) for i in session.get_inputs()])
+            reasons += io_mismatches(graph_file(name), outputs, [_spec(o) for o in session.get_outputs()])
+        if reasons:
+            more = f"; and {len(reasons) - 4} more" if len(reasons) > 4 else ""
+            raise KvgraphError(f"{self.directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons[:4]) + more)
+        return sessions
+
 
 def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | None = None) -> LoadedGraphs:
-    """Read the manifest, open both graphs on the provider, and check them against the manifest."""
+    """Read the manifest, open prefill and decode on the provider, and check them against the manifest."""
     directory = Path(directory)
     manifest = Manifest.load(directory)
     provider_name = resolve_provider(provider)
@@ -60,16 +86,9 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    sessions = {name: _open(directory / graph_file(name), options, provider_name) for name in manifest.contract.graphs()}
-    reasons = []
-    for name, (inputs, outputs) in manifest.contract.graphs().items():
-        session = sessions[name]
-        reasons += io_mismatches(graph_file(name), inputs, [_spec(i) for i in session.get_inputs()])
-        reasons += io_mismatches(graph_file(name), outputs, [_spec(o) for o in session.get_outputs()])
-    if reasons:
-        more = f"; and {len(reasons) - 4} more" if len(reasons) > 4 else ""
-        raise KvgraphError(f"{directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons[:4]) + more)
-    return LoadedGraphs(directory, manifest, sessions, Device.for_provider(provider))
+    graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), options, provider_name)
+    graphs.sessions.update(graphs._open_checked(list(EAGER)))
+    return graphs
 
 
 def _open(path: Path, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:

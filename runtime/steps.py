@@ -63,7 +63,7 @@ def extend(graphs: LoadedGraphs, cache: KVCache, tokens: np.ndarray, attention_m
 
 
 def _run(graphs: LoadedGraphs, graph: str, feeds: dict[str, np.ndarray], past: KVCache | None) -> tuple[np.ndarray, KVCache]:
-    session = graphs.sessions[graph]
+    session = graphs.session(graph)
     device = graphs.device
     binding = session.io_binding()
     for name, array in feeds.items():

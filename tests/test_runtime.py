@@ -196,3 +196,14 @@ def test_runtime_works_with_torch_and_transformers_unimportable(gen, text_export
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == gen.generate("abc", max_new_tokens=4).token_ids
 
+
+
+def test_extend_session_opens_only_when_a_conversation_continues(text_export):
+    fresh = Generator.load(text_export[1])
+    assert sorted(fresh.graphs.sessions) == ["decode", "prefill"]  # each session holds its own weights
+    fresh.generate("abc", max_new_tokens=3)
+    conversation = fresh.chat()
+    conversation.send("hi", max_new_tokens=3)
+    assert "extend" not in fresh.graphs.sessions
+    conversation.send("more", max_new_tokens=3)
+    assert sorted(fresh.graphs.sessions) == ["decode", "extend", "prefill"]
