@@ -66,8 +66,9 @@ def _run(graphs: LoadedGraphs, graph: str, feeds: dict[str, np.ndarray], past: K
     session = graphs.session(graph)
     device = graphs.device
     binding = session.io_binding()
-    for name, array in feeds.items():
-        binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+    arrays = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in feeds.items()}  # alive until run
+    for name, array in arrays.items():
+        binding.bind_cpu_input(name, array)
     if past is not None:
         for name, value in zip(graphs.contract.past_names(), past.values):
             binding.bind_ortvalue_input(name, value)
