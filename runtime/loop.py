@@ -60,7 +60,7 @@ class BatchRun:
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng(self.sampling.seed)
         while True:
-            seen = [np.array(r.prompt_ids + row.tokens, dtype=np.int64) for r, row in zip(self.requests, self.rows)]
+            seen = self._seen() if self.sampling.repetition_penalty != 1.0 else []
             chosen = next_tokens(self.logits, seen, self.sampling, rng)
             for b, row in enumerate(self.rows):
                 if not row.finished:
@@ -77,6 +77,10 @@ class BatchRun:
         for row in self.rows:
             if row.finish_reason != "stop":
                 row.text = self.vocab.text_of(row.tokens)
+
+    def _seen(self) -> list[np.ndarray]:
+        """Each row's prompt and generated ids, for the repetition penalty."""
+        return [np.array(r.prompt_ids + row.tokens, dtype=np.int64) for r, row in zip(self.requests, self.rows)]
 
     def run(self) -> BatchRun:
         for _ in self:

@@ -87,6 +87,8 @@ def processed_logits(logits: np.ndarray, seen: list[np.ndarray], sampling: Sampl
 
 def next_tokens(logits: np.ndarray, seen: list[np.ndarray], sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
     """(B, V) logits -> (B,) int64 next token ids."""
+    if sampling.greedy and sampling.repetition_penalty == 1.0:
+        return logits.argmax(axis=-1).astype(np.int64)  # the hot path: no float64 copy of (B, V)
     scores = processed_logits(logits, seen, sampling)
     if sampling.greedy:
         return scores.argmax(axis=-1).astype(np.int64)
