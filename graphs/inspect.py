@@ -63,4 +63,4 @@ def _validation_line(validation) -> str:
         return "validation   skipped (--no-validate)"
     worst = max((row["max_abs_diff"] for row in validation["rows"]), default=0.0)
     verdict = "passed" if validation["passed"] else "FAILED"
-    return f"validation   {verdict}: {len(validation['rows'])} tensors over prefill + {validation['decode_steps']} decode steps, worst max |diff| {worst:.2e}"
+    return f"validation   {verdict}: {len(validation['rows'])} tensors over prefill + {validation['decode_steps']} decode steps + extend, worst max |diff| {worst:.2e}"
