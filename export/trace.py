@@ -46,8 +46,6 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
         reasons = io_mismatches(name, inputs, read_inputs) + io_mismatches(name, outputs, read_outputs)
         if reasons:
             raise TraceError(f"model type {family.model_type!r}: the traced graph breaks the contract: " + "; ".join(reasons))
-        untie_transposed_copies(proto)
-        strip_exporter_metadata(proto)
     return graphs
 
 
@@ -103,6 +101,8 @@ def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphCo
         raise TraceError(f"model type {model_type!r}: {graph} graph failed at {_failing_step(exc)}: {_summary(exc)}") from exc
     proto = program.model_proto
     proto.ir_version = IR_VERSION
+    untie_transposed_copies(proto)  # once per trace: decode, a copy of extend, inherits it
+    strip_exporter_metadata(proto)
     return proto
 
 
