@@ -54,7 +54,8 @@ def export_model(
     out = _check_destination(Path(out_dir), force)
     source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     family = family_for(source.model.config.model_type)
-    contract = _contract(source.model, dtype, all_logits)
+    dims = ModelDims.from_hf(source.model.config)
+    contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits)
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary directory
@@ -93,18 +94,12 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     return manifest, rows
 
 
-def _contract(model: torch.nn.Module, dtype: str, all_logits: bool) -> GraphContract:
-    dims = ModelDims.from_hf(model.config)
-    return GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits)
-
-
 def _parameter_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
 
 
 def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[DiffRow], validated: bool, parameter_bytes: int) -> Manifest:
-    config = source.model.config
-    dims = ModelDims.from_hf(config)
+    dims = ModelDims.from_hf(source.model.config)  # config reads only; cheap
     info = ModelInfo(dims.family, type(source.model).__name__, source.description, dims.max_positions, parameter_bytes)
     validation = None
     if validated:
@@ -115,7 +110,7 @@ def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[D
             "tolerance": TOLERANCES[contract.dtype],
             "rows": [row.to_json() for row in rows],
         }
-    files = {**{name: graph_file(name) for name in contract.graphs()}, "weights": WEIGHTS_FILE, **files}
+    files = {**{name: graph_file(name) for name in contract.graphs()}, "weights": WEIGHTS_FILE, **files}  # role -> file
     return Manifest(contract, info, _special_tokens(source), OPSET, IR_VERSION, library_versions(), files, validation)
 
 

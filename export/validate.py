@@ -14,7 +14,7 @@ import torch
 
 from ..graphs import GraphContract
 from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from ..graphs.conventions import decode_position_ids, extend_position_ids, left_pad, prefill_position_ids
+from ..graphs.conventions import extend_position_ids, left_pad, prefill_position_ids
 from ..graphs.manifest import graph_file
 from ..graphs.report import DiffRow, compare_step
 from .families import Family
@@ -44,16 +44,17 @@ class OrtGraphs:
 
     def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
         # (B, 1), (B, P+1), past (B, Hkv, P, D) each -> [logits (B, 1, V), present (B, Hkv, P+1, D) ...]
-        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: decode_position_ids(attention_mask)}
-        feeds.update(zip(self.contract.past_names(), past))
-        return self.sessions["decode"].run(None, feeds)
+        return self._after_past("decode", input_ids, attention_mask, past)
 
     def extend(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
         # (B, Q), (B, P+Q), past (B, Hkv, P, D) each -> [logits (B, 1, V), present (B, Hkv, P+Q, D) ...]
+        return self._after_past("extend", input_ids, attention_mask, past)
+
+    def _after_past(self, graph: str, input_ids, attention_mask, past) -> list[np.ndarray]:
         positions = extend_position_ids(attention_mask, input_ids.shape[1])
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: positions}
         feeds.update(zip(self.contract.past_names(), past))
-        return self.sessions["extend"].run(None, feeds)
+        return self.sessions[graph].run(None, feeds)
 
 
 def validate_export(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract, steps: int = DECODE_STEPS) -> list[DiffRow]:
@@ -95,7 +96,7 @@ class _TorchSteps:
         return self._run(self.prefill_step, ids, mask, prefill_position_ids(mask))
 
     def decode(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
-        return self._run(self.decode_step, ids, mask, decode_position_ids(mask), *past)
+        return self._run(self.decode_step, ids, mask, extend_position_ids(mask, 1), *past)
 
     def extend(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
         return self._run(self.decode_step, ids, mask, extend_position_ids(mask, ids.shape[1]), *past)

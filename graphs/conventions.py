@@ -31,13 +31,11 @@ def prefill_position_ids(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, PAD_POSITION, positions).astype(np.int64)
 
 
-def decode_position_ids(attention_mask: np.ndarray) -> np.ndarray:
-    """(B, P+1) int64 mask that already includes the new token -> (B, 1) position ids."""
-    return (attention_mask.sum(axis=-1, dtype=np.int64) - 1)[:, None]
-
-
 def extend_position_ids(attention_mask: np.ndarray, new: int) -> np.ndarray:
-    """(B, P+Q) int64 mask that already includes Q new tokens -> (B, Q) position ids."""
+    """(B, P+Q) int64 mask that already includes Q new tokens -> (B, Q) position ids.
+
+    For decode (Q = 1) this is sum(attention_mask) - 1, the count of real tokens before the new one.
+    """
     return prefill_position_ids(attention_mask)[:, -new:]
 
 

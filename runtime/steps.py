@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
-from ..graphs.conventions import decode_position_ids, extend_position_ids, prefill_position_ids
+from ..graphs.conventions import extend_position_ids, prefill_position_ids
 from .session import Device, LoadedGraphs
 
 
@@ -47,19 +47,20 @@ def prefill(graphs: LoadedGraphs, input_ids: np.ndarray, attention_mask: np.ndar
 
 def decode_one(graphs: LoadedGraphs, cache: KVCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache]:
     # tokens: (B, 1); attention_mask: (B, P+1) including the new token -> logits (B, 1, V), cache of length P+1
-    if attention_mask.shape[1] != cache.length + 1:
-        raise ValueError(f"decode expects attention_mask of shape (B, {cache.length + 1}), got {attention_mask.shape}")
-    feeds = {INPUT_IDS: tokens, ATTENTION_MASK: attention_mask, POSITION_IDS: decode_position_ids(attention_mask)}
-    return _run(graphs, "decode", feeds, past=cache)
+    return _after_past(graphs, "decode", cache, tokens, attention_mask)
 
 
 def extend(graphs: LoadedGraphs, cache: KVCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache]:
     # tokens: (B, Q); attention_mask: (B, P+Q) including the new tokens -> logits (B, 1, V), cache of length P+Q
+    return _after_past(graphs, "extend", cache, tokens, attention_mask)
+
+
+def _after_past(graphs: LoadedGraphs, graph: str, cache: KVCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache]:
     if attention_mask.shape[1] != cache.length + tokens.shape[1]:
-        raise ValueError(f"extend expects attention_mask of shape (B, {cache.length + tokens.shape[1]}), got {attention_mask.shape}")
+        raise ValueError(f"{graph} expects attention_mask of shape (B, {cache.length + tokens.shape[1]}), got {attention_mask.shape}")
     positions = extend_position_ids(attention_mask, tokens.shape[1])
     feeds = {INPUT_IDS: tokens, ATTENTION_MASK: attention_mask, POSITION_IDS: positions}
-    return _run(graphs, "extend", feeds, past=cache)
+    return _run(graphs, graph, feeds, past=cache)
 
 
 def _run(graphs: LoadedGraphs, graph: str, feeds: dict[str, np.ndarray], past: KVCache | None) -> tuple[np.ndarray, KVCache]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kvgraph.graphs import FORMAT_VERSION, GraphContract, Manifest, ManifestError, ModelInfo, SpecialTokens, TensorSpec, io_mismatches
-from kvgraph.graphs.conventions import decode_position_ids, left_pad, prefill_position_ids
+from kvgraph.graphs.conventions import extend_position_ids, left_pad, prefill_position_ids
 
 import numpy as np
 
@@ -114,4 +114,4 @@ def test_position_ids_follow_the_mask():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert prefill_position_ids(mask).tolist() == [[0, 1, 2], [1, 1, 0]]
     grown = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-    assert decode_position_ids(grown).tolist() == [[3], [1]]
+    assert extend_position_ids(grown, 1).tolist() == [[3], [1]]  # decode: sum(mask) - 1
