@@ -15,7 +15,8 @@ from ..graphs import GraphContract, KvgraphError, io_mismatches
 from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE
 from ..graphs.onnx_files import apply_shapes, read_io, strip_exporter_metadata, untie_transposed_copies
 from .families import Family
-from .wrappers import DecodeStep, PrefillStep
+from .scatter import to_standard_tensor_scatter
+from .wrappers import DecodeStep, PrefillStep, StaticStep
 
 OPSET = 23  # the exporter fuses RMSNormalization / RotaryEmbedding / Attention at exactly 23
 IR_VERSION = 10  # onnxruntime reads IR <= 13; onnx writes 14 by default
@@ -36,9 +37,14 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
     measured as fast as a separately traced Q = 1 graph (SmolLM2: 45.5 ms vs 45.5 ms a step).
     """
     logits_to_keep = 0 if contract.all_logits else 1
-    prefill = _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract)
-    extend = _export(DecodeStep(model, family), _extend_example(model, contract), "extend", contract)
-    graphs = {"prefill": prefill, "decode": copy.deepcopy(extend), "extend": extend}
+    if contract.static:
+        # one trace: Q tokens into the buffers; decode is the same graph with Q pinned to 1
+        prefill = _export(StaticStep(model, family, logits_to_keep), _static_example(model, contract), "prefill", contract)
+        graphs = {"prefill": prefill, "decode": copy.deepcopy(prefill)}
+    else:
+        prefill = _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract)
+        extend = _export(DecodeStep(model, family), _extend_example(model, contract), "extend", contract)
+        graphs = {"prefill": prefill, "decode": copy.deepcopy(extend), "extend": extend}
     for name, proto in graphs.items():
         inputs, outputs = contract.graphs()[name]
         apply_shapes(proto, inputs, outputs)
@@ -70,8 +76,25 @@ def _extend_example(model: torch.nn.Module, contract: GraphContract):
     return (ids, mask, positions, *past)
 
 
+def _static_example(model: torch.nn.Module, contract: GraphContract):
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, contract.vocab_size, (_BATCH, _NEW), generator=generator)
+    mask = torch.zeros(_BATCH, contract.max_length, dtype=torch.int64)
+    mask[:, : 1 + _NEW] = 1
+    mask[1, 0] = 0  # a left-padded row
+    positions = (mask.cumsum(-1) - 1)[:, 1 : 1 + _NEW]
+    write_indices = torch.ones(_BATCH, dtype=torch.int64)
+    cache_shape = (_BATCH, contract.num_kv_heads, contract.max_length, contract.head_dim)  # (B, Hkv, N, D)
+    buffers = tuple(torch.randn(cache_shape, generator=generator).to(dtype) for _ in contract.cache_slots())
+    return (ids, mask, positions, write_indices, *buffers)
+
+
 def _dynamic_shapes(graph: str, contract: GraphContract):
     batch = torch.export.Dim(BATCH)
+    if contract.static:  # only Q and B vary; N is fixed
+        new = {0: batch, 1: torch.export.Dim(SEQUENCE)}
+        return (new, {0: batch}, new, {0: batch}, tuple({0: batch} for _ in contract.cache_slots()))
     if graph == "prefill":
         sequence = torch.export.Dim(SEQUENCE)
         token = {0: batch, 1: sequence}
@@ -101,6 +124,7 @@ def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphCo
         raise TraceError(f"model type {model_type!r}: {graph} graph failed at {_failing_step(exc)}: {_summary(exc)}") from exc
     proto = program.model_proto
     proto.ir_version = IR_VERSION
+    to_standard_tensor_scatter(proto)
     untie_transposed_copies(proto)  # once per trace: decode, a copy of extend, inherits it
     strip_exporter_metadata(proto)
     return proto

@@ -2,17 +2,19 @@
 
     prefill(input_ids, attention_mask, position_ids)          -> (logits, present.0.key, ...)
     decode(input_ids, attention_mask, position_ids, *past)    -> (logits, present.0.key, ...)
+    static(input_ids, attention_mask, position_ids, write_indices, *buffers) -> (logits, buffer.0.key, ...)
 
-The cache is a transformers DynamicCache built inside forward from the flat past tensors, so
-the traced graph takes and returns plain tensors of layout (B, Hkv, S, D).
+The cache is a transformers Cache built inside forward from the flat past tensors, so the
+traced graph takes and returns plain tensors of layout (B, Hkv, S, D) (or (B, Hkv, N, D) buffers).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .families import Family
+from .scatter import tensor_scatter
 
 
 class _CausalLMStep(torch.nn.Module):
@@ -54,3 +56,47 @@ class DecodeStep(_CausalLMStep):
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         return self._run(input_ids, attention_mask, position_ids, cache)
+
+
+class _ScatterLayer(DynamicLayer):
+    """One layer of a static cache: fixed (B, Hkv, N, D) buffers, new K/V written at write_indices."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_indices: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.write_indices = keys, values, write_indices
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # key_states, value_states: (B, Hkv, Q, D) -> the whole buffers, attended under the mask
+        self.keys = tensor_scatter(self.keys, key_states, self.write_indices)
+        self.values = tensor_scatter(self.values, value_states, self.write_indices)
+        return self.keys, self.values
+
+
+class StaticStep(_CausalLMStep):
+    """Q tokens written into fixed-size buffers at each row's write index (prefill: 0; decode: P)."""
+
+    def forward(self, input_ids, attention_mask, position_ids, write_indices, *buffers):
+        # input_ids, position_ids: (B, Q); attention_mask: (B, N); write_indices: (B,); buffers: (B, Hkv, N, D)
+        layers = [_ScatterLayer(buffers[2 * i], buffers[2 * i + 1], write_indices) for i in range(len(buffers) // 2)]
+        mask = _static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype)
+        return self._run(input_ids, mask, position_ids, Cache(layers=layers))
+
+
+def _static_mask(attention_mask, write_indices, new: int, config, dtype) -> torch.Tensor:
+    """(B, N) padding mask -> (B, 1, Q, N) attention mask over the buffer.
+
+    Query q of row b sits at buffer position w_b + q: it sees the real tokens at positions <= its
+    own, never the unwritten rest of the buffer. A padded query also sees itself, so no row of
+    the softmax is empty (its output is unspecified and masked wherever it is used).
+    """
+    length = attention_mask.shape[1]
+    query = write_indices[:, None] + torch.arange(new, device=attention_mask.device)  # (B, Q)
+    key = torch.arange(length, device=attention_mask.device)  # (N,)
+    causal = key[None, None, :] <= query[:, :, None]  # (B, Q, N)
+    allowed = (causal & attention_mask[:, None, :].bool()) | (key[None, None, :] == query[:, :, None])
+    allowed = allowed[:, None]  # (B, 1, Q, N)
+    if config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)  # additive, for eager

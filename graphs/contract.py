@@ -24,9 +24,12 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+WRITE_INDICES = "write_indices"  # static cache only: (B,) int64, where each row's new tokens land
 KV_KINDS = ("key", "value")
 
 DTYPES = ("float32", "float16")
+CACHE_MODES = ("dynamic", "static")
+MIN_STATIC_LENGTH = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class GraphContract:
     vocab_size: int
     dtype: str = "float32"
     all_logits: bool = False  # prefill returns logits for every position, not only the last
+    cache: str = "dynamic"  # "static": fixed (B, Hkv, max_length, D) buffers, written in place
+    max_length: int | None = None  # static only: N, the buffers' length (prompt + new tokens <= N)
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
@@ -61,6 +66,17 @@ class GraphContract:
                 raise ValueError(f"GraphContract.{field} must be a positive integer, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"GraphContract.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"GraphContract.cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.cache == "static":
+            if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < MIN_STATIC_LENGTH:
+                raise ValueError(f"GraphContract.max_length must be an integer >= {MIN_STATIC_LENGTH} for a static cache, got {self.max_length!r}")
+        elif self.max_length is not None:
+            raise ValueError(f"GraphContract.max_length is only for a static cache, got {self.max_length!r} with cache {self.cache!r}")
+
+    @property
+    def static(self) -> bool:
+        return self.cache == "static"
 
     # -- names -------------------------------------------------------------------------------
 
@@ -119,8 +135,21 @@ class GraphContract:
         logits = TensorSpec(LOGITS, self.dtype, (BATCH, 1, self.vocab_size))
         return [logits, *self._cache(self.present_names(), PAST_PLUS_NEW)]
 
+    # Static cache: every graph reads and writes whole (B, Hkv, N, D) buffers. prefill takes Q
+    # tokens written at write_indices (0 for a prompt, P to extend a conversation); decode takes 1.
+    def _static_graph(self, length: Dim, logits_length: Dim) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        inputs = [*self._token_inputs(length, self.max_length), TensorSpec(WRITE_INDICES, "int64", (BATCH,)),
+                  *self._cache(self.past_names(), self.max_length)]
+        logits = TensorSpec(LOGITS, self.dtype, (BATCH, logits_length, self.vocab_size))
+        return inputs, [logits, *self._cache(self.present_names(), self.max_length)]
+
     def graphs(self) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
         """Graph name -> (inputs, outputs), in the order the graphs declare them."""
+        if self.static:
+            return {
+                "prefill": self._static_graph(SEQUENCE, SEQUENCE if self.all_logits else 1),
+                "decode": self._static_graph(1, 1),
+            }
         return {
             "prefill": (self.prefill_inputs(), self.prefill_outputs()),
             "decode": (self.decode_inputs(), self.decode_outputs()),
