@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTokens, ValidationError
+from ..graphs.contract import CACHE_MODES, MIN_STATIC_LENGTH
 from ..graphs.manifest import METADATA_KEY, WEIGHTS_FILE, graph_file
 from ..graphs.onnx_files import embed_metadata, write_graphs
 from ..graphs.report import DiffRow, TOLERANCES, failures, format_table
@@ -39,6 +40,8 @@ def export_model(
     *,
     dtype: str = "float32",
     all_logits: bool = False,
+    cache: str = "dynamic",
+    max_length: int | None = None,
     validate: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
@@ -47,16 +50,22 @@ def export_model(
 ) -> ExportResult:
     """Export prefill.onnx, decode.onnx and extend.onnx (+ weights, manifest, tokenizer files) into `out_dir`.
 
+    cache="static" writes prefill.onnx and decode.onnx over fixed (B, Hkv, max_length, D) buffers
+    instead (no extend.onnx: prefill at a write index past 0 is the extend step).
+
     The directory appears only when everything succeeded: output is assembled in a temporary
     directory beside it and renamed at the end. Raises KvgraphError for user errors and
     ValidationError when the graphs disagree with PyTorch beyond the dtype's tolerance.
     """
     out = _check_destination(Path(out_dir), force)
+    _check_cache_options(cache, max_length)
     source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     family = family_for(source.model.config.model_type)
     dims = ModelDims.from_hf(source.model.config)
-    contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits)
-    log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}")
+    _check_static_fits(dims, max_length)
+    contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length)
+    mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
+    log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary directory
     try:
@@ -145,6 +154,30 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _check_cache_options(cache: str, max_length: int | None) -> None:
+    if cache not in CACHE_MODES:
+        raise KvgraphError(f"--cache must be one of {list(CACHE_MODES)}, got {cache!r}")
+    if cache == "dynamic" and max_length is not None:
+        raise KvgraphError("--max-length sets the static cache's size; it needs --cache static")
+    if cache == "static":
+        if max_length is None:
+            raise KvgraphError("--cache static needs --max-length N (prompt + new tokens the buffers hold)")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_STATIC_LENGTH:
+            raise KvgraphError(f"--max-length must be an integer >= {MIN_STATIC_LENGTH}, got {max_length!r}")
+
+
+def _check_static_fits(dims: ModelDims, max_length: int | None) -> None:
+    if max_length is None:
+        return
+    if dims.max_positions and max_length > dims.max_positions:
+        raise KvgraphError(f"--max-length {max_length} exceeds the model's max positions ({dims.max_positions})")
+    if dims.sliding_window and dims.sliding_window < max_length:
+        raise KvgraphError(
+            f"model type {dims.family!r} attends within a sliding window of {dims.sliding_window} tokens; the static cache "
+            f"does not implement the window: use --max-length <= {dims.sliding_window} or --cache dynamic"
+        )
 
 
 def _check_destination(out: Path, force: bool) -> Path:

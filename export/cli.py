@@ -13,6 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="the export directory to create")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="graph dtype (default float32)")
     parser.add_argument("--all-logits", action="store_true", help="prefill returns logits for every position (for scoring)")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="dynamic: K/V grow by one position a step; static: fixed buffers of --max-length positions, written in place")
+    parser.add_argument("--max-length", type=int, default=None, metavar="N",
+                        help="static cache: positions per row (prompt + new tokens); requests beyond it are refused")
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
@@ -30,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         dtype=args.dtype,
         all_logits=args.all_logits,
+        cache=args.cache,
+        max_length=args.max_length,
         validate=not args.no_validate,
         force=args.force,
         trust_remote_code=args.trust_remote_code,

@@ -21,6 +21,7 @@ class ModelDims:
     head_dim: int
     vocab_size: int
     max_positions: int | None
+    sliding_window: int | None = None  # attention window of (some) layers, when the config enables one
 
     @classmethod
     def from_hf(cls, config) -> ModelDims:
@@ -35,7 +36,9 @@ class ModelDims:
         vocab = _first(normalized, config, "vocab_size")
         if None in (num_layers, num_heads, hidden, vocab):
             raise KvgraphError(f"model type {family!r}: cannot read layer count, heads, hidden size or vocab from its config")
-        return cls(family, num_layers, num_heads, kv_heads, head_dim, vocab, max_positions)
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+        return cls(family, num_layers, num_heads, kv_heads, head_dim, vocab, max_positions, window)
 
 
 def _normalized(config):

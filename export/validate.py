@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 
 from ..graphs import GraphContract
-from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRITE_INDICES
 from ..graphs.conventions import extend_position_ids, left_pad, prefill_position_ids
 from ..graphs.manifest import graph_file
 from ..graphs.report import DiffRow, compare_step
@@ -26,7 +26,11 @@ EXTEND_TOKENS = 3  # the extend graph is checked once, after the decode steps
 
 
 class OrtGraphs:
-    """The two graphs of an export directory in onnxruntime, one call per step (numpy in and out)."""
+    """The graphs of an export directory in onnxruntime, one call per step (numpy in and out).
+
+    The interface is the dynamic cache's; for a static-cache export the buffers stay inside this
+    object and each step returns the buffers' valid prefix (B, Hkv, P, D) as the presents.
+    """
 
     def __init__(self, directory: str | Path, contract: GraphContract, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         self.contract = contract
@@ -36,11 +40,26 @@ class OrtGraphs:
             name: ort.InferenceSession(str(Path(directory) / graph_file(name)), options, providers=list(providers))
             for name in contract.graphs()
         }
+        self.buffers: list[np.ndarray] = []
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
         # (B, S), (B, S) -> [logits (B, 1|S, V), present.0.key (B, Hkv, S, D), ...]
+        if self.contract.static:
+            batch, shape = input_ids.shape[0], (self.contract.num_kv_heads, self.contract.max_length, self.contract.head_dim)
+            self.buffers = [np.zeros((batch, *shape), dtype=self.contract.dtype) for _ in self.contract.cache_slots()]
+            return self._static("prefill", input_ids, attention_mask, prefill_position_ids(attention_mask))
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: prefill_position_ids(attention_mask)}
         return self.sessions["prefill"].run(None, feeds)
+
+    def _static(self, graph: str, input_ids, attention_mask, positions) -> list[np.ndarray]:
+        batch, length = attention_mask.shape
+        written = length - input_ids.shape[1]
+        mask = np.zeros((batch, self.contract.max_length), dtype=np.int64)  # (B, N)
+        mask[:, :length] = attention_mask
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: mask, POSITION_IDS: positions,
+                 WRITE_INDICES: np.full(batch, written, dtype=np.int64), **dict(zip(self.contract.past_names(), self.buffers))}
+        logits, *self.buffers = self.sessions[graph].run(None, feeds)
+        return [logits, *(buffer[:, :, :length] for buffer in self.buffers)]
 
     def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
         # (B, 1), (B, P+1), past (B, Hkv, P, D) each -> [logits (B, 1, V), present (B, Hkv, P+1, D) ...]
@@ -52,6 +71,8 @@ class OrtGraphs:
 
     def _after_past(self, graph: str, input_ids, attention_mask, past) -> list[np.ndarray]:
         positions = extend_position_ids(attention_mask, input_ids.shape[1])
+        if self.contract.static:  # the buffers hold `past`; extend is the prefill graph at write index P
+            return self._static("prefill" if graph == "extend" else graph, input_ids, attention_mask, positions)
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: positions}
         feeds.update(zip(self.contract.past_names(), past))
         return self.sessions[graph].run(None, feeds)
@@ -74,7 +95,7 @@ def validate_export(directory: Path, model: torch.nn.Module, family: Family, con
     mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
     actual = graphs.extend(tokens, mask, actual[1:])
     expected = reference.extend(tokens, mask, expected[1:])
-    rows += compare_step("extend", steps + 1, names, actual, expected, mask, contract.dtype)
+    rows += compare_step("prefill" if contract.static else "extend", steps + 1, names, actual, expected, mask, contract.dtype)
     return rows
 
 

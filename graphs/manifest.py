@@ -17,7 +17,7 @@ from .contract import GraphContract, TensorSpec
 from .errors import ManifestError
 
 MANIFEST_NAME = "kvgraph.json"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
 WEIGHTS_FILE = "model.onnx.data"
 

@@ -131,6 +131,9 @@ class Generator:
             if bad:
                 raise KvgraphError(f"token id {bad[0]} is outside the vocabulary [0, {contract.vocab_size})")
             total = len(request.prompt_ids) + request.max_new_tokens
+            if contract.static and total > contract.max_length:
+                raise KvgraphError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
+                                   f"exceeds the static cache's {contract.max_length} positions (export with a larger --max-length)")
             if max_positions and total > max_positions:
                 raise KvgraphError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
                                    f"exceeds the model's max positions ({max_positions})")

@@ -26,20 +26,25 @@ def export_cache(tmp_path_factory):
 
     cache = {}
 
-    def get(family: str) -> Exported:
-        if family not in cache:
+    def get(family: str, mode: str = "dynamic") -> Exported:
+        if (family, mode) not in cache:
             model = tiny_model(family)
-            out = tmp_path_factory.mktemp("exports") / family
-            result = export_model(model, out)
-            cache[family] = Exported(family, model, out, result.manifest)
-        return cache[family]
+            out = tmp_path_factory.mktemp("exports") / f"{family}-{mode}"
+            options = {"cache": "static", "max_length": STATIC_LENGTH} if mode == "static" else {}
+            result = export_model(model, out, **options)
+            cache[family, mode] = Exported(family, model, out, result.manifest)
+        return cache[family, mode]
 
     return get
 
 
-@pytest.fixture(params=sorted(TINY_CONFIGS))
+STATIC_LENGTH = 48  # the parity tests' longest sequence is 23 tokens
+
+
+@pytest.fixture(params=[(f, m) for m in ("dynamic", "static") for f in sorted(TINY_CONFIGS)], ids=lambda p: f"{p[0]}-{p[1]}")
 def exported(request, export_cache) -> Exported:
-    return export_cache(request.param)
+    """Every family, exported with a dynamic and with a static cache."""
+    return export_cache(*request.param)
 
 
 @pytest.fixture(scope="session")
