@@ -50,7 +50,9 @@ class StaticCache:
     def __init__(self, graphs: LoadedGraphs, batch: int) -> None:
         contract, device = graphs.contract, graphs.device
         shape = (batch, contract.num_kv_heads, contract.max_length, contract.head_dim)  # (B, Hkv, N, D)
-        self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(contract.dtype).type, device.ort_type, device.index)
+        # zeros, not uninitialized memory: the attention reads every position (masked ones too),
+        # and a NaN left in freed memory would turn the masked scores into NaN
+        self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=contract.dtype), device.ort_type, device.index)
                        for _ in contract.cache_slots()]
         self.device = device
         self.length = 0

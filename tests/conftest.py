@@ -58,3 +58,18 @@ def text_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "text-llama"
     export_model(model_dir, out)
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), out
+
+
+TEXT_STATIC_LENGTH = 96
+
+
+@pytest.fixture(scope="session")
+def text_export_static(tmp_path_factory, text_export):
+    """The same tiny text llama exported with a static cache of 96 positions: (model, directory)."""
+    from families import text_model_dir
+    from kvgraph.export import export_model
+
+    model_dir = text_model_dir(tmp_path_factory.mktemp("hf") / "text-llama")  # same seed: same weights
+    out = tmp_path_factory.mktemp("exports") / "text-llama-static"
+    export_model(model_dir, out, cache="static", max_length=TEXT_STATIC_LENGTH)
+    return text_export[0], out

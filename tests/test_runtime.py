@@ -18,9 +18,10 @@ from kvgraph.runtime.cli import main
 PROMPTS = ["Once upon a time", "héllo wörld €", "a"]
 
 
-@pytest.fixture(scope="module")
-def gen(text_export):
-    return Generator.load(text_export[1])
+@pytest.fixture(scope="module", params=["dynamic", "static"])
+def gen(request, text_export, text_export_static):
+    """The runtime tests run on a dynamic-cache and on a static-cache export of the same model."""
+    return Generator.load((text_export if request.param == "dynamic" else text_export_static)[1])
 
 
 def test_greedy_equals_transformers_generate(gen, text_export):
@@ -114,7 +115,7 @@ def test_chat_template_renders_in_a_sandbox(gen):
 @pytest.mark.parametrize("prompt,kwargs,message", [
     ("", {}, "prompt is empty"),
     ([5, 999], {}, "token id 999 is outside the vocabulary"),
-    ("x", {"max_new_tokens": 500}, "exceeds the model's max positions"),
+    ("x", {"max_new_tokens": 500}, r"exceeds the (model's max positions|static cache's 96 positions)"),
     ("x", {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
     ("x", {"temperature": -1.0}, "temperature"),
     ("x", {"top_p": 0.0}, "top_p"),
@@ -207,3 +208,46 @@ def test_extend_session_opens_only_when_a_conversation_continues(text_export):
     assert "extend" not in fresh.graphs.sessions
     conversation.send("more", max_new_tokens=3)
     assert sorted(fresh.graphs.sessions) == ["decode", "extend", "prefill"]
+
+
+def test_static_and_dynamic_exports_generate_the_same_tokens(text_export, text_export_static):
+    dynamic, static = Generator.load(text_export[1]), Generator.load(text_export_static[1])
+    assert static.graphs.contract.static and not dynamic.graphs.contract.static
+    assert sorted(static.graphs.sessions) == ["decode", "prefill"]
+    for prompts in (PROMPTS, PROMPTS[1]):
+        a, b = dynamic.generate(prompts, max_new_tokens=20), static.generate(prompts, max_new_tokens=20)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b] if isinstance(a, list) else a.token_ids == b.token_ids
+
+
+def test_static_cache_is_written_in_place(text_export_static):
+    """The decode step's present buffers are the past buffers: same OrtValue, same memory, new rows written."""
+    import numpy as np
+
+    from kvgraph.runtime.steps import StaticCache, decode_one, prefill
+
+    graphs = Generator.load(text_export_static[1]).graphs
+    ids, mask = np.array([[1, 40, 41, 42]]), np.ones((1, 4), dtype=np.int64)
+    logits, cache = prefill(graphs, ids, mask)
+    assert isinstance(cache, StaticCache) and cache.length == 4
+    values = list(cache.values)
+    pointers = [v.data_ptr() for v in values]
+    before = values[0].numpy()
+    assert np.abs(before[:, :, :4]).max() > 0 and not before[:, :, 4:].any()  # prefill wrote positions 0-3 only
+    for step in range(3):
+        token = logits[:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+        logits, same = decode_one(graphs, cache, token, mask)
+        assert same is cache and cache.length == 5 + step
+        assert [v.data_ptr() for v in cache.values] == pointers and all(a is b for a, b in zip(cache.values, values))
+        after = values[0].numpy()
+        assert np.abs(after[:, :, 4 + step]).max() > 0 and not after[:, :, 5 + step:].any()
+        np.testing.assert_array_equal(after[:, :, :4], before[:, :, :4])  # earlier positions untouched
+
+
+def test_static_request_longer_than_the_buffers_is_refused_before_running(text_export_static):
+    gen = Generator.load(text_export_static[1])
+    calls = []
+    gen.graphs.session = lambda name: calls.append(name)  # any graph run would be recorded
+    with pytest.raises(KvgraphError, match=r"\(4 tokens\) \+ max_new_tokens \(93\) = 97 exceeds the static cache's 96 positions"):
+        gen.generate([1, 40, 41, 42], max_new_tokens=93)
+    assert calls == []
