@@ -14,12 +14,13 @@ from transformers import PreTrainedModel
 
 from ..graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTokens, ValidationError
 from ..graphs.contract import CACHE_MODES, MIN_STATIC_LENGTH
-from ..graphs.manifest import METADATA_KEY, WEIGHTS_FILE, graph_file
+from ..graphs.manifest import METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, graph_file
 from ..graphs.onnx_files import embed_metadata, write_graphs
 from ..graphs.report import DiffRow, TOLERANCES, failures, format_table
 from .config import ModelDims
 from .families import family_for
 from .load import Source, library_versions, load_source
+from .scatter import SCATTER_OPSET
 from .trace import IR_VERSION, OPSET, trace_graphs
 from .validate import DECODE_STEPS, validate_export
 
@@ -79,7 +80,7 @@ def export_model(
 
 def _build(source: Source, family, contract: GraphContract, staging: Path, validate: bool, log) -> tuple[Manifest, list[DiffRow]]:
     graphs = trace_graphs(source.model, family, contract)
-    weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE)
+    weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX)
     del graphs
     parameter_bytes = _parameter_bytes(source.model)
     if weights_bytes > WEIGHTS_SLACK * parameter_bytes:
@@ -119,8 +120,9 @@ def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[D
             "tolerance": TOLERANCES[contract.dtype],
             "rows": [row.to_json() for row in rows],
         }
-    files = {**{name: graph_file(name) for name in contract.graphs()}, "weights": WEIGHTS_FILE, **files}  # role -> file
-    return Manifest(contract, info, _special_tokens(source), OPSET, IR_VERSION, library_versions(), files, validation)
+    files = {**{name: graph_file(name) for name in contract.graphs()}, "weights": WEIGHTS_FILE, "weights_index": WEIGHTS_INDEX, **files}
+    opset = SCATTER_OPSET if contract.static else OPSET
+    return Manifest(contract, info, _special_tokens(source), opset, IR_VERSION, library_versions(), files, validation)
 
 
 def _special_tokens(source: Source) -> SpecialTokens:

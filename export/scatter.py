@@ -32,13 +32,15 @@ def tensor_scatter(cache: torch.Tensor, update: torch.Tensor, write_indices: tor
 def to_standard_tensor_scatter(model: onnx.ModelProto) -> int:
     """Rename kvgraph.TensorScatter nodes to the standard op and set the default opset to 24, in place.
 
-    Returns how many nodes were renamed.
+    Returns how many nodes were renamed; a graph without any is left as it is.
     """
     renamed = 0
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type == "TensorScatter":
             node.domain = ""
             renamed += 1
+    if not renamed:
+        return 0
     imports = [entry for entry in model.opset_import if entry.domain not in ("", DOMAIN)]
     del model.opset_import[:]
     model.opset_import.extend([onnx.helper.make_opsetid("", SCATTER_OPSET), *imports])

@@ -20,6 +20,7 @@ MANIFEST_NAME = "kvgraph.json"
 FORMAT_VERSION = "1.1"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
 WEIGHTS_FILE = "model.onnx.data"
+WEIGHTS_INDEX = "weights.json"  # which bytes of WEIGHTS_FILE each graph's initializers read
 
 
 def graph_file(graph: str) -> str:

@@ -6,6 +6,7 @@ Needs the `onnx` package (export extra). Runtime code does not import this modul
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,84 @@ def untie_transposed_copies(model: onnx.ModelProto) -> list[str]:
     return sorted(replaced)
 
 
+# A tied embedding is then read two ways: Gather(W) for the input embedding, Transpose(W) for
+# the logits. onnxruntime folds that Transpose into a new (H, V) constant in every session,
+# a second copy of the largest matrix. Store the (H, V) orientation instead and gather columns:
+#
+#   before:  W (V, H) ──Gather(axis 0)──▶ emb (B, S, H)       W ──Transpose──▶ W_T ──MatMul──▶ logits
+#   after:   W_T (H, V) ──Gather(axis 1)──▶ (H, B, S) ──Transpose(1, 2, 0)──▶ emb (B, S, H)
+#            W_T ──MatMul──▶ logits
+def store_embedding_transposed(model: onnx.ModelProto) -> list[str]:
+    """Remove each Transpose(perm 1, 0) of a 2-D initializer whose other side is only gathered, in place.
+
+    Either the Transpose's output is only gathered (gather columns of the initializer instead),
+    or the initializer itself is only gathered besides (store it transposed). Gathers whose index
+    rank is unknown are left alone, and so is their Transpose. Returns the initializers involved.
+    """
+    graph = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info] if v.type.tensor_type.HasField("shape")}
+    initializers = {t.name: t for t in graph.initializer if len(t.dims) == 2}
+    done = []
+    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in initializers]:
+        if list(_attr(node, "perm", [1, 0])) != [1, 0]:
+            continue
+        tensor = initializers[node.input[0]]
+        output_users = _gathers_only(graph, node.output[0], ranks)
+        source_users = _gathers_only(graph, tensor.name, ranks, besides=node)
+        if output_users is not None:  # W (H, V) feeds MatMul; its transpose feeds the embedding Gather
+            columns_of = tensor.name
+            for gather in output_users:
+                _gather_columns(graph, gather, columns_of, ranks[gather.input[1]])
+        elif source_users is not None:  # W (V, H) feeds the embedding Gather; its transpose feeds MatMul
+            transposed = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(tensor).T), f"{tensor.name}.T")
+            graph.initializer.append(transposed)
+            _rename_input(graph, node.output[0], transposed.name)
+            for gather in source_users:
+                _gather_columns(graph, gather, transposed.name, ranks[gather.input[1]])
+            graph.initializer.remove(tensor)
+        else:
+            continue
+        graph.node.remove(node)
+        done.append(tensor.name)
+    return done
+
+
+def _gathers_only(graph: onnx.GraphProto, name: str, ranks: dict[str, int], besides=None) -> list[onnx.NodeProto] | None:
+    """The nodes reading `name` if all are Gather(data=name, axis 0) with indices of known rank, else None."""
+    users = [n for n in graph.node if name in n.input and n is not besides]
+    if any(o.name == name for o in graph.output) or not users:
+        return None
+    ok = all(n.op_type == "Gather" and n.input[0] == name and _attr(n, "axis", 0) == 0 and n.input[1] in ranks for n in users)
+    return users if ok else None
+
+
+def _gather_columns(graph: onnx.GraphProto, gather: onnx.NodeProto, matrix: str, rank: int) -> None:
+    """Gather(M (V, H), idx, axis 0) -> Transpose(Gather(matrix (H, V), idx, axis 1)), same output."""
+    columns = f"{gather.output[0]}.columns"  # (H, *idx)
+    at = list(graph.node).index(gather)
+    graph.node.insert(at + 1, onnx.helper.make_node("Transpose", [columns], [gather.output[0]], perm=[*range(1, rank + 1), 0],
+                                                    name=f"{gather.name}/to_rows"))
+    graph.node.insert(at + 1, onnx.helper.make_node("Gather", [matrix, gather.input[1]], [columns], axis=1, name=gather.name))
+    graph.node.remove(gather)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+    for output in graph.output:
+        if output.name == old:
+            raise ValueError(f"{old} is a graph output; cannot replace it with the initializer {new}")
+
+
 def _transposed_twin(tensor, candidates, replaced) -> onnx.TensorProto | None:
     if not candidates:
         return None
@@ -110,41 +189,53 @@ def _transposed_twin(tensor, candidates, replaced) -> onnx.TensorProto | None:
     return None
 
 
-def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_name: str) -> int:
+def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_name: str, index_name: str) -> int:
     """Save each model as `<name>.onnx` in `directory`, all large initializers in one file.
 
     Initializers with identical contents (across and within graphs) are stored once and
-    referenced by offset from every graph. Returns the size of the weights file in bytes.
+    referenced by offset from every graph. `index_name` (JSON) lists every stored tensor and,
+    per graph, which initializer names read it, so a runtime without the onnx package can map
+    the weights once and hand the same memory to every session. Returns the weights file's size.
     """
     directory = Path(directory)
-    offsets: dict[str, tuple[int, int]] = {}  # content key -> (offset, length)
+    slots: dict[str, int] = {}  # content key -> index into `tensors`
+    tensors: list[dict] = []  # {"offset", "length", "dtype", "shape"} in file order
+    graphs: dict[str, dict[str, int]] = {}  # graph -> initializer name -> index into `tensors`
     with open(directory / weights_name, "wb") as data:
-        for model in models.values():
+        for name, model in models.items():
+            graphs[name] = {}
             for tensor in model.graph.initializer:
-                _externalize(tensor, data, offsets, weights_name)
+                slot = _externalize(tensor, data, slots, tensors, weights_name)
+                if slot is not None:
+                    graphs[name][tensor.name] = slot
         size = data.tell()
     for name, model in models.items():
         onnx.save_model(model, str(directory / f"{name}.onnx"))
+    index = {"file": weights_name, "size": size, "tensors": tensors, "graphs": graphs}
+    (directory / index_name).write_text(json.dumps(index, separators=(",", ":")) + "\n", encoding="utf-8")
     return size
 
 
-def _externalize(tensor: onnx.TensorProto, data, offsets: dict, location: str) -> None:
+def _externalize(tensor: onnx.TensorProto, data, slots: dict[str, int], tensors: list[dict], location: str) -> int | None:
+    """Point the tensor at its bytes in the weights file; returns its slot, or None if kept inline."""
     raw = numpy_helper.to_array(tensor).tobytes()
     if len(raw) < INLINE_LIMIT:
-        return
+        return None
     key = f"{tensor.data_type}:{tuple(tensor.dims)}:{hashlib.sha256(raw).hexdigest()}"
-    if key not in offsets:
-        padding = (-data.tell()) % ALIGNMENT
-        data.write(b"\0" * padding)
-        offsets[key] = (data.tell(), len(raw))
+    if key not in slots:
+        data.write(b"\0" * ((-data.tell()) % ALIGNMENT))
+        slots[key] = len(tensors)
+        tensors.append({"offset": data.tell(), "length": len(raw), "dtype": _DTYPE_NAMES.get(tensor.data_type, f"onnx:{tensor.data_type}"),
+                        "shape": list(tensor.dims)})
         data.write(raw)
-    offset, length = offsets[key]
+    stored = tensors[slots[key]]
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)
     tensor.raw_data = raw  # set_external_data insists on raw_data being present
-    external_data_helper.set_external_data(tensor, location=location, offset=offset, length=length)
+    external_data_helper.set_external_data(tensor, location=location, offset=stored["offset"], length=stored["length"])
     tensor.data_location = onnx.TensorProto.EXTERNAL
     tensor.ClearField("raw_data")
+    return slots[key]
 
 
 def embed_metadata(path: Path, entries: dict[str, str]) -> None:

@@ -54,8 +54,8 @@ class Generator:
         self.pad_id = tokens.pad_token_id if tokens.pad_token_id is not None else next(iter(tokens.eos_token_ids), 0)
 
     @classmethod
-    def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None) -> Generator:
-        graphs = load_graphs(directory, provider, threads)
+    def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True) -> Generator:
+        graphs = load_graphs(directory, provider, threads, share_weights)
         has_tokenizer = (Path(directory) / "tokenizer.json").is_file()
         return cls(graphs, TextCodec(Path(directory)) if has_tokenizer else None)
 

@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from ..graphs import GraphContract, KvgraphError, Manifest, TensorSpec, io_mismatches
 from ..graphs.manifest import graph_file
+from .weights import SharedWeights
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -40,7 +41,7 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
-EAGER = ("prefill", "decode")  # extend opens on first use: every session holds its own copy of the weights
+EAGER = ("prefill", "decode")  # extend opens on first use (without shared weights it holds its own copy)
 
 
 @dataclass
@@ -48,8 +49,9 @@ class LoadedGraphs:
     directory: Path
     manifest: Manifest
     device: Device
-    options: ort.SessionOptions
+    threads: int | None
     provider_name: str
+    weights: SharedWeights | None = None  # None: each session loads the weights file itself
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -64,8 +66,25 @@ class LoadedGraphs:
                 self.sessions[graph] = self._open_checked([graph])[graph]
             return self.sessions[graph]
 
+    def options(self, graph: str) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.weights is not None:
+            self.weights.add_to(options, graph)
+        return options
+
+    def provider_options(self, graph: str) -> dict[str, str]:
+        # A static-cache decode step has the same shapes and buffers every step: on CUDA it is
+        # captured once as a CUDA graph and replayed (all its inputs are bound on the device).
+        if self.device.provider == "cuda" and self.contract.static and graph == "decode":
+            return {"enable_cuda_graph": "1"}
+        return {}
+
     def _open_checked(self, graphs: list[str]) -> dict[str, ort.InferenceSession]:
-        sessions = {name: _open(self.directory / graph_file(name), self.options, self.provider_name) for name in graphs}
+        sessions = {name: _open(self.directory / graph_file(name), self.options(name), self.provider_name, self.provider_options(name))
+                    for name in graphs}
         reasons = []
         for name, session in sessions.items():
             inputs, outputs = self.contract.graphs()[name]
@@ -77,25 +96,27 @@ class LoadedGraphs:
         return sessions
 
 
-def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | None = None) -> LoadedGraphs:
-    """Read the manifest, open prefill and decode on the provider, and check them against the manifest."""
+def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True) -> LoadedGraphs:
+    """Read the manifest, open prefill and decode on the provider, and check them against the manifest.
+
+    share_weights: map model.onnx.data once and give every session the same memory (needs the
+    export's weights.json; exports without one load the weights per session).
+    """
     directory = Path(directory)
     manifest = Manifest.load(directory)
     provider_name = resolve_provider(provider)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), options, provider_name)
+    index = manifest.files.get("weights_index")
+    weights = SharedWeights(directory, index) if share_weights and index else None
+    graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, weights)
     graphs.sessions.update(graphs._open_checked(list(EAGER)))
     return graphs
 
 
-def _open(path: Path, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+def _open(path: Path, options: ort.SessionOptions, provider: str, provider_options: dict[str, str]) -> ort.InferenceSession:
     if not path.is_file():
         raise KvgraphError(f"{path}: graph file missing")
     try:
-        return ort.InferenceSession(str(path), options, providers=[provider])
+        return ort.InferenceSession(str(path), options, providers=[(provider, provider_options)])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for unreadable files
         raise KvgraphError(f"{path}: onnxruntime cannot load this graph: {str(exc).splitlines()[0][:300]}") from exc
 

@@ -34,14 +34,22 @@ def test_weights_are_stored_once_even_when_tied(export_cache, family):
         assert all(len(t.raw_data) < 1024 for t in inline)  # only small constants stay in the graph file
 
 
-def test_graphs_use_standard_onnx_ops_only(export_cache):
-    exported = export_cache("llama")
+@pytest.mark.parametrize("mode,opset", [("dynamic", 23), ("static", 24)])
+def test_graphs_use_standard_onnx_ops_only(export_cache, mode, opset):
+    exported = export_cache("llama", mode)
+    assert exported.manifest.opset == opset
     for graph in ("prefill.onnx", "decode.onnx"):
         model = onnx.load(str(exported.directory / graph), load_external_data=False)
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
-        assert [(o.domain, o.version) for o in model.opset_import] == [("", 23)]
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", opset)]
         assert model.ir_version == 10
-        assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= {n.op_type for n in model.graph.node}
+        ops = {n.op_type for n in model.graph.node}
+        assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= ops
+        assert ("TensorScatter" in ops) == (mode == "static") and ("Concat" in ops or mode == "static")
+        if mode == "static":  # each present is the TensorScatter of its past, so the buffer can be updated in place
+            producers = {out: n for n in model.graph.node for out in n.output}
+            for past, present in zip(exported.contract.past_names(), exported.contract.present_names()):
+                assert producers[present].op_type == "TensorScatter" and producers[present].input[0] == past
 
 
 def test_manifest_is_complete_and_embedded_in_each_graph(export_cache):
@@ -138,3 +146,36 @@ def test_in_memory_encoder_decoder_is_refused(tmp_path):
 def test_manifest_loads_back(export_cache):
     exported = export_cache("llama")
     assert Manifest.load(exported.directory) == exported.manifest
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"cache": "static"}, "--cache static needs --max-length"),
+    ({"max_length": 64}, "--max-length sets the static cache's size; it needs --cache static"),
+    ({"cache": "static", "max_length": 4}, "--max-length must be an integer >= 16"),
+    ({"cache": "static", "max_length": 4096}, r"--max-length 4096 exceeds the model's max positions \(128\)"),
+    ({"cache": "paged"}, "--cache must be one of"),
+])
+def test_bad_cache_options_are_refused_before_writing(tmp_path, options, message):
+    with pytest.raises(KvgraphError, match=message):
+        export_model(tiny_model("llama"), tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_static_cache_refuses_a_sliding_window_shorter_than_the_buffers(tmp_path):
+    with pytest.raises(KvgraphError, match="sliding window of 32 tokens.*--max-length <= 32"):
+        export_model(tiny_model("mistral", sliding_window=32), tmp_path / "out", cache="static", max_length=64)
+
+
+def test_weights_index_lists_every_external_initializer(export_cache):
+    exported = export_cache("gpt2", "static")  # tied embeddings: stored once, transposed
+    index = json.loads((exported.directory / "weights.json").read_text())
+    assert index["size"] == (exported.directory / "model.onnx.data").stat().st_size
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(exported.directory / f"{graph}.onnx"), load_external_data=False)
+        external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.external_data}
+        assert set(index["graphs"][graph]) == set(external)
+        for name, info in external.items():
+            entry = index["tensors"][index["graphs"][graph][name]]
+            assert (entry["offset"], entry["length"]) == (int(info["offset"]), int(info["length"]))
+    ops = [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in external]
+    assert ops == []  # no Transpose of a weight left for onnxruntime to fold into a second copy

@@ -1,0 +1,174 @@
+"""`kvgraph bench DIR [DIR ...]`: prefill time, decode speed, step latency, memory and driver overhead.
+
+Every measurement runs in a fresh worker process (peak RSS is per process), the configurations
+alternate round by round, and the table shows medians over the rounds. For each export
+directory two modes are measured: its own cache (dynamic or static) and no cache (every step
+re-runs the prefill graph over the whole sequence).
+
+    decode tok/s       new tokens after the first / decode wall time (sampling included)
+    step p50 / p90     wall time from one decode step's start to the next one's
+    overhead           share of decode wall time spent outside session.run
+    peak RSS / weights VmHWM of the worker after load and generation, over model.onnx.data's size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the steps as his father "
+               "had taught him, and at the top he lit the great lamp that guided the fishing boats home through the fog.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directories", nargs="+", help="export directories (e.g. a dynamic and a static export of one model)")
+    parser.add_argument("--prompt-tokens", type=int, default=24, help="prompt length in tokens (default 24)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens to generate, eos ignored (default 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the table shows medians (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    parser.add_argument("--no-recompute", action="store_true", help="skip the no-cache rows")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per configuration instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..graphs import KvgraphError, Manifest
+
+    if args.prompt_tokens < 1 or args.new_tokens < 2 or args.rounds < 1:
+        raise KvgraphError("--prompt-tokens must be >= 1, --new-tokens >= 2 and --rounds >= 1")
+    configs = []
+    for directory in args.directories:
+        contract = Manifest.load(directory).contract  # fails early, naming the directory
+        if contract.static and args.prompt_tokens + args.new_tokens > contract.max_length:
+            raise KvgraphError(f"{directory}: --prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds "
+                               f"its static cache of {contract.max_length} positions")
+        configs.append((directory, contract.cache))
+        if not args.no_recompute:
+            configs.append((directory, "no-cache"))
+    samples: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
+    for round_ in range(args.rounds):
+        for directory, mode in configs:
+            print(f"round {round_ + 1}/{args.rounds}: {mode} {directory}", file=sys.stderr)
+            samples[directory, mode].append(_spawn(directory, mode, args))
+    rows = [summarize(directory, mode, runs) for (directory, mode), runs in samples.items()]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def _spawn(directory: str, mode: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, "-m", "kvgraph.runtime.bench", directory, mode, str(args.prompt_tokens), str(args.new_tokens),
+               str(args.threads or 0)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        from ..graphs import KvgraphError
+
+        raise KvgraphError(f"benchmark worker for {directory} ({mode}) failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(directory: str, mode: str, runs: list[dict]) -> dict:
+    def median(key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
+    keys = ("prefill_ms", "decode_tok_s", "step_p50_ms", "step_p90_ms", "overhead", "peak_rss_mb", "rss_over_weights", "load_rss_mb")
+    return {"directory": directory, "mode": mode, "rounds": len(runs), **{key: median(key) for key in keys},
+            "weights_mb": runs[0]["weights_mb"], "tokens": runs[0]["tokens"]}
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("export", "mode", "prefill ms", "decode tok/s", "step p50 ms", "step p90 ms", "overhead", "peak RSS MB", "RSS/weights")
+    lines = [header]
+    for r in rows:
+        lines.append((Path(r["directory"]).name, r["mode"], f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['step_p50_ms']:.2f}",
+                      f"{r['step_p90_ms']:.2f}", f"{100 * r['overhead']:.1f} %", f"{r['peak_rss_mb']:.0f}", f"{r['rss_over_weights']:.2f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+# -- the worker: one configuration, one process ------------------------------------------------
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MB, from /proc/self/status."""
+    fields = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def prompt_ids(codec, vocab_size: int, length: int) -> list[int]:
+    if codec is not None:
+        ids = codec.encode(" ".join([PROMPT_TEXT] * (1 + length // 16)))
+        if len(ids) >= length:
+            return ids[:length]
+    return np.random.default_rng(0).integers(3, vocab_size, size=length).tolist()
+
+
+class _RunTimer:
+    """Wraps one session's run_with_iobinding: start times and durations of every call."""
+
+    def __init__(self, session) -> None:
+        self.starts: list[float] = []
+        self.durations: list[float] = []
+        run = session.run_with_iobinding
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.starts.append(start)
+                self.durations.append(time.perf_counter() - start)
+
+        session.run_with_iobinding = timed
+
+
+def measure(directory: str, mode: str, prompt_tokens: int, new_tokens: int, threads: int | None) -> dict:
+    from .generator import Generator
+
+    gen = Generator.load(directory, threads=threads)
+    gen.eos_ids = frozenset()  # always generate exactly new_tokens
+    load_rss, _ = _rss_mb()
+    ids = prompt_ids(gen.codec, gen.graphs.contract.vocab_size, prompt_tokens)
+    use_cache = mode != "no-cache"
+    gen.generate(ids, max_new_tokens=4, use_cache=use_cache)  # warm-up: first runs allocate and tune
+    step_graph = "decode" if use_cache else "prefill"
+    timer = _RunTimer(gen.graphs.session(step_graph))
+    start = time.perf_counter()
+    result = gen.generate(ids, max_new_tokens=new_tokens, use_cache=use_cache)
+    total = time.perf_counter() - start
+    _, peak = _rss_mb()
+    steps = timer.durations if use_cache else timer.durations[1:]  # no-cache: the first prefill call is the prompt
+    step_starts = timer.starts if use_cache else timer.starts[1:]
+    decode_wall = total - result.stats.prefill_ms / 1e3
+    gaps = np.diff(step_starts) if len(step_starts) > 1 else np.array([decode_wall])
+    weights = Path(directory, gen.graphs.manifest.files.get("weights", "model.onnx.data")).stat().st_size / 2**20
+    return {
+        "tokens": len(result.token_ids),
+        "prefill_ms": result.stats.prefill_ms,
+        "decode_tok_s": (len(result.token_ids) - 1) / decode_wall,
+        "step_p50_ms": float(np.percentile(gaps, 50) * 1e3),
+        "step_p90_ms": float(np.percentile(gaps, 90) * 1e3),
+        "overhead": max(0.0, 1 - sum(steps) / decode_wall),
+        "load_rss_mb": load_rss,
+        "peak_rss_mb": peak,
+        "weights_mb": weights,
+        "rss_over_weights": peak / weights,
+    }
+
+
+if __name__ == "__main__":
+    directory, mode, prompt_tokens, new_tokens, threads = sys.argv[1:6]
+    print(json.dumps(measure(directory, mode, int(prompt_tokens), int(new_tokens), int(threads) or None)))
