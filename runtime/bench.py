@@ -9,6 +9,7 @@ re-runs the prefill graph over the whole sequence).
     step p50 / p90     wall time from one decode step's start to the next one's
     overhead           share of decode wall time spent outside session.run
     peak RSS / weights VmHWM of the worker after load and generation, over model.onnx.data's size
+    (RSS-base)/weights the same, less the worker's RSS before loading (interpreter, onnxruntime)
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the table shows medians (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
     parser.add_argument("--no-recompute", action="store_true", help="skip the no-cache rows")
+    parser.add_argument("--compare-sharing", action="store_true",
+                        help="also measure each mode with one weights copy per session (prepacked, not shared)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per configuration instead of a table")
 
 
@@ -42,15 +45,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompt_tokens < 1 or args.new_tokens < 2 or args.rounds < 1:
         raise KvgraphError("--prompt-tokens must be >= 1, --new-tokens >= 2 and --rounds >= 1")
-    configs = []
+    configs: list[tuple[str, str]] = []
     for directory in args.directories:
         contract = Manifest.load(directory).contract  # fails early, naming the directory
         if contract.static and args.prompt_tokens + args.new_tokens > contract.max_length:
             raise KvgraphError(f"{directory}: --prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds "
                                f"its static cache of {contract.max_length} positions")
-        configs.append((directory, contract.cache))
-        if not args.no_recompute:
-            configs.append((directory, "no-cache"))
+        modes = [contract.cache] + ([] if args.no_recompute else ["no-cache"])
+        configs += [(directory, mode) for mode in modes]
+        if args.compare_sharing:
+            configs += [(directory, f"{mode}, unshared") for mode in modes]
     samples: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
     for round_ in range(args.rounds):
         for directory, mode in configs:
@@ -80,17 +84,20 @@ def summarize(directory: str, mode: str, runs: list[dict]) -> dict:
     def median(key: str) -> float:
         return statistics.median(run[key] for run in runs)
 
-    keys = ("prefill_ms", "decode_tok_s", "step_p50_ms", "step_p90_ms", "overhead", "peak_rss_mb", "rss_over_weights", "load_rss_mb")
+    keys = ("prefill_ms", "decode_tok_s", "step_p50_ms", "step_p90_ms", "overhead", "peak_rss_mb", "rss_over_weights", "load_rss_mb",
+            "baseline_rss_mb", "added_rss_over_weights")
     return {"directory": directory, "mode": mode, "rounds": len(runs), **{key: median(key) for key in keys},
             "weights_mb": runs[0]["weights_mb"], "tokens": runs[0]["tokens"]}
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("export", "mode", "prefill ms", "decode tok/s", "step p50 ms", "step p90 ms", "overhead", "peak RSS MB", "RSS/weights")
+    header = ("export", "mode", "prefill ms", "decode tok/s", "step p50 ms", "step p90 ms", "overhead", "peak RSS MB", "RSS/weights",
+              "(RSS-base)/weights")
     lines = [header]
     for r in rows:
         lines.append((Path(r["directory"]).name, r["mode"], f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['step_p50_ms']:.2f}",
-                      f"{r['step_p90_ms']:.2f}", f"{100 * r['overhead']:.1f} %", f"{r['peak_rss_mb']:.0f}", f"{r['rss_over_weights']:.2f}"))
+                      f"{r['step_p90_ms']:.2f}", f"{100 * r['overhead']:.1f} %", f"{r['peak_rss_mb']:.0f}", f"{r['rss_over_weights']:.2f}",
+                      f"{r['added_rss_over_weights']:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -138,7 +145,10 @@ class _RunTimer:
 def measure(directory: str, mode: str, prompt_tokens: int, new_tokens: int, threads: int | None) -> dict:
     from .generator import Generator
 
-    gen = Generator.load(directory, threads=threads)
+    baseline_rss, _ = _rss_mb()  # interpreter, numpy, onnxruntime, kvgraph.runtime
+    shared = not mode.endswith(", unshared")
+    mode = mode.removesuffix(", unshared")
+    gen = Generator.load(directory, threads=threads, share_weights=shared)
     gen.eos_ids = frozenset()  # always generate exactly new_tokens
     load_rss, _ = _rss_mb()
     ids = prompt_ids(gen.codec, gen.graphs.contract.vocab_size, prompt_tokens)
@@ -166,6 +176,8 @@ def measure(directory: str, mode: str, prompt_tokens: int, new_tokens: int, thre
         "peak_rss_mb": peak,
         "weights_mb": weights,
         "rss_over_weights": peak / weights,
+        "baseline_rss_mb": baseline_rss,
+        "added_rss_over_weights": (peak - baseline_rss) / weights,
     }
 
 
