@@ -251,3 +251,40 @@ def test_static_request_longer_than_the_buffers_is_refused_before_running(text_e
     with pytest.raises(KvgraphError, match=r"\(4 tokens\) \+ max_new_tokens \(93\) = 97 exceeds the static cache's 96 positions"):
         gen.generate([1, 40, 41, 42], max_new_tokens=93)
     assert calls == []
+
+
+def test_shared_weights_are_what_the_sessions_read(text_export, tmp_path):
+    """With shared weights every session reads the memory kvgraph mapped, not the graphs' own file."""
+    import numpy as np
+
+    directory = _copy_export(text_export[1], tmp_path / "copy")
+    index = json.loads((directory / "weights.json").read_text())
+    data = np.fromfile(directory / "model.onnx.data", dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for entry in index["tensors"]:  # a second weights file with every float tensor perturbed
+        if entry["dtype"] == "float32":  # (negating all would not do: the network is symmetric under it)
+            view = data[entry["offset"]: entry["offset"] + entry["length"]].view(np.float32)
+            view *= rng.uniform(0.0, 2.0, size=view.shape).astype(np.float32)
+    data.tofile(directory / "perturbed.data")
+    (directory / "weights.json").write_text(json.dumps({**index, "file": "perturbed.data"}))
+    prompt = [1, 40, 41, 42, 43]
+    original = Generator.load(text_export[1]).generate(prompt, max_new_tokens=8).token_ids
+    assert Generator.load(directory, share_weights=False).generate(prompt, max_new_tokens=8).token_ids == original
+    shared = Generator.load(directory)
+    assert shared.graphs.weights is not None
+    assert shared.generate(prompt, max_new_tokens=8).token_ids != original
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d, i: (d / "model.onnx.data").write_bytes((d / "model.onnx.data").read_bytes()[:-8]), "truncated or replaced"),
+    (lambda d, i: (d / "weights.json").write_text(json.dumps({**i, "file": "../model.onnx.data"})), "plain name"),
+    (lambda d, i: (d / "weights.json").write_text(json.dumps({**i, "tensors": [{"offset": 0}] + i["tensors"][1:]})), r"tensors\[0\] is malformed"),
+    (lambda d, i: (d / "weights.json").write_text(json.dumps({**i, "tensors": [{**i["tensors"][0], "offset": i["size"]}] + i["tensors"][1:]})),
+     r"tensors\[0\] .* does not fit"),
+    (lambda d, i: (d / "weights.json").write_text("{not json"), "cannot read the weights index"),
+])
+def test_bad_weights_index_is_refused(text_export, tmp_path, mutate, message):
+    directory = _copy_export(text_export[1], tmp_path / "copy")
+    mutate(directory, json.loads((directory / "weights.json").read_text()))
+    with pytest.raises(KvgraphError, match=message):
+        Generator.load(directory)
