@@ -54,8 +54,9 @@ class Generator:
         self.pad_id = tokens.pad_token_id if tokens.pad_token_id is not None else next(iter(tokens.eos_token_ids), 0)
 
     @classmethod
-    def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True) -> Generator:
-        graphs = load_graphs(directory, provider, threads, share_weights)
+    def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,
+             cuda_graph: bool = False) -> Generator:
+        graphs = load_graphs(directory, provider, threads, share_weights, cuda_graph)
         has_tokenizer = (Path(directory) / "tokenizer.json").is_file()
         return cls(graphs, TextCodec(Path(directory)) if has_tokenizer else None)
 
@@ -75,15 +76,18 @@ class Generator:
         """Yield text pieces as tokens arrive; their concatenation equals generate(...).text."""
         request = self._request(prompt, max_new_tokens, chat, stop)
         text = IncrementalText(self._need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
-        run, _ = self._start([request], Sampling(**sampling), use_cache)
-        for b, token in run:
-            if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
-                piece = text.push(token)
-                if piece:
-                    yield piece
+        with self.graphs.request_turn():
+            run, _ = self._start([request], Sampling(**sampling), use_cache)
+            for b, token in run:
+                if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
+                    piece = text.push(token)
+                    if piece:
+                        yield piece
         yield text.finish(run.rows[0].text)
 
     def chat(self, **sampling) -> Conversation:
+        if self.graphs.cuda_graph:
+            raise KvgraphError("a conversation keeps its cache between turns; with cuda_graph the buffers are pooled: load without it")
         return Conversation(self, Sampling(**sampling))
 
     # -- internals ---------------------------------------------------------------------------
@@ -106,8 +110,9 @@ class Generator:
         return Request(ids, max_new_tokens, tuple(stop))
 
     def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> list[GenerationResult]:
-        run, prefill_s = self._start(requests, sampling, use_cache)
-        run.run()
+        with self.graphs.request_turn():
+            run, prefill_s = self._start(requests, sampling, use_cache)
+            run.run()
         return [self._result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]
 
     def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> tuple[BatchRun, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,15 @@ class LoadedGraphs:
     threads: int | None
     provider_name: str
     weights: SharedWeights | None = None  # None: each session loads the weights file itself
+    cuda_graph: bool = False  # static decode captured as a CUDA graph: requests take turns on pooled buffers
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    pool: dict[int, object] = field(default_factory=dict)  # cuda_graph: batch size -> its StaticCache, reused
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _request_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def request_turn(self):
+        """Held for a whole request when requests share pooled buffers (cuda_graph); otherwise free."""
+        return self._request_lock if self.cuda_graph else contextlib.nullcontext()
 
     @property
     def contract(self) -> GraphContract:
@@ -76,9 +84,11 @@ class LoadedGraphs:
         return options
 
     def provider_options(self, graph: str) -> dict[str, str]:
-        # A static-cache decode step has the same shapes and buffers every step: on CUDA it is
+        # A static-cache decode step has the same shapes and buffers every step: on CUDA it can be
         # captured once as a CUDA graph and replayed (all its inputs are bound on the device).
-        if self.device.provider == "cuda" and self.contract.static and graph == "decode":
+        # Replays reuse the captured addresses, so the buffers are pooled per batch size and
+        # each batch size is its own graph (run option gpu_graph_id, see steps._StaticDecode).
+        if self.cuda_graph and graph == "decode":
             return {"enable_cuda_graph": "1"}
         return {}
 
@@ -96,18 +106,22 @@ class LoadedGraphs:
         return sessions
 
 
-def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True) -> LoadedGraphs:
+def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,
+                cuda_graph: bool = False) -> LoadedGraphs:
     """Read the manifest, open prefill and decode on the provider, and check them against the manifest.
 
     share_weights: map model.onnx.data once and give every session the same memory (needs the
     export's weights.json; exports without one load the weights per session).
+    cuda_graph: capture the static-cache decode step as a CUDA graph (provider "cuda" only).
     """
     directory = Path(directory)
     manifest = Manifest.load(directory)
+    if cuda_graph and (provider != "cuda" or not manifest.contract.static):
+        raise KvgraphError("cuda_graph needs provider 'cuda' and a static-cache export (kvgraph export --cache static)")
     provider_name = resolve_provider(provider)
     index = manifest.files.get("weights_index")
     weights = SharedWeights(directory, index) if share_weights and index else None
-    graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, weights)
+    graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, weights, cuda_graph)
     graphs.sessions.update(graphs._open_checked(list(EAGER)))
     return graphs
 

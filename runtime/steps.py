@@ -73,7 +73,7 @@ class StaticCache:
 def prefill(graphs: LoadedGraphs, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache | StaticCache]:
     # input_ids, attention_mask: (B, S) int64 -> logits (B, 1, V) (or (B, S, V)), cache of length S
     if graphs.contract.static:
-        return _static_write(graphs, StaticCache(graphs, input_ids.shape[0]), input_ids, attention_mask)
+        return _static_write(graphs, _new_static_cache(graphs, input_ids.shape[0]), input_ids, attention_mask)
     feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: prefill_position_ids(attention_mask)}
     return _run(graphs, "prefill", feeds, past=None)
 
@@ -116,6 +116,15 @@ def _run(graphs: LoadedGraphs, graph: str, feeds: dict[str, np.ndarray], past: K
     session.run_with_iobinding(binding)
     outputs = binding.get_outputs()
     return outputs[0].numpy(), KVCache(list(outputs[1:]), device)
+
+
+def _new_static_cache(graphs: LoadedGraphs, batch: int) -> StaticCache:
+    """A fresh cache; under cuda_graph the batch size's pooled one, rewound (its addresses were captured)."""
+    if not graphs.cuda_graph:
+        return StaticCache(graphs, batch)
+    if batch not in graphs.pool:
+        graphs.pool[batch] = StaticCache(graphs, batch)
+    return graphs.pool[batch].truncated(0)
 
 
 def _check_room(cache: StaticCache, new: int) -> None:
@@ -170,13 +179,16 @@ class _StaticDecode:
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, contract.vocab_size), np.dtype(contract.dtype).type,
                                                                 device.ort_type, device.index)
         self.binding.bind_ortvalue_output(LOGITS, self.logits)
+        self.run_options = ort.RunOptions()
+        if graphs.cuda_graph:  # one captured graph per batch size (ids start at 1; -1 means "no capture")
+            self.run_options.add_run_config_entry("gpu_graph_id", str(batch))
 
     def run(self, cache: StaticCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         self.inputs[INPUT_IDS].update_inplace(np.ascontiguousarray(tokens, dtype=np.int64))
         self.inputs[ATTENTION_MASK].update_inplace(cache.mask)
         self.inputs[POSITION_IDS].update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
         self.inputs[WRITE_INDICES].update_inplace(np.full(cache.mask.shape[0], cache.length, dtype=np.int64))
-        self.session.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.binding, self.run_options)
         return self.logits.numpy()
 
 

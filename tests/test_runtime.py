@@ -288,3 +288,10 @@ def test_bad_weights_index_is_refused(text_export, tmp_path, mutate, message):
     mutate(directory, json.loads((directory / "weights.json").read_text()))
     with pytest.raises(KvgraphError, match=message):
         Generator.load(directory)
+
+
+def test_cuda_graph_needs_cuda_and_a_static_export(text_export, text_export_static):
+    with pytest.raises(KvgraphError, match="cuda_graph needs provider 'cuda' and a static-cache export"):
+        Generator.load(text_export_static[1], cuda_graph=True)  # provider cpu
+    with pytest.raises(KvgraphError, match="cuda_graph needs provider 'cuda' and a static-cache export"):
+        Generator.load(text_export[1], provider="cuda", cuda_graph=True)
