@@ -13,7 +13,8 @@ import torch
 
 from ..graphs import GraphContract, KvgraphError, io_mismatches
 from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE
-from ..graphs.onnx_files import apply_shapes, read_io, store_embedding_transposed, strip_exporter_metadata, untie_transposed_copies
+from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, read_io, store_embedding_transposed,
+                                 strip_exporter_metadata, untie_transposed_copies)
 from .families import Family
 from .scatter import to_standard_tensor_scatter
 from .wrappers import DecodeStep, PrefillStep, StaticStep
@@ -127,6 +128,7 @@ def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphCo
     to_standard_tensor_scatter(proto)
     untie_transposed_copies(proto)  # once per trace: decode, a copy of extend, inherits it
     store_embedding_transposed(proto)  # no session folds a second (H, V) copy of a tied embedding
+    attend_grouped_heads_directly(proto)  # GQA: the Attention op reads Hkv heads, no per-step copy of the cache
     strip_exporter_metadata(proto)
     return proto
 

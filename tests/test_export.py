@@ -46,10 +46,13 @@ def test_graphs_use_standard_onnx_ops_only(export_cache, mode, opset):
         ops = {n.op_type for n in model.graph.node}
         assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= ops
         assert ("TensorScatter" in ops) == (mode == "static") and ("Concat" in ops or mode == "static")
+        producers = {out: n for n in model.graph.node for out in n.output}
         if mode == "static":  # each present is the TensorScatter of its past, so the buffer can be updated in place
-            producers = {out: n for n in model.graph.node for out in n.output}
             for past, present in zip(exported.contract.past_names(), exported.contract.present_names()):
                 assert producers[present].op_type == "TensorScatter" and producers[present].input[0] == past
+        # grouped-query attention (4 heads, 2 KV heads): the Attention op reads the cache itself, not an expanded copy
+        attention_kv = {name for n in model.graph.node if n.op_type == "Attention" for name in n.input[1:3]}
+        assert attention_kv == set(exported.contract.present_names())
 
 
 def test_manifest_is_complete_and_embedded_in_each_graph(export_cache):
