@@ -22,7 +22,7 @@ from .families import family_for
 from .load import Source, library_versions, load_source
 from .scatter import SCATTER_OPSET
 from .trace import IR_VERSION, OPSET, trace_graphs
-from .validate import DECODE_STEPS, validate_export
+from .validate import DECODE_STEPS, SOURCE_LENGTHS, validate_export, validate_seq2seq
 
 WEIGHTS_SLACK = 1.1  # the weights file may exceed the parameter bytes by at most 10 %
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
@@ -46,6 +46,7 @@ def export_model(
     validate: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
+    task: str | None = None,
     tokenizer: Any | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> ExportResult:
@@ -63,8 +64,13 @@ def export_model(
     source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     family = family_for(source.model.config.model_type)
     dims = ModelDims.from_hf(source.model.config)
+    _check_task(dims, task, source.description)
     _check_static_fits(dims, max_length)
-    contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length)
+    if dims.encoder_decoder:
+        _check_seq2seq_options(dims, cache, all_logits)
+    kind = "encoder-decoder" if dims.encoder_decoder else "decoder"
+    contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length,
+                             kind, dims.hidden_size if dims.encoder_decoder else None)
     mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -88,7 +94,10 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     log(f"wrote {', '.join(graph_file(name) for name in contract.graphs())} and {WEIGHTS_FILE} ({weights_bytes / 1e6:.1f} MB)")
     files = _copy_tokenizer(source, staging)
     rows: list[DiffRow] = []
-    if validate:
+    if validate and contract.seq2seq:
+        start = ModelDims.from_hf(source.model.config).decoder_start_token_id
+        rows = validate_seq2seq(staging, source.model, contract, start)
+    elif validate:
         rows = validate_export(staging, source.model, family, contract)
         log("validation against PyTorch (max |diff| per tensor and step):\n" + format_table(rows))
         if failures(rows):
@@ -113,9 +122,11 @@ def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[D
     info = ModelInfo(dims.family, type(source.model).__name__, source.description, dims.max_positions, parameter_bytes)
     validation = None
     if validated:
+        batch = (f"2 sources, lengths {SOURCE_LENGTHS[0]} and {SOURCE_LENGTHS[1]} (right-padded)" if contract.seq2seq
+                 else "2 rows, prompt lengths 7 and 4 (left-padded)")
         validation = {
             "passed": not failures(rows),
-            "batch": "2 rows, prompt lengths 7 and 4 (left-padded)",
+            "batch": batch,
             "decode_steps": DECODE_STEPS,
             "tolerance": TOLERANCES[contract.dtype],
             "rows": [row.to_json() for row in rows],
@@ -134,7 +145,9 @@ def _special_tokens(source: Source) -> SpecialTokens:
     pad = generation.pad_token_id if generation.pad_token_id is not None else getattr(config, "pad_token_id", None)
     if pad is None and source.tokenizer is not None:
         pad = source.tokenizer.pad_token_id
-    return SpecialTokens(bos, tuple(int(t) for t in eos_ids), pad)
+    start = getattr(generation, "decoder_start_token_id", None)
+    start = start if start is not None else getattr(config, "decoder_start_token_id", None)
+    return SpecialTokens(bos, tuple(int(t) for t in eos_ids), pad, start if config.is_encoder_decoder else None)
 
 
 def _copy_tokenizer(source: Source, staging: Path) -> dict[str, str]:
@@ -168,6 +181,27 @@ def _check_cache_options(cache: str, max_length: int | None) -> None:
             raise KvgraphError("--cache static needs --max-length N (prompt + new tokens the buffers hold)")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_STATIC_LENGTH:
             raise KvgraphError(f"--max-length must be an integer >= {MIN_STATIC_LENGTH}, got {max_length!r}")
+
+
+TASKS = {"text-generation": False, "text2text-generation": True}  # task -> is encoder-decoder
+
+
+def _check_task(dims: ModelDims, task: str | None, description: str) -> None:
+    if task is None:
+        return
+    if task not in TASKS:
+        raise KvgraphError(f"--task must be one of {sorted(TASKS)}, got {task!r}")
+    if TASKS[task] != dims.encoder_decoder:
+        kind = "an encoder-decoder (text2text-generation)" if dims.encoder_decoder else "a causal LM (text-generation)"
+        raise KvgraphError(f"{description}: --task {task} was asked for, but model type {dims.family!r} is {kind}")
+
+
+def _check_seq2seq_options(dims: ModelDims, cache: str, all_logits: bool) -> None:
+    if cache != "dynamic" or all_logits:
+        raise KvgraphError(f"model type {dims.family!r} is an encoder-decoder: --cache static and --all-logits are not available for it yet")
+    if dims.decoder_start_token_id is None:
+        raise KvgraphError(f"model type {dims.family!r}: the config has no decoder_start_token_id; the decoder cannot start "
+                           "(set it in config.json)")
 
 
 def _check_static_fits(dims: ModelDims, max_length: int | None) -> None:

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dynamic: K/V grow by one position a step; static: fixed buffers of --max-length positions, written in place")
     parser.add_argument("--max-length", type=int, default=None, metavar="N",
                         help="static cache: positions per row (prompt + new tokens); requests beyond it are refused")
+    parser.add_argument("--task", choices=("text-generation", "text2text-generation"), default=None,
+                        help="refuse a model of the other kind (default: take the kind from the config)")
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
@@ -39,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         force=args.force,
         trust_remote_code=args.trust_remote_code,
+        task=args.task,
         log=lambda message: print(message, file=sys.stderr),
     )
     print(f"exported to {result.directory} (see {result.directory / MANIFEST_NAME})")

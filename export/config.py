@@ -22,9 +22,14 @@ class ModelDims:
     vocab_size: int
     max_positions: int | None
     sliding_window: int | None = None  # attention window of (some) layers, when the config enables one
+    encoder_decoder: bool = False  # then the layer and head counts are the decoder's
+    hidden_size: int | None = None
+    decoder_start_token_id: int | None = None
 
     @classmethod
     def from_hf(cls, config) -> ModelDims:
+        if getattr(config, "is_encoder_decoder", False):
+            return cls._encoder_decoder(config)
         family = config.model_type
         normalized = _normalized(config)
         num_layers = _first(normalized, config, "num_layers", "num_hidden_layers", "n_layer")
@@ -39,6 +44,22 @@ class ModelDims:
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
         return cls(family, num_layers, num_heads, kv_heads, head_dim, vocab, max_positions, window)
+
+
+    @classmethod
+    def _encoder_decoder(cls, config) -> ModelDims:
+        family = config.model_type
+        normalized = _normalized(config)
+        layers = _first(normalized, config, "decoder_num_layers", "num_decoder_layers", "decoder_layers", "num_layers")
+        heads = _first(normalized, config, "decoder_num_attention_heads", "decoder_attention_heads", "num_heads")
+        hidden = _first(normalized, config, "hidden_size", "d_model")
+        vocab = _first(normalized, config, "vocab_size")
+        if None in (layers, heads, hidden, vocab):
+            raise KvgraphError(f"model type {family!r}: cannot read decoder layers, heads, hidden size or vocab from its config")
+        head_dim = getattr(config, "d_kv", None) or hidden // heads
+        max_positions = getattr(config, "max_position_embeddings", None)  # None for relative positions (T5)
+        start = getattr(config, "decoder_start_token_id", None)
+        return cls(family, layers, heads, heads, head_dim, vocab, max_positions, None, True, hidden, start)
 
 
 def _normalized(config):

@@ -23,14 +23,12 @@ _FAMILIES = {
     for name in ("gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 }
 
+_FAMILIES.update({name: Family(name, tested=True) for name in ("t5", "bart", "marian")})  # encoder-decoder (export/seq2seq.py)
+
 TESTED = tuple(_FAMILIES)
 
-# Model types the decoder-only path cannot handle, with the reason shown to the user.
-UNSUPPORTED = {
-    "t5": "encoder-decoder models are not supported by the decoder-only exporter yet",
-    "bart": "encoder-decoder models are not supported by the decoder-only exporter yet",
-    "marian": "encoder-decoder models are not supported by the decoder-only exporter yet",
-}
+# Model types kvgraph cannot handle, with the reason shown to the user.
+UNSUPPORTED: dict[str, str] = {}
 
 
 def family_for(model_type: str) -> Family:

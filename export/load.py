@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from ..graphs import KvgraphError
 from .families import UNSUPPORTED
@@ -27,7 +27,7 @@ class Source:
 
 
 def load_source(model_or_path: PreTrainedModel | str | os.PathLike, *, dtype: str, trust_remote_code: bool, tokenizer: Any | None = None) -> Source:
-    """Load (or accept) a causal LM in eval mode and in the requested dtype."""
+    """Load (or accept) a causal LM or an encoder-decoder in eval mode and in the requested dtype."""
     if dtype not in TORCH_DTYPES:
         raise KvgraphError(f"--dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
     if isinstance(model_or_path, PreTrainedModel):
@@ -43,9 +43,8 @@ def load_source(model_or_path: PreTrainedModel | str | os.PathLike, *, dtype: st
 
 def check_supported(config, description: str) -> None:
     model_type = getattr(config, "model_type", "?")
-    if model_type in UNSUPPORTED or getattr(config, "is_encoder_decoder", False):
-        reason = UNSUPPORTED.get(model_type, "encoder-decoder models are not supported by the decoder-only exporter yet")
-        raise KvgraphError(f"{description}: model type {model_type!r}: {reason}")
+    if model_type in UNSUPPORTED:
+        raise KvgraphError(f"{description}: model type {model_type!r}: {UNSUPPORTED[model_type]}")
 
 
 def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None) -> Source:
@@ -59,10 +58,13 @@ def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None) -> Sou
         raise KvgraphError(f"{name}: model path not found")
     config = _config(name, trust_remote_code)
     check_supported(config, name)
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        model = auto.from_pretrained(name, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except ValueError as exc:
-        raise KvgraphError(f"{name}: model type {config.model_type!r} has no causal-LM class in transformers: {_first_line(exc)}") from exc
+        kind = "sequence-to-sequence" if seq2seq else "causal-LM"
+        raise KvgraphError(f"{name}: model type {config.model_type!r} has no {kind} class in transformers: {_first_line(exc)}") from exc
     except OSError as exc:
         raise KvgraphError(f"{name}: cannot load the weights: {_first_line(exc)}") from exc
     if tokenizer is None:

@@ -17,6 +17,7 @@ from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, re
                                  strip_exporter_metadata, untie_transposed_copies)
 from .families import Family
 from .scatter import to_standard_tensor_scatter
+from .seq2seq import seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_steps
 from .wrappers import DecodeStep, PrefillStep, StaticStep
 
 OPSET = 23  # the exporter fuses RMSNormalization / RotaryEmbedding / Attention at exactly 23
@@ -38,7 +39,11 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
     measured as fast as a separately traced Q = 1 graph (SmolLM2: 45.5 ms vs 45.5 ms a step).
     """
     logits_to_keep = 0 if contract.all_logits else 1
-    if contract.static:
+    if contract.seq2seq:
+        examples = seq2seq_examples(model, contract)
+        graphs = {name: _export(step, examples[name], name, contract, seq2seq_dynamic_shapes(name, contract))
+                  for name, step in seq2seq_steps(model).items()}
+    elif contract.static:
         # one trace: Q tokens into the buffers; decode is the same graph with Q pinned to 1
         prefill = _export(StaticStep(model, family, logits_to_keep), _static_example(model, contract), "prefill", contract)
         graphs = {"prefill": prefill, "decode": copy.deepcopy(prefill)}
@@ -106,7 +111,7 @@ def _dynamic_shapes(graph: str, contract: GraphContract):
     return (new, {0: batch, 1: torch.export.Dim(PAST_PLUS_NEW.replace("+", "_plus_"))}, new, cache)
 
 
-def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphContract) -> onnx.ModelProto:
+def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphContract, dynamic_shapes=None) -> onnx.ModelProto:
     inputs, outputs = contract.graphs()[graph]
     model_type = step.model.config.model_type
     try:
@@ -118,7 +123,7 @@ def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphCo
                 opset_version=OPSET,
                 input_names=[spec.name for spec in inputs],
                 output_names=[spec.name for spec in outputs],
-                dynamic_shapes=_dynamic_shapes(graph, contract),
+                dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else _dynamic_shapes(graph, contract),
                 verbose=False,
             )
     except Exception as exc:  # torch.export / onnx translation raise many types; all mean "cannot trace"

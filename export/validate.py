@@ -13,10 +13,10 @@ import onnxruntime as ort
 import torch
 
 from ..graphs import GraphContract
-from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRITE_INDICES
-from ..graphs.conventions import extend_position_ids, left_pad, prefill_position_ids
+from ..graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, ENCODER_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRITE_INDICES
+from ..graphs.conventions import extend_position_ids, left_pad, prefill_position_ids, right_pad
 from ..graphs.manifest import graph_file
-from ..graphs.report import DiffRow, compare_step
+from ..graphs.report import DiffRow, compare, compare_step
 from .families import Family
 from .wrappers import DecodeStep, PrefillStep
 
@@ -126,3 +126,44 @@ class _TorchSteps:
         with torch.no_grad():
             outputs = step(*(torch.from_numpy(np.ascontiguousarray(x)) for x in (ids, mask, positions, *past)))
         return [t.contiguous().numpy() for t in outputs]
+
+
+SOURCE_LENGTHS = (7, 4)  # the second source is right-padded by 3
+
+
+def validate_seq2seq(directory: Path, model: torch.nn.Module, contract: GraphContract, start_token: int, steps: int = DECODE_STEPS) -> list[DiffRow]:
+    """Encoder, decoder prefill (self and cross K/V) and `steps` greedy decode steps against PyTorch."""
+    from .seq2seq import seq2seq_steps
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = {name: ort.InferenceSession(str(Path(directory) / graph_file(name)), options, providers=["CPUExecutionProvider"])
+                for name in contract.graphs()}
+    torch_steps = seq2seq_steps(model)
+
+    def both(graph: str, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        with torch.no_grad():
+            expected = torch_steps[graph](*(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()))
+        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        return sessions[graph].run(None, feeds), [t.contiguous().numpy() for t in expected]
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, contract.vocab_size, size=n).tolist() for n in SOURCE_LENGTHS]
+    source, mask = right_pad(rows, pad_id=0)
+    actual, expected = both("encoder", {INPUT_IDS: source, ATTENTION_MASK: mask})
+    report = [compare("encoder", 0, ENCODER_HIDDEN, actual[0][mask == 1], expected[0][mask == 1], contract.dtype)]
+    hidden = expected[0]  # both decoders read the same encoder output, so each graph is checked on its own
+    tokens = np.full((len(rows), 1), start_token, dtype=np.int64)
+    actual, expected = both("prefill", {INPUT_IDS: tokens, ENCODER_HIDDEN: hidden, ENCODER_MASK: mask})
+    names = [LOGITS, *contract.present_names(), *contract.cross_names()]
+    report += [compare("prefill", 0, n, a, e, contract.dtype) for n, a, e in zip(names, actual, expected)]
+    layers = 2 * contract.num_layers
+    cross = expected[1 + layers:]
+    past_actual, past_expected = actual[1: 1 + layers], expected[1: 1 + layers]
+    for step in range(1, steps + 1):
+        token = expected[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+        feeds = {INPUT_IDS: token, ENCODER_MASK: mask, **dict(zip(contract.past_names(), past_expected)), **dict(zip(contract.cross_names(), cross))}
+        actual, expected = both("decode", feeds)
+        report += [compare("decode", step, n, a, e, contract.dtype) for n, a, e in zip([LOGITS, *contract.present_names()], actual, expected)]
+        past_expected = expected[1:]
+    return report

@@ -25,10 +25,14 @@ ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
 WRITE_INDICES = "write_indices"  # static cache only: (B,) int64, where each row's new tokens land
+ENCODER_HIDDEN = "encoder_hidden_states"  # encoder-decoder only
+ENCODER_MASK = "encoder_attention_mask"
+ENCODER_SEQUENCE = "encoder_sequence"
 KV_KINDS = ("key", "value")
 
 DTYPES = ("float32", "float16")
 CACHE_MODES = ("dynamic", "static")
+KINDS = ("decoder", "encoder-decoder")
 MIN_STATIC_LENGTH = 16  # export validation writes 13 tokens
 
 
@@ -58,6 +62,8 @@ class GraphContract:
     all_logits: bool = False  # prefill returns logits for every position, not only the last
     cache: str = "dynamic"  # "static": fixed (B, Hkv, max_length, D) buffers, written in place
     max_length: int | None = None  # static only: N, the buffers' length (prompt + new tokens <= N)
+    kind: str = "decoder"  # "encoder-decoder": encoder.onnx too, and cross-attention K/V computed once
+    hidden_size: int | None = None  # encoder-decoder only: H of encoder_hidden_states (B, Se, H)
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
@@ -73,6 +79,19 @@ class GraphContract:
                 raise ValueError(f"GraphContract.max_length must be an integer >= {MIN_STATIC_LENGTH} for a static cache, got {self.max_length!r}")
         elif self.max_length is not None:
             raise ValueError(f"GraphContract.max_length is only for a static cache, got {self.max_length!r} with cache {self.cache!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"GraphContract.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.seq2seq:
+            if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size <= 0:
+                raise ValueError(f"GraphContract.hidden_size must be a positive integer for an encoder-decoder, got {self.hidden_size!r}")
+            if self.static or self.all_logits:
+                raise ValueError("GraphContract: an encoder-decoder export supports neither a static cache nor all_logits yet")
+        elif self.hidden_size is not None:
+            raise ValueError(f"GraphContract.hidden_size is only for an encoder-decoder, got {self.hidden_size!r}")
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.kind == "encoder-decoder"
 
     @property
     def static(self) -> bool:
@@ -93,6 +112,14 @@ class GraphContract:
         for layer in range(self.num_layers):
             for kind in KV_KINDS:
                 yield layer, kind
+
+    @staticmethod
+    def cross_name(layer: int, kind: str) -> str:
+        return f"cross.{layer}.{kind}"
+
+    def cross_names(self) -> list[str]:
+        """Encoder-decoder: cross-attention K/V, outputs of prefill and inputs of decode (never outputs of decode)."""
+        return [self.cross_name(layer, kind) for layer, kind in self.cache_slots()]
 
     def past_names(self) -> list[str]:
         return [self.past_name(layer, kind) for layer, kind in self.cache_slots()]
@@ -143,8 +170,24 @@ class GraphContract:
         logits = TensorSpec(LOGITS, self.dtype, (BATCH, logits_length, self.vocab_size))
         return inputs, [logits, *self._cache(self.present_names(), self.max_length)]
 
+    def _seq2seq_graphs(self) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
+        source = [TensorSpec(INPUT_IDS, "int64", (BATCH, ENCODER_SEQUENCE)), TensorSpec(ATTENTION_MASK, "int64", (BATCH, ENCODER_SEQUENCE))]
+        hidden = TensorSpec(ENCODER_HIDDEN, self.dtype, (BATCH, ENCODER_SEQUENCE, self.hidden_size))
+        encoder_mask = TensorSpec(ENCODER_MASK, "int64", (BATCH, ENCODER_SEQUENCE))
+        logits = TensorSpec(LOGITS, self.dtype, (BATCH, 1, self.vocab_size))
+        cross = self._cache(self.cross_names(), ENCODER_SEQUENCE)
+        return {
+            "encoder": (source, [hidden]),
+            "prefill": ([TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)), hidden, encoder_mask],
+                        [logits, *self._cache(self.present_names(), SEQUENCE), *cross]),
+            "decode": ([TensorSpec(INPUT_IDS, "int64", (BATCH, 1)), encoder_mask, *self._cache(self.past_names(), PAST), *cross],
+                       [logits, *self._cache(self.present_names(), PAST_PLUS_ONE)]),
+        }
+
     def graphs(self) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
         """Graph name -> (inputs, outputs), in the order the graphs declare them."""
+        if self.seq2seq:
+            return self._seq2seq_graphs()
         if self.static:
             return {
                 "prefill": self._static_graph(SEQUENCE, SEQUENCE if self.all_logits else 1),

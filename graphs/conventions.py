@@ -50,3 +50,13 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
         ids[b, width - len(row):] = row
         mask[b, width - len(row):] = 1
     return ids, mask
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder sources: (input_ids, attention_mask), both (B, max_len) int64, right-padded.
+
+    An encoder sees the whole source at once, so the padding side only decides the positions of
+    the real tokens: right padding keeps them at 0..len-1, as when the source runs alone.
+    """
+    ids, mask = left_pad([row[::-1] for row in rows], pad_id)
+    return np.ascontiguousarray(ids[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])

@@ -42,6 +42,7 @@ class SpecialTokens:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
+    decoder_start_token_id: int | None = None  # encoder-decoder: the decoder's first input
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,10 @@ def _special_tokens(reader: _Reader) -> SpecialTokens:
     eos = reader.get(list, "special_tokens", "eos_token_ids")
     if not all(isinstance(t, int) for t in eos):
         raise ManifestError(f"{reader.origin}: special_tokens.eos_token_ids must be a list of integers, got {eos!r}")
-    for key in ("bos_token_id", "pad_token_id"):
-        if tokens.get(key) is not None and not isinstance(tokens.get(key), int):
+    for key in ("bos_token_id", "pad_token_id", "decoder_start_token_id"):
+        if tokens.get(key) is not None and (not isinstance(tokens.get(key), int) or isinstance(tokens.get(key), bool)):
             raise ManifestError(f"{reader.origin}: special_tokens.{key} must be an integer or null")
-    return SpecialTokens(tokens.get("bos_token_id"), tuple(eos), tokens.get("pad_token_id"))
+    return SpecialTokens(tokens.get("bos_token_id"), tuple(eos), tokens.get("pad_token_id"), tokens.get("decoder_start_token_id"))
 
 
 class _Reader:

@@ -36,6 +36,31 @@ TINY_CONFIGS = {
 }
 
 
+# Encoder-decoder families (2 encoder and 2 decoder layers). BART/Marian: init_std 0.1; T5 scales its
+# own init by initializer_factor.
+SEQ2SEQ_CONFIGS = {
+    "t5": dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, initializer_factor=1.0, decoder_start_token_id=0, pad_token_id=0,
+               eos_token_id=1),
+    "bart": dict(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+                 init_std=0.1, bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+                 forced_eos_token_id=None),
+    "marian": dict(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+                   init_std=0.1, pad_token_id=127, eos_token_id=0, decoder_start_token_id=127, forced_eos_token_id=None),
+}
+
+
+def tiny_seq2seq(family: str, seed: int = 0, **overrides):
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **{**SEQ2SEQ_CONFIGS[family], **overrides})
+    return AutoModelForSeq2SeqLM.from_config(config).eval()
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -1,0 +1,112 @@
+"""Encoder-decoder models (T5, BART, Marian): three graphs around one decoder cache.
+
+    encoder(input_ids, attention_mask)                              -> encoder_hidden_states
+    prefill(input_ids, encoder_hidden_states, encoder_attention_mask) -> (logits, present.*, cross.*)
+    decode(input_ids, encoder_attention_mask, *past, *cross)        -> (logits, present.*)
+
+In the decoder, queries come from the decoder and the cross-attention keys/values from the
+encoder output: prefill computes them once (cross.{i}.key/value), and decode takes them as
+inputs only. Its transformers EncoderDecoderCache is built with the cross cache filled, which
+marks every cross layer as computed, so the traced decode graph never projects the encoder
+output again and does not even take it as an input.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from ..graphs import GraphContract
+from ..graphs.contract import BATCH, ENCODER_SEQUENCE, PAST, SEQUENCE
+
+_BATCH, _SOURCE, _TARGET, _PAST = 2, 7, 3, 5  # distinct and > 1: no dimension gets specialised
+
+
+class EncoderStep(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        # (B, Se), (B, Se) -> (B, Se, H)
+        return self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class _DecoderStep(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _run(self, input_ids, encoder_hidden_states, encoder_attention_mask, cache: EncoderDecoderCache):
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
+            attention_mask=encoder_attention_mask,
+            decoder_input_ids=input_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1:], out.past_key_values
+
+
+class Seq2SeqPrefill(_DecoderStep):
+    def forward(self, input_ids, encoder_hidden_states, encoder_attention_mask):
+        # (B, S), (B, Se, H), (B, Se) -> logits (B, 1, V), present (B, Hkv, S, D) each, cross (B, Hkv, Se, D) each
+        config = self.model.config
+        cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        logits, cache = self._run(input_ids, encoder_hidden_states, encoder_attention_mask, cache)
+        presents = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
+        cross = [t for layer in cache.cross_attention_cache.layers for t in (layer.keys, layer.values)]
+        return (logits, *presents, *cross)
+
+
+class Seq2SeqDecode(_DecoderStep):
+    def forward(self, input_ids, encoder_attention_mask, *caches):
+        # (B, 1), (B, Se), past (B, Hkv, P, D) x 2L, cross (B, Hkv, Se, D) x 2L -> logits (B, 1, V), present (B, Hkv, P+1, D)
+        layers = len(caches) // 4
+        past, cross = caches[: 2 * layers], caches[2 * layers:]
+        self_cache, cross_cache = DynamicCache(), DynamicCache()
+        for layer in range(layers):
+            self_cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            cross_cache.update(cross[2 * layer], cross[2 * layer + 1], layer)
+        cache = EncoderDecoderCache(self_cache, cross_cache)  # cross layers filled: marked as computed
+        batch, source = encoder_attention_mask.shape
+        unused = torch.zeros(batch, source, self.model.config.d_model, dtype=cross[0].dtype)  # cross K/V come from the cache
+        logits, cache = self._run(input_ids, unused, encoder_attention_mask, cache)
+        presents = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
+        return (logits, *presents)
+
+
+def seq2seq_steps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {"encoder": EncoderStep(model), "prefill": Seq2SeqPrefill(model), "decode": Seq2SeqDecode(model)}
+
+
+def seq2seq_examples(model: torch.nn.Module, contract: GraphContract) -> dict[str, tuple]:
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(3)
+    source = torch.randint(3, contract.vocab_size, (_BATCH, _SOURCE), generator=generator)
+    mask = torch.ones(_BATCH, _SOURCE, dtype=torch.int64)
+    mask[1, -2:] = 0  # a right-padded source row
+    hidden = torch.randn(_BATCH, _SOURCE, contract.hidden_size, generator=generator).to(dtype)
+    target = torch.randint(3, contract.vocab_size, (_BATCH, _TARGET), generator=generator)
+    shape = (_BATCH, contract.num_kv_heads, _PAST, contract.head_dim)
+    cross_shape = (_BATCH, contract.num_kv_heads, _SOURCE, contract.head_dim)
+    past = tuple(torch.randn(shape, generator=generator).to(dtype) for _ in contract.cache_slots())
+    cross = tuple(torch.randn(cross_shape, generator=generator).to(dtype) for _ in contract.cache_slots())
+    return {
+        "encoder": (source, mask),
+        "prefill": (target, hidden, mask),
+        "decode": (target[:, :1], mask, *past, *cross),
+    }
+
+
+def seq2seq_dynamic_shapes(graph: str, contract: GraphContract):
+    batch, source = torch.export.Dim(BATCH), torch.export.Dim(ENCODER_SEQUENCE)
+    encoder_side = {0: batch, 1: source}
+    if graph == "encoder":
+        return (encoder_side, encoder_side)
+    if graph == "prefill":
+        return ({0: batch, 1: torch.export.Dim(SEQUENCE)}, {0: batch, 1: source}, encoder_side)
+    past = tuple({0: batch, 2: torch.export.Dim(PAST)} for _ in contract.cache_slots())
+    cross = tuple({0: batch, 2: source} for _ in contract.cache_slots())
+    return ({0: batch}, encoder_side, (*past, *cross))  # *caches: one tuple
