@@ -15,9 +15,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..graphs import KvgraphError
-from ..graphs.conventions import left_pad
+from ..graphs.conventions import left_pad, right_pad
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
+from .seq2seq import Seq2SeqSteps
 from .session import LoadedGraphs, load_graphs
 from .steps import KVCache, decode_one, extend, prefill
 from .text import IncrementalText, TextCodec
@@ -86,6 +87,8 @@ class Generator:
         yield text.finish(run.rows[0].text)
 
     def chat(self, **sampling) -> Conversation:
+        if self.graphs.contract.seq2seq:
+            raise KvgraphError(f"{self.graphs.directory}: an encoder-decoder export translates or rewrites a source; it has no chat turns")
         if self.graphs.cuda_graph:
             raise KvgraphError("a conversation keeps its cache between turns; with cuda_graph the buffers are pooled: load without it")
         return Conversation(self, Sampling(**sampling))
@@ -118,10 +121,16 @@ class Generator:
     def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> tuple[BatchRun, float]:
         """Check the requests, run the prefill; the returned BatchRun generates when iterated."""
         self._check(requests)
-        ids, mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
-        stepper = _CachedSteps(self.graphs) if use_cache else _RecomputeSteps(self.graphs)
+        if self.graphs.contract.seq2seq:  # sources right-padded; the decoder side starts unpadded
+            ids, mask = right_pad([r.prompt_ids for r in requests], self.pad_id)
+            stepper = Seq2SeqSteps(self.graphs, self.graphs.manifest.special_tokens.decoder_start_token_id, use_cache)
+        else:
+            ids, mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
+            stepper = _CachedSteps(self.graphs) if use_cache else _RecomputeSteps(self.graphs)
         start = time.perf_counter()
         logits = stepper.first(ids, mask)
+        if self.graphs.contract.seq2seq:
+            mask = np.ones((len(requests), 1), dtype=np.int64)  # the decoder's own tokens
         return BatchRun(requests, logits, mask, stepper.next, sampling, self), time.perf_counter() - start
 
     def _check(self, requests: list[Request]) -> None:
@@ -135,6 +144,9 @@ class Generator:
             bad = [t for t in request.prompt_ids if not 0 <= t < contract.vocab_size]
             if bad:
                 raise KvgraphError(f"token id {bad[0]} is outside the vocabulary [0, {contract.vocab_size})")
+            if contract.seq2seq:
+                self._check_seq2seq(request, max_positions)
+                continue
             total = len(request.prompt_ids) + request.max_new_tokens
             if contract.static and total > contract.max_length:
                 raise KvgraphError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
@@ -142,6 +154,14 @@ class Generator:
             if max_positions and total > max_positions:
                 raise KvgraphError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
                                    f"exceeds the model's max positions ({max_positions})")
+
+    @staticmethod
+    def _check_seq2seq(request: Request, max_positions: int | None) -> None:
+        # encoder and decoder each have their own positions (none at all with relative attention, as in T5)
+        if max_positions and len(request.prompt_ids) > max_positions:
+            raise KvgraphError(f"the source ({len(request.prompt_ids)} tokens) exceeds the encoder's max positions ({max_positions})")
+        if max_positions and request.max_new_tokens + 1 > max_positions:
+            raise KvgraphError(f"max_new_tokens ({request.max_new_tokens}) + the start token exceeds the decoder's max positions ({max_positions})")
 
     def text_of(self, token_ids: list[int]) -> str:
         return self.codec.decode(token_ids) if self.codec is not None else ""

@@ -122,7 +122,8 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     index = manifest.files.get("weights_index")
     weights = SharedWeights(directory, index) if share_weights and index else None
     graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, weights, cuda_graph)
-    graphs.sessions.update(graphs._open_checked(list(EAGER)))
+    eager = [*EAGER, "encoder"] if manifest.contract.seq2seq else list(EAGER)
+    graphs.sessions.update(graphs._open_checked(eager))
     return graphs
 
 
