@@ -1,0 +1,216 @@
+"""Encoder-decoder parity: t5, bart and marian graphs against PyTorch, and the runtime around them.
+
+The oracle is the Hugging Face model itself (its encoder, and its forward with an
+EncoderDecoderCache), never kvgraph's export wrappers. fp32 tolerance as everywhere: 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from families import SEQ2SEQ_CONFIGS, tiny_seq2seq
+from kvgraph.export import export_model
+from kvgraph.graphs import KvgraphError
+from kvgraph.graphs.conventions import right_pad
+from kvgraph.graphs.report import compare, failures, format_table
+from kvgraph.runtime import Generator
+from kvgraph.runtime.cli import main
+
+DECODE_STEPS = 8
+SOURCES = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
+
+
+@pytest.fixture(scope="module")
+def seq2seq_exports(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model = tiny_seq2seq(family)
+            out = tmp_path_factory.mktemp("seq2seq") / family
+            cache[family] = (model, out, export_model(model, out).manifest)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=sorted(SEQ2SEQ_CONFIGS))
+def seq2seq(request, seq2seq_exports):
+    return seq2seq_exports(request.param)
+
+
+class Sessions:
+    """The three graphs in onnxruntime, fed by contract names (numpy in and out)."""
+
+    def __init__(self, directory, contract):
+        self.contract = contract
+        self.sessions = {name: ort.InferenceSession(str(directory / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+                         for name in ("encoder", "prefill", "decode")}
+
+    def encoder(self, ids, mask):
+        return self.sessions["encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+    def prefill(self, tokens, hidden, mask):
+        return self.sessions["prefill"].run(None, {"input_ids": tokens, "encoder_hidden_states": hidden, "encoder_attention_mask": mask})
+
+    def decode(self, tokens, mask, past, cross):
+        feeds = {"input_ids": tokens, "encoder_attention_mask": mask, **dict(zip(self.contract.past_names(), past)),
+                 **dict(zip(self.contract.cross_names(), cross))}
+        return self.sessions["decode"].run(None, feeds)
+
+
+def torch_encoder(model, ids, mask):
+    with torch.no_grad():
+        return model.get_encoder()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+
+
+def torch_decoder(model, tokens, hidden, mask, cache=None):
+    """Hugging Face forward with an EncoderDecoderCache: [logits (B, 1, V), self K/V..., cross K/V...] and the cache."""
+    cache = cache if cache is not None else EncoderDecoderCache(DynamicCache(), DynamicCache())
+    with torch.no_grad():
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=torch.from_numpy(hidden)), attention_mask=torch.from_numpy(mask),
+                    decoder_input_ids=torch.from_numpy(tokens), past_key_values=cache, use_cache=True)
+    self_kv = [t.numpy() for layer in out.past_key_values.self_attention_cache.layers for t in (layer.keys, layer.values)]
+    cross_kv = [t.numpy() for layer in out.past_key_values.cross_attention_cache.layers for t in (layer.keys, layer.values)]
+    return [out.logits[:, -1:].numpy(), *self_kv, *cross_kv], out.past_key_values
+
+
+def _start(model, batch):
+    return np.full((batch, 1), model.config.decoder_start_token_id, dtype=np.int64)
+
+
+def test_encoder_prefill_and_cross_kv_match_pytorch(seq2seq):
+    model, directory, manifest = seq2seq
+    contract = manifest.contract
+    graphs = Sessions(directory, contract)
+    ids, mask = right_pad(SOURCES, pad_id=model.config.pad_token_id)
+    hidden, expected_hidden = graphs.encoder(ids, mask), torch_encoder(model, ids, mask)
+    rows = [compare("encoder", 0, "encoder_hidden_states", hidden[mask == 1], expected_hidden[mask == 1], "float32")]
+    actual = graphs.prefill(_start(model, len(SOURCES)), expected_hidden, mask)
+    expected, _ = torch_decoder(model, _start(model, len(SOURCES)), expected_hidden, mask)
+    names = ["logits", *contract.present_names(), *contract.cross_names()]
+    assert [a.shape for a in actual] == [e.shape for e in expected] and len(names) == len(actual)
+    rows += [compare("prefill", 0, n, a, e, "float32") for n, a, e in zip(names, actual, expected)]
+    assert not failures(rows), format_table(rows)
+
+
+def test_decode_steps_match_pytorch(seq2seq):
+    model, directory, manifest = seq2seq
+    contract = manifest.contract
+    graphs = Sessions(directory, contract)
+    ids, mask = right_pad(SOURCES, pad_id=model.config.pad_token_id)
+    hidden = torch_encoder(model, ids, mask)
+    layers = 2 * contract.num_layers
+    actual = graphs.prefill(_start(model, len(SOURCES)), hidden, mask)
+    expected, cache = torch_decoder(model, _start(model, len(SOURCES)), hidden, mask)
+    cross = actual[1 + layers:]  # computed once, by prefill; decode only reads them
+    rows = []
+    for step in range(1, DECODE_STEPS + 1):
+        token = expected[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+        actual = graphs.decode(token, mask, actual[1: 1 + layers], cross)
+        expected, cache = torch_decoder(model, token, hidden, mask, cache)
+        assert len(actual) == 1 + layers and actual[1].shape[2] == 1 + step  # no cross K/V among the outputs
+        rows += [compare("decode", step, n, a, e, "float32") for n, a, e in zip(["logits", *contract.present_names()], actual, expected)]
+    assert not failures(rows), format_table(rows)
+
+
+def test_greedy_tokens_equal_transformers_generate_and_batch_equals_alone(seq2seq):
+    model, directory, _ = seq2seq
+    gen = Generator.load(directory)
+    gen.eos_ids = frozenset()  # 12 tokens every time (the tiny models' eos would cut rows short)
+    model.generation_config.eos_token_id = None
+    batch = [r.token_ids for r in gen.generate(SOURCES, max_new_tokens=12)]
+    alone = [gen.generate(s, max_new_tokens=12).token_ids for s in SOURCES]
+    recomputed = [r.token_ids for r in gen.generate(SOURCES, max_new_tokens=12, use_cache=False)]
+    theirs = []
+    for source in SOURCES:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([source]), attention_mask=torch.ones(1, len(source), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=12, pad_token_id=model.config.pad_token_id)
+        theirs.append(out[0, 1:].tolist())  # generate's output starts with the decoder start token
+    assert batch == alone == recomputed == theirs
+    assert len({tuple(t) for t in theirs}) > 1  # the sources lead to different outputs
+
+
+def test_padded_batch_graph_outputs_equal_each_source_alone(seq2seq):
+    model, directory, manifest = seq2seq
+    contract = manifest.contract
+    graphs = Sessions(directory, contract)
+    ids, mask = right_pad(SOURCES, pad_id=model.config.pad_token_id)
+    batch = graphs.prefill(_start(model, 3), graphs.encoder(ids, mask), mask)
+    rows = []
+    for b, source in enumerate(SOURCES):
+        ids1, mask1 = right_pad([source], pad_id=model.config.pad_token_id)
+        alone = graphs.prefill(_start(model, 1), graphs.encoder(ids1, mask1), mask1)
+        rows.append(compare("row", 0, f"row {b} logits", batch[0][b: b + 1], alone[0], "float32"))
+        width = len(source)  # cross K/V: the row's real source positions
+        rows += [compare("row", 0, f"row {b} cross", c[b: b + 1, :, :width], a[..., :width, :], "float32")
+                 for c, a in zip(batch[1 + 2 * contract.num_layers:], alone[1 + 2 * contract.num_layers:])]
+    assert not failures(rows), format_table(rows)
+
+
+def test_decode_never_recomputes_cross_attention_kv(seq2seq):
+    """Cross K/V are decode inputs: its cost is independent of how often they are reused.
+
+    The decode graph has no encoder_hidden_states input, every cross.* input goes straight into
+    an Attention op, it returns no cross K/V, and it has exactly 2 weight MatMuls per layer fewer
+    than prefill: the cross-attention key and value projections, which run once per source.
+    """
+    model, directory, manifest = seq2seq
+    contract = manifest.contract
+    decode = onnx.load(str(directory / "decode.onnx"), load_external_data=False)
+    prefill = onnx.load(str(directory / "prefill.onnx"), load_external_data=False)
+    assert "encoder_hidden_states" not in {i.name for i in decode.graph.input}
+    assert not any(o.name.startswith("cross.") for o in decode.graph.output)
+    readers = {n.op_type for n in decode.graph.node for i in n.input if i.startswith("cross.")}
+    assert readers <= {"Attention", "Shape"} and "Attention" in readers
+
+    def weight_matmuls(graph):
+        weights = {t.name for t in graph.graph.initializer}
+        return sum(1 for n in graph.graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input))
+
+    assert weight_matmuls(prefill) - weight_matmuls(decode) == 2 * contract.num_layers
+
+
+def test_seq2seq_manifest_inspect_and_cli(seq2seq_exports, capsys):
+    model, directory, manifest = seq2seq_exports("t5")
+    assert sorted(manifest.contract.graphs()) == ["decode", "encoder", "prefill"]
+    assert manifest.special_tokens.decoder_start_token_id == model.config.decoder_start_token_id
+    assert main(["inspect", str(directory)]) == 0
+    shown = capsys.readouterr().out
+    assert "encoder.onnx" in shown and "cross.0.key" in shown
+    assert main(["generate", str(directory), "--prompt", "x", "--max-new-tokens", "4", "--json"]) == 1  # no tokenizer: ids only
+    gen = Generator.load(directory)
+    assert len(gen.generate([5, 6, 7], max_new_tokens=4).token_ids) <= 4
+    with pytest.raises(KvgraphError, match="no chat turns"):
+        gen.chat()
+
+
+def test_seq2seq_bad_input(seq2seq_exports, tmp_path):
+    model, directory, _ = seq2seq_exports("bart")  # max positions 64
+    gen = Generator.load(directory)
+    with pytest.raises(KvgraphError, match=r"the source \(70 tokens\) exceeds the encoder's max positions \(64\)"):
+        gen.generate([5] * 70, max_new_tokens=4)
+    with pytest.raises(KvgraphError, match="--task text-generation was asked for, but model type 'bart' is an encoder-decoder"):
+        export_model(model, tmp_path / "a", task="text-generation")
+    with pytest.raises(KvgraphError, match="--task text2text-generation was asked for, but model type 'llama' is a causal LM"):
+        from families import tiny_model
+
+        export_model(tiny_model("llama"), tmp_path / "b", task="text2text-generation")
+    startless = tiny_seq2seq("bart")
+    startless.config.decoder_start_token_id = None
+    with pytest.raises(KvgraphError, match="no decoder_start_token_id"):
+        export_model(startless, tmp_path / "c")
+    with pytest.raises(KvgraphError, match="encoder-decoder: --cache static and --all-logits are not available"):
+        export_model(model, tmp_path / "d", cache="static", max_length=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    data = json.loads((directory / "kvgraph.json").read_text())
+    assert data["contract"]["kind"] == "encoder-decoder" and data["contract"]["hidden_size"] == 64
