@@ -51,7 +51,7 @@ def _run(capsys, *argv):
 
 def test_export_from_a_directory_copies_tokenizer_and_generation_config(cli_export):
     names = {p.name for p in cli_export.iterdir()}
-    assert {"prefill.onnx", "decode.onnx", "extend.onnx", "model.onnx.data", "kvgraph.json", "tokenizer.json",
+    assert {"prefill.onnx", "decode.onnx", "extend.onnx", "model.onnx.data", "weights.json", "kvgraph.json", "tokenizer.json",
             "tokenizer_config.json", "generation_config.json", "chat_template.jinja"} == names
     manifest = json.loads((cli_export / "kvgraph.json").read_text())
     assert manifest["files"]["tokenizer"] == "tokenizer.json"
@@ -101,12 +101,13 @@ def test_directory_without_config(tmp_path, capsys):
     assert code == 1 and "no readable config.json" in err
 
 
-def test_unsupported_family_is_named(tmp_path, capsys):
-    from transformers import T5Config
+def test_family_without_a_text_generation_class_is_named(tmp_path, capsys):
+    from transformers import ViTConfig
 
-    T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(tmp_path / "t5")
-    code, _, err = _run(capsys, "export", tmp_path / "t5", tmp_path / "out")
-    assert code == 1 and "model type 't5'" in err and "encoder-decoder" in err
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "vit")
+    code, _, err = _run(capsys, "export", tmp_path / "vit", tmp_path / "out")
+    assert code == 1 and "model type 'vit' has no causal-LM class in transformers" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_remote_code_is_refused_without_the_flag(model_dir, tmp_path, capsys):

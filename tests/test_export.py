@@ -60,7 +60,7 @@ def test_manifest_is_complete_and_embedded_in_each_graph(export_cache):
     text = (exported.directory / "kvgraph.json").read_text()
     data = json.loads(text)
     assert data["model"]["family"] == "llama" and data["contract"]["num_kv_heads"] == 2
-    assert data["special_tokens"] == {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 0}
+    assert data["special_tokens"] == {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 0, "decoder_start_token_id": None}
     assert data["model"]["max_positions"] == 128 and data["opset"] == 23
     assert {"torch", "transformers", "onnx"} <= set(data["versions"])
     validation = data["validation"]
@@ -138,12 +138,13 @@ def test_model_that_cannot_trace_names_type_and_step(tmp_path):
     assert _no_leftovers(tmp_path, "out") == []
 
 
-def test_in_memory_encoder_decoder_is_refused(tmp_path):
-    from transformers import T5Config, T5ForConditionalGeneration
+def test_encoder_decoder_directory_loads_as_seq2seq(tmp_path):
+    from families import tiny_seq2seq
 
-    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16))
-    with pytest.raises(KvgraphError, match="model type 't5'"):
-        export_model(model, tmp_path / "out")
+    tiny_seq2seq("marian").save_pretrained(tmp_path / "hf")
+    result = export_model(tmp_path / "hf", tmp_path / "out", task="text2text-generation")
+    assert result.manifest.contract.kind == "encoder-decoder" and result.manifest.model.architecture == "MarianMTModel"
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.onnx")) == ["decode.onnx", "encoder.onnx", "prefill.onnx"]
 
 
 def test_manifest_loads_back(export_cache):
