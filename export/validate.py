@@ -159,7 +159,7 @@ def validate_seq2seq(directory: Path, model: torch.nn.Module, contract: GraphCon
     report += [compare("prefill", 0, n, a, e, contract.dtype) for n, a, e in zip(names, actual, expected)]
     layers = 2 * contract.num_layers
     cross = expected[1 + layers:]
-    past_actual, past_expected = actual[1: 1 + layers], expected[1: 1 + layers]
+    past_expected = expected[1: 1 + layers]  # both sides decode from the same past: each step is checked on its own
     for step in range(1, steps + 1):
         token = expected[0][:, -1].argmax(-1)[:, None].astype(np.int64)
         feeds = {INPUT_IDS: token, ENCODER_MASK: mask, **dict(zip(contract.past_names(), past_expected)), **dict(zip(contract.cross_names(), cross))}

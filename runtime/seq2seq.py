@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, ENCODER_MASK, INPUT_IDS, LOGITS
-from .session import Device, LoadedGraphs
+from .session import LoadedGraphs
 from .steps import KVCache
 
 
@@ -43,42 +43,37 @@ def encode(graphs: LoadedGraphs, source_ids: np.ndarray, source_mask: np.ndarray
 
 def prefill(graphs: LoadedGraphs, tokens: np.ndarray, hidden: ort.OrtValue, source_mask: np.ndarray) -> tuple[np.ndarray, Seq2SeqCache]:
     # tokens (B, S): the decoder start token (and any forced prefix) -> logits (B, 1, V), self K/V of length S, cross K/V
-    contract, device = graphs.contract, graphs.device
-    session = graphs.session("prefill")
-    binding = session.io_binding()
-    ids, mask = np.ascontiguousarray(tokens, dtype=np.int64), np.ascontiguousarray(source_mask, dtype=np.int64)
-    binding.bind_cpu_input(INPUT_IDS, ids)
-    binding.bind_ortvalue_input(ENCODER_HIDDEN, hidden)
-    binding.bind_cpu_input(ENCODER_MASK, mask)
-    _bind_outputs(binding, [*contract.present_names(), *contract.cross_names()], device)
-    session.run_with_iobinding(binding)
-    logits, *caches = binding.get_outputs()
+    contract = graphs.contract
+    host = {INPUT_IDS: tokens, ENCODER_MASK: source_mask}
+    logits, caches = _run(graphs, "prefill", host, {ENCODER_HIDDEN: hidden}, [*contract.present_names(), *contract.cross_names()])
     layers = len(contract.present_names())
-    return logits.numpy(), Seq2SeqCache(KVCache(caches[:layers], device), caches[layers:])
+    return logits, Seq2SeqCache(KVCache(caches[:layers], graphs.device), caches[layers:])
 
 
 def decode_one(graphs: LoadedGraphs, cache: Seq2SeqCache, tokens: np.ndarray, source_mask: np.ndarray) -> tuple[np.ndarray, Seq2SeqCache]:
     # tokens (B, 1) -> logits (B, 1, V), self K/V grown by one; the cross K/V are bound as they are
-    contract, device = graphs.contract, graphs.device
-    session = graphs.session("decode")
+    contract = graphs.contract
+    on_device = {**dict(zip(contract.past_names(), cache.self_attention.values)), **dict(zip(contract.cross_names(), cache.cross))}
+    logits, presents = _run(graphs, "decode", {INPUT_IDS: tokens, ENCODER_MASK: source_mask}, on_device, contract.present_names())
+    return logits, Seq2SeqCache(KVCache(presents, graphs.device), cache.cross)
+
+
+def _run(graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], on_device: dict[str, ort.OrtValue],
+         outputs: list[str]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+    """One run: int64 host inputs, device OrtValue inputs; logits to the host, `outputs` left on the device."""
+    session = graphs.session(graph)
     binding = session.io_binding()
-    ids, mask = np.ascontiguousarray(tokens, dtype=np.int64), np.ascontiguousarray(source_mask, dtype=np.int64)
-    binding.bind_cpu_input(INPUT_IDS, ids)
-    binding.bind_cpu_input(ENCODER_MASK, mask)
-    for name, value in zip(contract.past_names(), cache.self_attention.values):
+    arrays = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in host.items()}  # alive until run
+    for name, array in arrays.items():
+        binding.bind_cpu_input(name, array)
+    for name, value in on_device.items():
         binding.bind_ortvalue_input(name, value)
-    for name, value in zip(contract.cross_names(), cache.cross):
-        binding.bind_ortvalue_input(name, value)
-    _bind_outputs(binding, contract.present_names(), device)
-    session.run_with_iobinding(binding)
-    logits, *presents = binding.get_outputs()
-    return logits.numpy(), Seq2SeqCache(KVCache(presents, device), cache.cross)
-
-
-def _bind_outputs(binding: ort.IOBinding, names: list[str], device: Device) -> None:
     binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order; sampling runs on the host
-    for name in names:
-        binding.bind_output(name, device.ort_type, device.index)
+    for name in outputs:
+        binding.bind_output(name, graphs.device.ort_type, graphs.device.index)
+    session.run_with_iobinding(binding)
+    logits, *rest = binding.get_outputs()
+    return logits.numpy(), rest
 
 
 class Seq2SeqSteps:
