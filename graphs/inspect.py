@@ -33,6 +33,7 @@ def describe(manifest: Manifest, sizes: dict[str, int]) -> str:
         f"model        {m.family} ({m.architecture}) from {m.source}",
         f"shape        {c.num_layers} layers, {c.num_kv_heads} KV heads, head dim {c.head_dim}, vocab {c.vocab_size}, {c.dtype}",
         f"positions    max {m.max_positions}; cache {c.cache_bytes_per_token()} bytes per token per row",
+        f"cache        {_cache_line(c)}",
         f"tokens       bos {t.bos_token_id}, eos {list(t.eos_token_ids)}, pad {t.pad_token_id}",
         f"onnx         opset {manifest.opset}, IR {manifest.ir_version}; " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()),
         "",
@@ -47,15 +48,26 @@ def describe(manifest: Manifest, sizes: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def _cache_line(c) -> str:
+    kind = "encoder-decoder: self-attention " if c.seq2seq else ""
+    if c.static:
+        return f"{kind}static, buffers of {c.max_length} positions per row ({c.max_length * c.cache_bytes_per_token() / 1e6:.1f} MB per row)"
+    cross = "; cross-attention K/V computed once per source by prefill, decode inputs only" if c.seq2seq else ""
+    return f"{kind}dynamic, grows by one position per decode step{cross}"
+
+
 def _folded(specs):
-    """Show layer 0's cache tensors and elide the rest ("... 2N tensors like it")."""
-    cache = [s for s in specs if s.name.startswith(("past.", "present."))]
-    head = [s for s in specs if s not in cache]
-    if len(cache) <= 4:
-        return specs
-    shown = cache[:2]
-    rest = type(shown[0])(f"... {len(cache) - 2} more", shown[0].dtype, shown[0].shape)
-    return head + shown + [rest]
+    """Show layer 0's cache tensors of each kind and elide the rest ("... N more")."""
+    out, kinds = [], {}
+    for spec in specs:
+        prefix = spec.name.split(".")[0]
+        if prefix in ("past", "present", "cross"):
+            kinds.setdefault(prefix, []).append(spec)
+        else:
+            out.append(spec)
+    for group in kinds.values():
+        out += group if len(group) <= 4 else [*group[:2], type(group[0])(f"... {len(group) - 2} more", group[0].dtype, group[0].shape)]
+    return out
 
 
 def _validation_line(validation) -> str:
@@ -63,4 +75,6 @@ def _validation_line(validation) -> str:
         return "validation   skipped (--no-validate)"
     worst = max((row["max_abs_diff"] for row in validation["rows"]), default=0.0)
     verdict = "passed" if validation["passed"] else "FAILED"
-    return f"validation   {verdict}: {len(validation['rows'])} tensors over prefill + {validation['decode_steps']} decode steps + extend, worst max |diff| {worst:.2e}"
+    graphs = sorted({row["graph"] for row in validation["rows"]})
+    return (f"validation   {verdict}: {len(validation['rows'])} tensor checks over {', '.join(graphs)} "
+            f"({validation['decode_steps']} decode steps), worst max |diff| {worst:.2e}")
