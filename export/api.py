@@ -94,7 +94,7 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     log(f"wrote {', '.join(graph_file(name) for name in contract.graphs())} and {WEIGHTS_FILE} ({weights_bytes / 1e6:.1f} MB)")
     files = _copy_tokenizer(source, staging)
     rows: list[DiffRow] = []
-    if validate and contract.seq2seq:
+    if validate and contract.seq2seq:  # static or dynamic, against the dynamic PyTorch steps
         start = ModelDims.from_hf(source.model.config).decoder_start_token_id
         rows = validate_seq2seq(staging, source.model, contract, start)
     elif validate:
@@ -197,8 +197,8 @@ def _check_task(dims: ModelDims, task: str | None, description: str) -> None:
 
 
 def _check_seq2seq_options(dims: ModelDims, cache: str, all_logits: bool) -> None:
-    if cache != "dynamic" or all_logits:
-        raise KvgraphError(f"model type {dims.family!r} is an encoder-decoder: --cache static and --all-logits are not available for it yet")
+    if all_logits:
+        raise KvgraphError(f"model type {dims.family!r} is an encoder-decoder: --all-logits is not available for it yet")
     if dims.decoder_start_token_id is None:
         raise KvgraphError(f"model type {dims.family!r}: the config has no decoder_start_token_id; the decoder cannot start "
                            "(set it in config.json)")

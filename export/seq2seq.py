@@ -14,11 +14,12 @@ output again and does not even take it as an input.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..graphs import GraphContract
 from ..graphs.contract import BATCH, ENCODER_SEQUENCE, PAST, SEQUENCE
+from .wrappers import _ScatterLayer, _static_mask
 
 _BATCH, _SOURCE, _TARGET, _PAST = 2, 7, 3, 5  # distinct and > 1: no dimension gets specialised
 
@@ -38,11 +39,12 @@ class _DecoderStep(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def _run(self, input_ids, encoder_hidden_states, encoder_attention_mask, cache: EncoderDecoderCache):
+    def _run(self, input_ids, encoder_hidden_states, encoder_attention_mask, cache: EncoderDecoderCache, decoder_mask=None):
         out = self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
             attention_mask=encoder_attention_mask,
             decoder_input_ids=input_ids,
+            decoder_attention_mask=decoder_mask,
             past_key_values=cache,
             use_cache=True,
         )
@@ -110,3 +112,84 @@ def seq2seq_dynamic_shapes(graph: str, contract: GraphContract):
     past = tuple({0: batch, 2: torch.export.Dim(PAST)} for _ in contract.cache_slots())
     cross = tuple({0: batch, 2: source} for _ in contract.cache_slots())
     return ({0: batch}, encoder_side, (*past, *cross))  # *caches: one tuple
+
+
+class _DecoderScatterLayer(_ScatterLayer):
+    """A static self-attention layer that reports its write index as the tokens seen so far.
+
+    T5 derives its relative position bias, and BART/Marian their positions, from
+    get_seq_length(); the buffer's length N would shift them.
+    """
+
+    def get_seq_length(self):
+        return self.write_indices[0]
+
+
+def _static_self_cache(buffers, write_indices) -> Cache:
+    return Cache(layers=[_DecoderScatterLayer(buffers[2 * i], buffers[2 * i + 1], write_indices) for i in range(len(buffers) // 2)])
+
+
+def _decoder_mask(input_ids, write_indices, buffers, config):
+    # the decoder side is never padded: query q of row b sees buffer positions <= write_indices[b] + q
+    everything = torch.ones(input_ids.shape[0], buffers[0].shape[2], dtype=torch.int64)
+    return _static_mask(everything, write_indices, input_ids.shape[1], config, buffers[0].dtype)
+
+
+class Seq2SeqStaticPrefill(_DecoderStep):
+    def forward(self, input_ids, encoder_hidden_states, encoder_attention_mask, write_indices, *buffers):
+        # (B, S), (B, Se, H), (B, Se), (B,), buffers (B, Hkv, N, D) -> logits, buffers, cross (B, Hkv, Se, D)
+        cache = EncoderDecoderCache(_static_self_cache(buffers, write_indices), DynamicCache(config=self.model.config))
+        mask = _decoder_mask(input_ids, write_indices, buffers, self.model.config)
+        logits, cache = self._run(input_ids, encoder_hidden_states, encoder_attention_mask, cache, mask)
+        presents = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
+        cross = [t for layer in cache.cross_attention_cache.layers for t in (layer.keys, layer.values)]
+        return (logits, *presents, *cross)
+
+
+class Seq2SeqStaticDecode(_DecoderStep):
+    def forward(self, input_ids, encoder_attention_mask, write_indices, *caches):
+        # (B, 1), (B, Se), (B,), buffers (B, Hkv, N, D) x 2L, cross (B, Hkv, Se, D) x 2L -> logits, buffers
+        layers = len(caches) // 4
+        buffers, cross = caches[: 2 * layers], caches[2 * layers:]
+        cross_cache = DynamicCache()
+        for layer in range(layers):
+            cross_cache.update(cross[2 * layer], cross[2 * layer + 1], layer)
+        cache = EncoderDecoderCache(_static_self_cache(buffers, write_indices), cross_cache)
+        batch, source = encoder_attention_mask.shape
+        unused = torch.zeros(batch, source, self.model.config.d_model, dtype=cross[0].dtype)
+        mask = _decoder_mask(input_ids, write_indices, buffers, self.model.config)
+        logits, cache = self._run(input_ids, unused, encoder_attention_mask, cache, mask)
+        presents = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
+        return (logits, *presents)
+
+
+def seq2seq_static_steps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {"encoder": EncoderStep(model), "prefill": Seq2SeqStaticPrefill(model), "decode": Seq2SeqStaticDecode(model)}
+
+
+def seq2seq_static_examples(model: torch.nn.Module, contract: GraphContract) -> dict[str, tuple]:
+    dynamic = seq2seq_examples(model, contract)
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(4)
+    shape = (_BATCH, contract.num_kv_heads, contract.max_length, contract.head_dim)  # (B, Hkv, N, D)
+    buffers = tuple(torch.randn(shape, generator=generator).to(dtype) for _ in contract.cache_slots())
+    target, hidden, mask = dynamic["prefill"]
+    cross = dynamic["decode"][2 + 2 * contract.num_layers:]
+    write = torch.full((_BATCH,), _PAST, dtype=torch.int64)
+    return {
+        "encoder": dynamic["encoder"],
+        "prefill": (target, hidden, mask, write, *buffers),
+        "decode": (target[:, :1], mask, write, *buffers, *cross),
+    }
+
+
+def seq2seq_static_dynamic_shapes(graph: str, contract: GraphContract):
+    batch, source = torch.export.Dim(BATCH), torch.export.Dim(ENCODER_SEQUENCE)
+    encoder_side = {0: batch, 1: source}
+    if graph == "encoder":
+        return (encoder_side, encoder_side)
+    buffers = tuple({0: batch} for _ in contract.cache_slots())
+    if graph == "prefill":
+        return ({0: batch, 1: torch.export.Dim(SEQUENCE)}, {0: batch, 1: source}, encoder_side, {0: batch}, buffers)
+    cross = tuple({0: batch, 2: source} for _ in contract.cache_slots())
+    return ({0: batch}, encoder_side, {0: batch}, (*buffers, *cross))

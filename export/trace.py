@@ -17,7 +17,8 @@ from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, re
                                  strip_exporter_metadata, untie_transposed_copies)
 from .families import Family
 from .scatter import to_standard_tensor_scatter
-from .seq2seq import seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_steps
+from .seq2seq import (seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_static_dynamic_shapes, seq2seq_static_examples,
+                      seq2seq_static_steps, seq2seq_steps)
 from .wrappers import DecodeStep, PrefillStep, StaticStep
 
 OPSET = 23  # the exporter fuses RMSNormalization / RotaryEmbedding / Attention at exactly 23
@@ -40,9 +41,11 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
     """
     logits_to_keep = 0 if contract.all_logits else 1
     if contract.seq2seq:
-        examples = seq2seq_examples(model, contract)
-        graphs = {name: _export(step, examples[name], name, contract, seq2seq_dynamic_shapes(name, contract))
-                  for name, step in seq2seq_steps(model).items()}
+        if contract.static:
+            steps, examples, shapes = seq2seq_static_steps(model), seq2seq_static_examples(model, contract), seq2seq_static_dynamic_shapes
+        else:
+            steps, examples, shapes = seq2seq_steps(model), seq2seq_examples(model, contract), seq2seq_dynamic_shapes
+        graphs = {name: _export(step, examples[name], name, contract, shapes(name, contract)) for name, step in steps.items()}
     elif contract.static:
         # one trace: Q tokens into the buffers; decode is the same graph with Q pinned to 1
         prefill = _export(StaticStep(model, family, logits_to_keep), _static_example(model, contract), "prefill", contract)

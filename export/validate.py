@@ -132,7 +132,12 @@ SOURCE_LENGTHS = (7, 4)  # the second source is right-padded by 3
 
 
 def validate_seq2seq(directory: Path, model: torch.nn.Module, contract: GraphContract, start_token: int, steps: int = DECODE_STEPS) -> list[DiffRow]:
-    """Encoder, decoder prefill (self and cross K/V) and `steps` greedy decode steps against PyTorch."""
+    """Encoder, decoder prefill (self and cross K/V) and `steps` greedy decode steps against PyTorch.
+
+    Both sides decode from PyTorch's past at each step, so every step is checked on its own. A
+    static export gets that past copied into zero buffers of its length, written at index P; its
+    presents are compared on their first P + 1 positions.
+    """
     from .seq2seq import seq2seq_steps
 
     options = ort.SessionOptions()
@@ -141,29 +146,51 @@ def validate_seq2seq(directory: Path, model: torch.nn.Module, contract: GraphCon
                 for name in contract.graphs()}
     torch_steps = seq2seq_steps(model)
 
-    def both(graph: str, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def both(graph: str, feeds: dict[str, np.ndarray], past: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        values = list(feeds.values())
+        if graph == "decode":  # the torch step takes (ids, mask, *past, *cross)
+            values = values[:2] + list(past) + values[2:]
         with torch.no_grad():
-            expected = torch_steps[graph](*(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()))
+            expected = torch_steps[graph](*(torch.from_numpy(np.ascontiguousarray(v)) for v in values))
         expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
-        return sessions[graph].run(None, feeds), [t.contiguous().numpy() for t in expected]
+        return _ort_seq2seq(sessions[graph], contract, graph, feeds, past), [t.contiguous().numpy() for t in expected]
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(3, contract.vocab_size, size=n).tolist() for n in SOURCE_LENGTHS]
     source, mask = right_pad(rows, pad_id=0)
     actual, expected = both("encoder", {INPUT_IDS: source, ATTENTION_MASK: mask})
     report = [compare("encoder", 0, ENCODER_HIDDEN, actual[0][mask == 1], expected[0][mask == 1], contract.dtype)]
-    hidden = expected[0]  # both decoders read the same encoder output, so each graph is checked on its own
+    hidden = expected[0]  # both decoders read the same encoder output
     tokens = np.full((len(rows), 1), start_token, dtype=np.int64)
     actual, expected = both("prefill", {INPUT_IDS: tokens, ENCODER_HIDDEN: hidden, ENCODER_MASK: mask})
     names = [LOGITS, *contract.present_names(), *contract.cross_names()]
     report += [compare("prefill", 0, n, a, e, contract.dtype) for n, a, e in zip(names, actual, expected)]
     layers = 2 * contract.num_layers
     cross = expected[1 + layers:]
-    past_expected = expected[1: 1 + layers]  # both sides decode from the same past: each step is checked on its own
+    past = expected[1: 1 + layers]
     for step in range(1, steps + 1):
         token = expected[0][:, -1].argmax(-1)[:, None].astype(np.int64)
-        feeds = {INPUT_IDS: token, ENCODER_MASK: mask, **dict(zip(contract.past_names(), past_expected)), **dict(zip(contract.cross_names(), cross))}
-        actual, expected = both("decode", feeds)
+        feeds = {INPUT_IDS: token, ENCODER_MASK: mask, **dict(zip(contract.cross_names(), cross))}
+        actual, expected = both("decode", feeds, past)
         report += [compare("decode", step, n, a, e, contract.dtype) for n, a, e in zip([LOGITS, *contract.present_names()], actual, expected)]
-        past_expected = expected[1:]
+        past = expected[1:]
     return report
+
+
+def _ort_seq2seq(session, contract: GraphContract, graph: str, feeds: dict, past: list[np.ndarray] | None) -> list[np.ndarray]:
+    """Run one seq2seq graph; `past` is the dynamic (B, Hkv, P, D) self-attention cache (decode only)."""
+    feeds = dict(feeds)
+    if not contract.static or graph == "encoder":
+        feeds.update(zip(contract.past_names(), past or []))
+        return session.run(None, feeds)
+    batch = feeds[INPUT_IDS].shape[0]
+    written = past[0].shape[2] if past else 0
+    buffers = [np.zeros((batch, contract.num_kv_heads, contract.max_length, contract.head_dim), dtype=contract.dtype) for _ in contract.cache_slots()]
+    for buffer, tensor in zip(buffers, past or []):
+        buffer[:, :, :written] = tensor
+    feeds[WRITE_INDICES] = np.full(batch, written, dtype=np.int64)
+    feeds.update(zip(contract.past_names(), buffers))
+    logits, *rest = session.run(None, feeds)
+    end = written + feeds[INPUT_IDS].shape[1]
+    layers = 2 * contract.num_layers
+    return [logits, *(b[:, :, :end] for b in rest[:layers]), *rest[layers:]]

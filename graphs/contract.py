@@ -84,8 +84,8 @@ class GraphContract:
         if self.seq2seq:
             if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size <= 0:
                 raise ValueError(f"GraphContract.hidden_size must be a positive integer for an encoder-decoder, got {self.hidden_size!r}")
-            if self.static or self.all_logits:
-                raise ValueError("GraphContract: an encoder-decoder export supports neither a static cache nor all_logits yet")
+            if self.all_logits:
+                raise ValueError("GraphContract: an encoder-decoder export does not support all_logits yet")
         elif self.hidden_size is not None:
             raise ValueError(f"GraphContract.hidden_size is only for an encoder-decoder, got {self.hidden_size!r}")
 
@@ -176,6 +176,14 @@ class GraphContract:
         encoder_mask = TensorSpec(ENCODER_MASK, "int64", (BATCH, ENCODER_SEQUENCE))
         logits = TensorSpec(LOGITS, self.dtype, (BATCH, 1, self.vocab_size))
         cross = self._cache(self.cross_names(), ENCODER_SEQUENCE)
+        if self.static:  # the self-attention cache is (B, Hkv, N, D) buffers written at write_indices
+            write = TensorSpec(WRITE_INDICES, "int64", (BATCH,))
+            past, present = self._cache(self.past_names(), self.max_length), self._cache(self.present_names(), self.max_length)
+            return {
+                "encoder": (source, [hidden]),
+                "prefill": ([TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)), hidden, encoder_mask, write, *past], [logits, *present, *cross]),
+                "decode": ([TensorSpec(INPUT_IDS, "int64", (BATCH, 1)), encoder_mask, write, *past, *cross], [logits, *present]),
+            }
         return {
             "encoder": (source, [hidden]),
             "prefill": ([TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)), hidden, encoder_mask],

@@ -145,7 +145,7 @@ class Generator:
             if bad:
                 raise KvgraphError(f"token id {bad[0]} is outside the vocabulary [0, {contract.vocab_size})")
             if contract.seq2seq:
-                self._check_seq2seq(request, max_positions)
+                self._check_seq2seq(request, max_positions, contract.max_length)
                 continue
             total = len(request.prompt_ids) + request.max_new_tokens
             if contract.static and total > contract.max_length:
@@ -156,8 +156,11 @@ class Generator:
                                    f"exceeds the model's max positions ({max_positions})")
 
     @staticmethod
-    def _check_seq2seq(request: Request, max_positions: int | None) -> None:
+    def _check_seq2seq(request: Request, max_positions: int | None, static_length: int | None) -> None:
         # encoder and decoder each have their own positions (none at all with relative attention, as in T5)
+        if static_length and request.max_new_tokens + 1 > static_length:
+            raise KvgraphError(f"max_new_tokens ({request.max_new_tokens}) + the start token exceeds the static cache's "
+                               f"{static_length} positions (export with a larger --max-length)")
         if max_positions and len(request.prompt_ids) > max_positions:
             raise KvgraphError(f"the source ({len(request.prompt_ids)} tokens) exceeds the encoder's max positions ({max_positions})")
         if max_positions and request.max_new_tokens + 1 > max_positions:

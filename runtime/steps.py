@@ -73,7 +73,7 @@ class StaticCache:
 def prefill(graphs: LoadedGraphs, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache | StaticCache]:
     # input_ids, attention_mask: (B, S) int64 -> logits (B, 1, V) (or (B, S, V)), cache of length S
     if graphs.contract.static:
-        return _static_write(graphs, _new_static_cache(graphs, input_ids.shape[0]), input_ids, attention_mask)
+        return _static_write(graphs, new_static_cache(graphs, input_ids.shape[0]), input_ids, attention_mask)
     feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: prefill_position_ids(attention_mask)}
     return _run(graphs, "prefill", feeds, past=None)
 
@@ -118,7 +118,7 @@ def _run(graphs: LoadedGraphs, graph: str, feeds: dict[str, np.ndarray], past: K
     return outputs[0].numpy(), KVCache(list(outputs[1:]), device)
 
 
-def _new_static_cache(graphs: LoadedGraphs, batch: int) -> StaticCache:
+def new_static_cache(graphs: LoadedGraphs, batch: int) -> StaticCache:
     """A fresh cache; under cuda_graph the batch size's pooled one, rewound (its addresses were captured)."""
     if not graphs.cuda_graph:
         return StaticCache(graphs, batch)
@@ -127,14 +127,14 @@ def _new_static_cache(graphs: LoadedGraphs, batch: int) -> StaticCache:
     return graphs.pool[batch].truncated(0)
 
 
-def _check_room(cache: StaticCache, new: int) -> None:
+def check_room(cache: StaticCache, new: int) -> None:
     if cache.length + new > cache.capacity:
         raise ValueError(f"the static cache holds {cache.capacity} positions; {cache.length} are used and {new} more do not fit")
 
 
 def _static_write(graphs: LoadedGraphs, cache: StaticCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, StaticCache]:
     """The prefill graph writes Q tokens at write index `cache.length` (0 for a prompt)."""
-    _check_room(cache, tokens.shape[1])
+    check_room(cache, tokens.shape[1])
     end = cache.length + tokens.shape[1]
     cache.mask[:, :end] = attention_mask
     feeds = {INPUT_IDS: tokens, ATTENTION_MASK: cache.mask, POSITION_IDS: extend_position_ids(attention_mask, tokens.shape[1]),
@@ -193,7 +193,7 @@ class _StaticDecode:
 
 
 def _static_decode(graphs: LoadedGraphs, cache: StaticCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, StaticCache]:
-    _check_room(cache, 1)
+    check_room(cache, 1)
     cache.mask[:, : cache.length + 1] = attention_mask
     if cache._decode is None:
         cache._decode = _StaticDecode(graphs, cache)
