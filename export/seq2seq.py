@@ -40,6 +40,9 @@ class _DecoderStep(torch.nn.Module):
         self.model = model
 
     def _run(self, input_ids, encoder_hidden_states, encoder_attention_mask, cache: EncoderDecoderCache, decoder_mask=None):
+        if encoder_hidden_states is None:  # decode: cross K/V come from the cache; the encoder output is never read
+            batch, source = encoder_attention_mask.shape
+            encoder_hidden_states = torch.zeros(batch, source, self.model.config.d_model, dtype=cache.cross_attention_cache.layers[0].keys.dtype)
         out = self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
             attention_mask=encoder_attention_mask,
@@ -51,32 +54,35 @@ class _DecoderStep(torch.nn.Module):
         return out.logits[:, -1:], out.past_key_values
 
 
+def _flat(cache: Cache) -> list[torch.Tensor]:
+    """key0, value0, key1, value1, ... of a cache's layers"""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _filled(tensors) -> DynamicCache:
+    """A DynamicCache holding flat (key0, value0, key1, ...) tensors."""
+    cache = DynamicCache()
+    for layer in range(len(tensors) // 2):
+        cache.update(tensors[2 * layer], tensors[2 * layer + 1], layer)
+    return cache
+
+
 class Seq2SeqPrefill(_DecoderStep):
     def forward(self, input_ids, encoder_hidden_states, encoder_attention_mask):
         # (B, S), (B, Se, H), (B, Se) -> logits (B, 1, V), present (B, Hkv, S, D) each, cross (B, Hkv, Se, D) each
         config = self.model.config
         cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
         logits, cache = self._run(input_ids, encoder_hidden_states, encoder_attention_mask, cache)
-        presents = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
-        cross = [t for layer in cache.cross_attention_cache.layers for t in (layer.keys, layer.values)]
-        return (logits, *presents, *cross)
+        return (logits, *_flat(cache.self_attention_cache), *_flat(cache.cross_attention_cache))
 
 
 class Seq2SeqDecode(_DecoderStep):
     def forward(self, input_ids, encoder_attention_mask, *caches):
         # (B, 1), (B, Se), past (B, Hkv, P, D) x 2L, cross (B, Hkv, Se, D) x 2L -> logits (B, 1, V), present (B, Hkv, P+1, D)
-        layers = len(caches) // 4
-        past, cross = caches[: 2 * layers], caches[2 * layers:]
-        self_cache, cross_cache = DynamicCache(), DynamicCache()
-        for layer in range(layers):
-            self_cache.update(past[2 * layer], past[2 * layer + 1], layer)
-            cross_cache.update(cross[2 * layer], cross[2 * layer + 1], layer)
-        cache = EncoderDecoderCache(self_cache, cross_cache)  # cross layers filled: marked as computed
-        batch, source = encoder_attention_mask.shape
-        unused = torch.zeros(batch, source, self.model.config.d_model, dtype=cross[0].dtype)  # cross K/V come from the cache
-        logits, cache = self._run(input_ids, unused, encoder_attention_mask, cache)
-        presents = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
-        return (logits, *presents)
+        half = len(caches) // 2
+        cache = EncoderDecoderCache(_filled(caches[:half]), _filled(caches[half:]))  # cross layers filled: marked as computed
+        logits, cache = self._run(input_ids, None, encoder_attention_mask, cache)
+        return (logits, *_flat(cache.self_attention_cache))
 
 
 def seq2seq_steps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -141,26 +147,18 @@ class Seq2SeqStaticPrefill(_DecoderStep):
         cache = EncoderDecoderCache(_static_self_cache(buffers, write_indices), DynamicCache(config=self.model.config))
         mask = _decoder_mask(input_ids, write_indices, buffers, self.model.config)
         logits, cache = self._run(input_ids, encoder_hidden_states, encoder_attention_mask, cache, mask)
-        presents = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
-        cross = [t for layer in cache.cross_attention_cache.layers for t in (layer.keys, layer.values)]
-        return (logits, *presents, *cross)
+        return (logits, *_flat(cache.self_attention_cache), *_flat(cache.cross_attention_cache))
 
 
 class Seq2SeqStaticDecode(_DecoderStep):
     def forward(self, input_ids, encoder_attention_mask, write_indices, *caches):
         # (B, 1), (B, Se), (B,), buffers (B, Hkv, N, D) x 2L, cross (B, Hkv, Se, D) x 2L -> logits, buffers
-        layers = len(caches) // 4
-        buffers, cross = caches[: 2 * layers], caches[2 * layers:]
-        cross_cache = DynamicCache()
-        for layer in range(layers):
-            cross_cache.update(cross[2 * layer], cross[2 * layer + 1], layer)
-        cache = EncoderDecoderCache(_static_self_cache(buffers, write_indices), cross_cache)
-        batch, source = encoder_attention_mask.shape
-        unused = torch.zeros(batch, source, self.model.config.d_model, dtype=cross[0].dtype)
+        half = len(caches) // 2
+        buffers = caches[:half]
+        cache = EncoderDecoderCache(_static_self_cache(buffers, write_indices), _filled(caches[half:]))
         mask = _decoder_mask(input_ids, write_indices, buffers, self.model.config)
-        logits, cache = self._run(input_ids, unused, encoder_attention_mask, cache, mask)
-        presents = [t for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
-        return (logits, *presents)
+        logits, cache = self._run(input_ids, None, encoder_attention_mask, cache, mask)
+        return (logits, *_flat(cache.self_attention_cache))
 
 
 def seq2seq_static_steps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from ..graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, ENCODER_MASK, INPUT_IDS, LOGITS, WRITE_INDICES
+from ..graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, ENCODER_MASK, INPUT_IDS, WRITE_INDICES
 from .session import LoadedGraphs
-from .steps import KVCache, StaticCache, check_room, new_static_cache
+from .steps import KVCache, StaticCache, aliased, check_room, new_static_cache, run_graph
 
 
 @dataclass
@@ -49,10 +49,10 @@ def prefill(graphs: LoadedGraphs, tokens: np.ndarray, hidden: ort.OrtValue, sour
         buffers = new_static_cache(graphs, tokens.shape[0])
         check_room(buffers, tokens.shape[1])
         host[WRITE_INDICES] = np.zeros(tokens.shape[0], dtype=np.int64)
-        logits, cross = _run(graphs, "prefill", host, {ENCODER_HIDDEN: hidden}, contract.cross_names(), _aliased(contract, buffers))
+        logits, cross = run_graph(graphs, "prefill", host, {ENCODER_HIDDEN: hidden}, contract.cross_names(), aliased(graphs, buffers))
         buffers.length = tokens.shape[1]
         return logits, Seq2SeqCache(buffers, cross)
-    logits, caches = _run(graphs, "prefill", host, {ENCODER_HIDDEN: hidden}, [*contract.present_names(), *contract.cross_names()])
+    logits, caches = run_graph(graphs, "prefill", host, {ENCODER_HIDDEN: hidden}, [*contract.present_names(), *contract.cross_names()])
     layers = len(contract.present_names())
     return logits, Seq2SeqCache(KVCache(caches[:layers], graphs.device), caches[layers:])
 
@@ -65,41 +65,12 @@ def decode_one(graphs: LoadedGraphs, cache: Seq2SeqCache, tokens: np.ndarray, so
         buffers = cache.self_attention
         check_room(buffers, 1)
         host[WRITE_INDICES] = np.full(tokens.shape[0], buffers.length, dtype=np.int64)
-        logits, _ = _run(graphs, "decode", host, dict(zip(contract.cross_names(), cache.cross)), [], _aliased(contract, buffers))
+        logits, _ = run_graph(graphs, "decode", host, dict(zip(contract.cross_names(), cache.cross)), [], aliased(graphs, buffers))
         buffers.length += 1
         return logits, cache
     on_device = {**dict(zip(contract.past_names(), cache.self_attention.values)), **dict(zip(contract.cross_names(), cache.cross))}
-    logits, presents = _run(graphs, "decode", host, on_device, contract.present_names())
+    logits, presents = run_graph(graphs, "decode", host, on_device, contract.present_names())
     return logits, Seq2SeqCache(KVCache(presents, graphs.device), cache.cross)
-
-
-def _aliased(contract, buffers: StaticCache) -> list[tuple[str, str, ort.OrtValue]]:
-    """(past name, present name, buffer): bound as input and output both, so the graph writes in place."""
-    return list(zip(contract.past_names(), contract.present_names(), buffers.values))
-
-
-def _run(graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], on_device: dict[str, ort.OrtValue],
-         outputs: list[str], aliased: list[tuple[str, str, ort.OrtValue]] = ()) -> tuple[np.ndarray, list[ort.OrtValue]]:
-    """One run: int64 host inputs, device OrtValue inputs; logits to the host, `outputs` left on the device.
-
-    `aliased` (input, output, buffer) are static cache buffers, updated in place.
-    """
-    session = graphs.session(graph)
-    binding = session.io_binding()
-    arrays = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in host.items()}  # alive until run
-    for name, array in arrays.items():
-        binding.bind_cpu_input(name, array)
-    for name, value in on_device.items():
-        binding.bind_ortvalue_input(name, value)
-    binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order; sampling runs on the host
-    for name in outputs:
-        binding.bind_output(name, graphs.device.ort_type, graphs.device.index)
-    for past, present, buffer in aliased:
-        binding.bind_ortvalue_input(past, buffer)
-        binding.bind_ortvalue_output(present, buffer)
-    session.run_with_iobinding(binding)
-    logits, *rest = binding.get_outputs()
-    return logits.numpy(), rest[: len(outputs)]
 
 
 class Seq2SeqSteps:

@@ -101,21 +101,36 @@ def _after_past(graphs: LoadedGraphs, graph: str, cache, tokens: np.ndarray, att
 
 
 def _run(graphs: LoadedGraphs, graph: str, feeds: dict[str, np.ndarray], past: KVCache | None) -> tuple[np.ndarray, KVCache]:
+    on_device = dict(zip(graphs.contract.past_names(), past.values)) if past is not None else {}
+    logits, presents = run_graph(graphs, graph, feeds, on_device, graphs.contract.present_names())
+    return logits, KVCache(presents, graphs.device)
+
+
+def run_graph(graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], on_device: dict[str, ort.OrtValue],
+              outputs: list[str], aliased: list[tuple[str, str, ort.OrtValue]] = ()) -> tuple[np.ndarray, list[ort.OrtValue]]:
+    """One run through IOBinding: int64 host inputs and device OrtValue inputs; logits to the host,
+    `outputs` left on the device; `aliased` (input, output, buffer) static-cache buffers updated in place."""
     session = graphs.session(graph)
-    device = graphs.device
     binding = session.io_binding()
-    arrays = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in feeds.items()}  # alive until run
+    arrays = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in host.items()}  # alive until run
     for name, array in arrays.items():
         binding.bind_cpu_input(name, array)
-    if past is not None:
-        for name, value in zip(graphs.contract.past_names(), past.values):
-            binding.bind_ortvalue_input(name, value)
-    binding.bind_output(LOGITS, "cpu")  # sampling happens on the host
-    for name in graphs.contract.present_names():
-        binding.bind_output(name, device.ort_type, device.index)
+    for name, value in on_device.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order; sampling runs on the host
+    for name in outputs:
+        binding.bind_output(name, graphs.device.ort_type, graphs.device.index)
+    for past, present, buffer in aliased:
+        binding.bind_ortvalue_input(past, buffer)
+        binding.bind_ortvalue_output(present, buffer)  # the same buffer: written in place
     session.run_with_iobinding(binding)
-    outputs = binding.get_outputs()
-    return outputs[0].numpy(), KVCache(list(outputs[1:]), device)
+    logits, *rest = binding.get_outputs()
+    return logits.numpy(), rest[: len(outputs)]
+
+
+def aliased(graphs: LoadedGraphs, cache: StaticCache) -> list[tuple[str, str, ort.OrtValue]]:
+    """(past name, present name, buffer) for every static buffer: bound as input and output both."""
+    return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), cache.values))
 
 
 def new_static_cache(graphs: LoadedGraphs, batch: int) -> StaticCache:
@@ -139,18 +154,9 @@ def _static_write(graphs: LoadedGraphs, cache: StaticCache, tokens: np.ndarray, 
     cache.mask[:, :end] = attention_mask
     feeds = {INPUT_IDS: tokens, ATTENTION_MASK: cache.mask, POSITION_IDS: extend_position_ids(attention_mask, tokens.shape[1]),
              WRITE_INDICES: np.full(tokens.shape[0], cache.length, dtype=np.int64)}
-    session = graphs.session("prefill")
-    binding = session.io_binding()
-    arrays = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in feeds.items()}  # alive until run
-    for name, array in arrays.items():
-        binding.bind_cpu_input(name, array)
-    binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order
-    for past, present, value in zip(graphs.contract.past_names(), graphs.contract.present_names(), cache.values):
-        binding.bind_ortvalue_input(past, value)
-        binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
-    session.run_with_iobinding(binding)
+    logits, _ = run_graph(graphs, "prefill", feeds, {}, [], aliased(graphs, cache))
     cache.length = end
-    return binding.get_outputs()[0].numpy(), cache
+    return logits, cache
 
 
 class _StaticDecode:
@@ -173,7 +179,7 @@ class _StaticDecode:
         }
         for name, value in self.inputs.items():
             self.binding.bind_ortvalue_input(name, value)
-        for past, present, value in zip(contract.past_names(), contract.present_names(), cache.values):
+        for past, present, value in aliased(graphs, cache):
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, contract.vocab_size), np.dtype(contract.dtype).type,
