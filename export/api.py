@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +15,7 @@ from ..graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTo
 from ..graphs.contract import CACHE_MODES, MIN_STATIC_LENGTH
 from ..graphs.manifest import METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, graph_file
 from ..graphs.onnx_files import embed_metadata, write_graphs
+from ..graphs.staging import check_destination, staged
 from ..graphs.report import DiffRow, TOLERANCES, failures, format_table
 from .config import ModelDims
 from .families import family_for
@@ -59,7 +59,7 @@ def export_model(
     directory beside it and renamed at the end. Raises KvgraphError for user errors and
     ValidationError when the graphs disagree with PyTorch beyond the dtype's tolerance.
     """
-    out = _check_destination(Path(out_dir), force)
+    out = check_destination(Path(out_dir), force)
     _check_cache_options(cache, max_length)
     source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     family = family_for(source.model.config.model_type)
@@ -73,14 +73,8 @@ def export_model(
                              kind, dims.hidden_size if dims.encoder_decoder else None)
     mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary directory
-    try:
+    with staged(out, force) as staging:  # nothing half-written, also on KeyboardInterrupt
         manifest, rows = _build(source, family, contract, staging, validate, log)
-        _publish(staging, out, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # also on KeyboardInterrupt: nothing half-written
-        raise
     return ExportResult(out, manifest, rows)
 
 
@@ -165,11 +159,6 @@ def _copy_tokenizer(source: Source, staging: Path) -> dict[str, str]:
     return files
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
 
 def _check_cache_options(cache: str, max_length: int | None) -> None:
     if cache not in CACHE_MODES:
@@ -214,32 +203,3 @@ def _check_static_fits(dims: ModelDims, max_length: int | None) -> None:
             f"model type {dims.family!r} attends within a sliding window of {dims.sliding_window} tokens; the static cache "
             f"does not implement the window: use --max-length <= {dims.sliding_window} or --cache dynamic"
         )
-
-
-def _check_destination(out: Path, force: bool) -> Path:
-    out = out.expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise KvgraphError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise KvgraphError(f"{out}: exists and is not empty; pass --force to replace it")
-    parent = out.parent
-    if not parent.is_dir():
-        raise KvgraphError(f"{parent}: the output's parent directory does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise KvgraphError(f"{parent}: not writable, cannot create {out.name}")
-    return out
-
-
-def _publish(staging: Path, out: Path, force: bool) -> None:
-    """Move the finished staging directory to `out`, replacing an old one only at the very end."""
-    if out.exists():
-        if not force and any(out.iterdir()):
-            raise KvgraphError(f"{out}: appeared while exporting and is not empty; pass --force to replace it")
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
-

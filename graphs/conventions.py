@@ -13,16 +13,44 @@ import numpy as np
 PADDING_SIDE = "left"
 PAD_POSITION = 1
 
-DESCRIPTION = {
+_DECODER = {
     "padding_side": PADDING_SIDE,
     "attention_mask": "int64 (B, total length so far): 1 for real tokens, 0 for left padding; "
     "decode appends a 1 column for the new token every step",
     "position_ids": "cumsum(attention_mask, axis=-1) - 1, with padded columns set to "
     f"{PAD_POSITION}; decode feeds sum(attention_mask, axis=-1) - 1 for the new token; extend feeds "
     "the last Q columns of cumsum(attention_mask, axis=-1) - 1",
+}
+_STATIC = {
+    "attention_mask": "int64 (B, N): the dynamic mask so far (including this call's tokens) in its first columns, 0 after",
+    "write_indices": "int64 (B,): the position this call's first token is written at, the same for every row: "
+    "0 for a prompt, then the number of positions written so far",
+    "cache": "past.{i}.{key,value} and present.{i}.{key,value} are (B, Hkv, N, D) buffers; present = past with this call's "
+    "positions written; start from zeros; feed present as the next call's past (or bind one buffer as both)",
+}
+_SEQ2SEQ = {
+    "padding_side": "right (sources); the decoder side is never padded",
+    "encoder_attention_mask": "the source's attention_mask, fed unchanged to prefill and to every decode step",
+    "decoder_input_ids": "prefill takes (B, 1) decoder_start_token_id; decode takes each row's last token",
+    "cross": "cross.{i}.{key,value} (B, Hkv, Se, D) come out of prefill once and are fed unchanged to every decode step",
+}
+_COMMON = {
     "cache": "present.{i}.{key,value} of one step is fed as past.{i}.{key,value} of the next; "
     "layout (B, Hkv, S, D); entries at padded columns are unspecified and masked",
+    "pad_id": "special_tokens.pad_token_id, else the first of eos_token_ids, else 0",
+    "greedy": "the argmax of the last position's logits (lowest id on ties); a row ends at an eos id or after "
+    "max_new_tokens and is fed pad_id while other rows continue",
 }
+
+
+def describe(static: bool, seq2seq: bool) -> dict[str, str]:
+    """The conventions in words, for the manifest's `conventions` field (graphs/README.md has them in full)."""
+    description = {**_COMMON, **({} if seq2seq else _DECODER)}
+    if seq2seq:
+        description.update(_SEQ2SEQ)
+    if static:
+        description.update(_STATIC if not seq2seq else {k: v for k, v in _STATIC.items() if k != "attention_mask"})
+    return description
 
 
 def prefill_position_ids(attention_mask: np.ndarray) -> np.ndarray:

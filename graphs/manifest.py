@@ -44,6 +44,13 @@ class SpecialTokens:
     pad_token_id: int | None
     decoder_start_token_id: int | None = None  # encoder-decoder: the decoder's first input
 
+    @property
+    def feed_pad_id(self) -> int:
+        """The id fed for padding and for finished rows: pad_token_id, else the first eos id, else 0."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -74,7 +81,7 @@ class Manifest:
             "model": asdict(self.model),
             "contract": asdict(self.contract),
             "special_tokens": {**asdict(self.special_tokens), "eos_token_ids": list(self.special_tokens.eos_token_ids)},
-            "conventions": dict(conventions.DESCRIPTION),
+            "conventions": conventions.describe(self.contract.static, self.contract.seq2seq),
             "opset": self.opset,
             "ir_version": self.ir_version,
             "graphs": graphs,

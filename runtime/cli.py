@@ -15,6 +15,7 @@ COMMANDS = {
     "export": ("kvgraph.export.cli", "export a Hugging Face causal LM to prefill + decode ONNX graphs"),
     "inspect": ("kvgraph.graphs.inspect", "show what an export directory holds"),
     "generate": ("kvgraph.runtime.generate_cli", "generate text from an export directory with onnxruntime"),
+    "vectors": ("kvgraph.runtime.vectors_cli", "write golden vectors for an export (every step's inputs and expected outputs), or --check them"),
     "bench": ("kvgraph.runtime.bench", "measure prefill, decode speed, step latency, memory and driver overhead"),
 }
 

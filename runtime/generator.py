@@ -52,7 +52,7 @@ class Generator:
         self.codec = codec
         tokens = graphs.manifest.special_tokens
         self.eos_ids = frozenset(tokens.eos_token_ids)
-        self.pad_id = tokens.pad_token_id if tokens.pad_token_id is not None else next(iter(tokens.eos_token_ids), 0)
+        self.pad_id = tokens.feed_pad_id
 
     @classmethod
     def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,

@@ -39,6 +39,26 @@ def export_cache(tmp_path_factory):
 
 
 STATIC_LENGTH = 48  # the parity tests' longest sequence is 23 tokens
+SEQ2SEQ_STATIC_LENGTH = 32
+
+
+@pytest.fixture(scope="session")
+def seq2seq_exports(tmp_path_factory):
+    """Each tiny encoder-decoder exported once per session and cache mode: (model, directory, manifest)."""
+    from families import tiny_seq2seq
+    from kvgraph.export import export_model
+
+    cache = {}
+
+    def get(family: str, mode: str = "dynamic"):
+        if (family, mode) not in cache:
+            model = tiny_seq2seq(family)
+            out = tmp_path_factory.mktemp("seq2seq") / f"{family}-{mode}"
+            options = {"cache": "static", "max_length": SEQ2SEQ_STATIC_LENGTH} if mode == "static" else {}
+            cache[family, mode] = (model, out, export_model(model, out, **options).manifest)
+        return cache[family, mode]
+
+    return get
 
 
 @pytest.fixture(params=[(f, m) for m in ("dynamic", "static") for f in sorted(TINY_CONFIGS)], ids=lambda p: f"{p[0]}-{p[1]}")

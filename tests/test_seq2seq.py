@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from conftest import SEQ2SEQ_STATIC_LENGTH
 from families import SEQ2SEQ_CONFIGS, tiny_seq2seq
 from kvgraph.export import export_model
 from kvgraph.graphs import KvgraphError
@@ -26,20 +27,6 @@ from kvgraph.runtime.cli import main
 
 DECODE_STEPS = 8
 SOURCES = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
-
-
-@pytest.fixture(scope="module")
-def seq2seq_exports(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            model = tiny_seq2seq(family)
-            out = tmp_path_factory.mktemp("seq2seq") / family
-            cache[family] = (model, out, export_model(model, out).manifest)
-        return cache[family]
-
-    return get
 
 
 @pytest.fixture(params=sorted(SEQ2SEQ_CONFIGS))
@@ -217,17 +204,17 @@ def test_seq2seq_bad_input(seq2seq_exports, tmp_path):
 
 
 @pytest.mark.parametrize("family", sorted(SEQ2SEQ_CONFIGS))
-def test_static_self_attention_cache(family, tmp_path):
+def test_static_self_attention_cache(family, seq2seq_exports):
     """--cache static: the decoder's self-attention K/V in (B, Hkv, N, D) buffers written in place."""
-    model = tiny_seq2seq(family)
-    result = export_model(model, tmp_path / "static", cache="static", max_length=32)
-    rows = result.validation  # export checked prefill + decode steps against PyTorch (dynamic cache), or refused
-    assert result.manifest.validation["passed"] and {r.graph for r in rows} == {"encoder", "prefill", "decode"}
-    decode = onnx.load(str(tmp_path / "static" / "decode.onnx"), load_external_data=False)
+    model, directory, manifest = seq2seq_exports(family, "static")
+    rows = manifest.validation["rows"]  # export checked prefill + decode steps against PyTorch (dynamic cache), or refused
+    assert manifest.validation["passed"] and {r["graph"] for r in rows} == {"encoder", "prefill", "decode"}
+    assert manifest.contract.max_length == SEQ2SEQ_STATIC_LENGTH == 32
+    decode = onnx.load(str(directory / "decode.onnx"), load_external_data=False)
     producers = {out: n for n in decode.graph.node for out in n.output}
-    for past, present in zip(result.manifest.contract.past_names(), result.manifest.contract.present_names()):
+    for past, present in zip(manifest.contract.past_names(), manifest.contract.present_names()):
         assert producers[present].op_type == "TensorScatter" and producers[present].input[0] == past
-    gen = Generator.load(tmp_path / "static")
+    gen = Generator.load(directory)
     gen.eos_ids = frozenset()
     model.generation_config.eos_token_id = None
     batch = [r.token_ids for r in gen.generate(SOURCES, max_new_tokens=12)]

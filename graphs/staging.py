@@ -1,0 +1,66 @@
+"""Output directories that appear whole or not at all (exports, golden vectors).
+
+    out = check_destination(Path("out"), force=False)   # fail before any slow work
+    with staged(out, force=False) as staging:            # write into `staging`
+        ...                                               # renamed to `out` on success, removed on any error
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import KvgraphError
+
+
+def check_destination(out: Path, force: bool) -> Path:
+    """The absolute output path, or a KvgraphError saying why nothing can be written there."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise KvgraphError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise KvgraphError(f"{out}: exists and is not empty; pass --force to replace it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise KvgraphError(f"{parent}: the output's parent directory does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise KvgraphError(f"{parent}: not writable, cannot create {out.name}")
+    return out
+
+
+@contextmanager
+def staged(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory beside `out`, renamed to `out` when the block succeeds."""
+    out = check_destination(out, force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary directory
+    try:
+        yield staging
+        _publish(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # also on KeyboardInterrupt: nothing half-written
+        raise
+
+
+def _publish(staging: Path, out: Path, force: bool) -> None:
+    """Move the finished staging directory to `out`, replacing an old one only at the very end."""
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise KvgraphError(f"{out}: appeared while it was being written and is not empty; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

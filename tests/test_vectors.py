@@ -1,0 +1,285 @@
+"""Golden vectors, the manifest schema, and two more implementations of the contract.
+
+Vectors come from onnxruntime; their greedy tokens are checked against PyTorch. Then the Node.js
+driver (examples/node, onnxruntime-node) and onnx's ReferenceEvaluator must reproduce them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+from kvgraph.graphs import KvgraphError, Manifest, ManifestError
+from kvgraph.graphs.contract import GraphContract
+from kvgraph.runtime.cli import main
+from kvgraph.runtime.trace import greedy_trace
+from kvgraph.runtime.vectors import first_mismatch, read_vectors
+from kvgraph.runtime.vectors_cli import check_vectors, make_vectors
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "examples" / "node"
+SCHEMA = json.loads((ROOT / "graphs" / "manifest.schema.json").read_text())
+
+# (kind, family, cache mode): a decoder and an encoder-decoder, each with a dynamic and a static cache
+EXPORTS = [("decoder", "llama", "dynamic"), ("decoder", "qwen3", "static"), ("seq2seq", "t5", "dynamic"), ("seq2seq", "marian", "static")]
+
+
+@pytest.fixture(scope="module")
+def vectors(export_cache, seq2seq_exports, tmp_path_factory):
+    """(kind, family, mode) -> (model, export directory, vectors directory), made on first use."""
+    made = {}
+
+    def get(key):
+        if key not in made:
+            kind, family, mode = key
+            if kind == "decoder":
+                exported = export_cache(family, mode)
+                model, directory = exported.model, exported.directory
+            else:
+                model, directory, _ = seq2seq_exports(family, mode)
+            out = tmp_path_factory.mktemp("vectors") / f"{family}-{mode}"
+            made[key] = (model, directory, make_vectors(directory, out))
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(params=EXPORTS, ids=lambda k: f"{k[1]}-{k[2]}")
+def case(request, vectors):
+    return request.param, *vectors(request.param)
+
+
+def torch_greedy(model, prompt: list[int], new_tokens: int, eos: set[int], seq2seq: bool) -> list[int]:
+    """PyTorch generate on one unpadded prompt, cut after the first eos (the oracle)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=0, pad_token_id=model.config.pad_token_id or 0)
+    tokens = out[0, 1:].tolist() if seq2seq else out[0, len(prompt):].tolist()
+    ends = [i for i, t in enumerate(tokens) if t in eos]
+    return tokens[: ends[0] + 1] if ends else tokens
+
+
+def test_vectors_greedy_tokens_equal_pytorch_generate(case):
+    (kind, _, _), model, directory, out = case
+    golden = read_vectors(out)
+    manifest = Manifest.load(directory)
+    eos = set(manifest.special_tokens.eos_token_ids)
+    for name, trace in golden.cases.items():
+        theirs = [torch_greedy(model, prompt, trace.max_new_tokens, eos, kind == "seq2seq") for prompt in trace.prompts]
+        assert trace.tokens == theirs, name
+    assert len(golden.cases["batch"].prompts) == 2 and len({len(p) for p in golden.cases["batch"].prompts}) == 2  # padded
+
+
+def test_vectors_files_are_self_describing(case):
+    (kind, _, mode), _, directory, out = case
+    doc = json.loads((out / "vectors.json").read_text())
+    contract = Manifest.load(directory).contract
+    assert doc["format"] == "kvgraph-vectors" and doc["contract"]["cache"] == mode
+    for entry in doc["cases"]:
+        steps = entry["steps"]
+        graphs = [s["graph"] for s in steps]
+        assert graphs == (["encoder"] if kind == "seq2seq" else []) + ["prefill"] + ["decode"] * (len(graphs) - 1 - (kind == "seq2seq"))
+        for step in steps:
+            want_inputs = [spec.name for spec in contract.graphs()[step["graph"]][0]]
+            assert [i["name"] for i in step["inputs"]] == want_inputs
+            for item in step["inputs"] + step["outputs"]:
+                array = np.load(out / item["file"])
+                assert list(array.shape) == item["shape"] and str(array.dtype) == item["dtype"]
+                if "values" in item:
+                    assert array.tolist() == item["values"]
+                if "top5" in item:
+                    top = np.take_along_axis(array, np.array(item["top5"]["ids"]), -1)
+                    assert np.array_equal(top, np.array(item["top5"]["values"], dtype=array.dtype))
+                    assert (np.sort(array, -1)[:, -5:][:, ::-1] == top).all() and item["argmax"] == array.argmax(-1).tolist()
+        tokens = entry["greedy_tokens"]
+        for b, row in enumerate(tokens):  # each greedy token is the argmax of the step before it
+            assert row == [s["outputs"][0]["argmax"][b] for s in steps if s["graph"] != "encoder"][: len(row)]
+
+
+def test_vectors_check_passes_and_names_the_first_mismatch(case, tmp_path, capsys):
+    _, _, directory, out = case
+    assert main(["vectors", str(directory), str(out), "--check"]) == 0
+    assert "reproduces the vectors" in capsys.readouterr().out
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    doc = json.loads((bad / "vectors.json").read_text())
+    step = [s for s in doc["cases"][1]["steps"] if s["graph"] == "decode"][1]  # the batch case's second decode step
+    past = next(i for i in step["inputs"] if i["name"] == "past.1.value")
+    array = np.load(bad / past["file"])
+    array[0, 0, -1, 0] += 0.5
+    np.save(bad / past["file"], array)
+    with pytest.raises(KvgraphError, match=rf"case 'batch', step {step['index']} \(decode\): input past.1.value differs at \(0, 0, {array.shape[2] - 1}, 0\)"):
+        check_vectors(directory, bad)
+
+    shutil.rmtree(bad)
+    shutil.copytree(out, bad)
+    doc["cases"][0]["greedy_tokens"][0][-1] += 1
+    (bad / "vectors.json").write_text(json.dumps(doc))
+    assert main(["vectors", str(directory), str(bad), "--check"]) == 1
+    assert "case 'single', greedy tokens differ" in capsys.readouterr().err
+
+
+def test_vectors_bad_input(vectors, export_cache, tmp_path, capsys):
+    _, directory, out = vectors(EXPORTS[0])
+    assert main(["vectors", str(tmp_path), str(tmp_path / "v")]) == 1  # not an export
+    assert "no manifest here" in capsys.readouterr().err and not (tmp_path / "v").exists()
+    assert main(["vectors", str(directory), str(out)]) == 1  # would overwrite
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    other = export_cache("qwen3", "static").directory
+    with pytest.raises(KvgraphError, match=r"different export \(contract cache 'dynamic' vs 'static', max_length None vs 48\)"):
+        check_vectors(other, out)
+    with pytest.raises(KvgraphError, match=r"no vectors.json here"):
+        check_vectors(directory, tmp_path)
+    (tmp_path / "vectors.json").write_text('{"format": "kvgraph-vectors", "format_version": "1.0", "cases": 3}')
+    with pytest.raises(KvgraphError, match=r"vectors.json: malformed golden vectors"):
+        check_vectors(directory, tmp_path)
+    assert main(["vectors", str(directory), str(tmp_path / "w"), "--max-new-tokens", "0"]) == 1
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.json"]  # nothing half-written
+
+
+# -- the ONNX reference evaluator: a third implementation of every op -----------------------------
+
+
+def reference_runner(directory: Path):
+    sessions = {}
+
+    def run(graph: str, feeds: dict) -> dict:
+        if graph not in sessions:
+            sessions[graph] = ReferenceEvaluator(str(directory / f"{graph}.onnx"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # T5's relative buckets take log(0) for distance 0, then clip
+            outputs = sessions[graph].run(None, feeds)
+        return dict(zip(sessions[graph].output_names, outputs))
+
+    return run
+
+
+def test_reference_evaluator_reproduces_the_vectors(case):
+    """Every step's inputs and outputs, not only the tokens, within the float32 tolerance."""
+    _, _, directory, out = case
+    golden = read_vectors(out)
+    manifest = Manifest.load(directory)
+    run = reference_runner(directory)
+    traces = {name: greedy_trace(manifest, run, t.prompts, t.max_new_tokens) for name, t in golden.cases.items()}
+    assert first_mismatch(golden, manifest.contract, traces) is None
+    assert all(traces[name].tokens == t.tokens for name, t in golden.cases.items())
+
+
+# -- onnxruntime-node -------------------------------------------------------------------------------
+
+
+def node(*args: str) -> subprocess.CompletedProcess:
+    assert shutil.which("node"), "Node.js is not installed: the contract's second runtime cannot be tested"
+    assert (NODE_DIR / "node_modules" / "onnxruntime-node").is_dir(), f"run `npm ci` in {NODE_DIR} (.ci/run does)"
+    return subprocess.run(["node", str(NODE_DIR / "generate.js"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_node_driver_reproduces_the_vectors(case):
+    _, _, directory, out = case
+    result = node(str(directory), str(out))
+    assert result.returncode == 0, result.stderr
+    golden = read_vectors(out)
+    for name, trace in golden.cases.items():
+        assert f"case '{name}': {len(trace.steps)} graph calls match, greedy tokens {json.dumps(trace.tokens, separators=(',', ':'))}" in result.stdout
+
+
+def test_node_driver_names_the_first_mismatch(vectors, tmp_path):
+    _, directory, out = vectors(EXPORTS[1])  # static: write_indices and the (B, N) mask are int inputs Node must match
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    doc = json.loads((out / "vectors.json").read_text())
+    doc["cases"][1]["steps"][3]["inputs"][3]["values"][1] += 1  # the batch case's 4th call: write_indices of row 1
+    (bad / "vectors.json").write_text(json.dumps(doc))
+    result = node(str(directory), str(bad))
+    assert result.returncode == 1
+    assert "case 'batch', step 3 (decode): input write_indices differs at flat index 1" in result.stderr
+
+    doc = json.loads((out / "vectors.json").read_text())
+    logits = doc["cases"][0]["steps"][2]["outputs"][0]
+    logits["top5"]["values"][0][0] += 0.01
+    (bad / "vectors.json").write_text(json.dumps(doc))
+    result = node(str(directory), str(bad))
+    assert result.returncode == 1
+    assert f"case 'single', step 2 (decode): output logits[0, {logits['top5']['ids'][0][0]}] is" in result.stderr
+
+
+def test_node_driver_refuses_a_newer_manifest_and_a_non_export(vectors, tmp_path):
+    _, directory, out = vectors(EXPORTS[0])
+    newer = tmp_path / "newer"
+    shutil.copytree(directory, newer)
+    data = json.loads((newer / "kvgraph.json").read_text())
+    data["format_version"] = "2.0"
+    (newer / "kvgraph.json").write_text(json.dumps(data))
+    result = node(str(newer), str(out))
+    assert result.returncode == 2 and "format_version 2.0 is newer than this driver reads (1.x)" in result.stderr
+    result = node(str(tmp_path), str(out))
+    assert result.returncode == 2 and "no manifest here" in result.stderr
+
+
+# -- the manifest schema ----------------------------------------------------------------------------
+
+
+def schema_errors(data) -> list[str]:
+    return [error.message for error in jsonschema.Draft202012Validator(SCHEMA).iter_errors(data)]
+
+
+def test_every_export_manifest_matches_the_schema(case):
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    _, _, directory, _ = case
+    assert schema_errors(json.loads((directory / "kvgraph.json").read_text())) == []
+
+
+MUTATIONS = {
+    "no contract.num_layers": lambda d: d["contract"].pop("num_layers"),
+    "num_layers 0": lambda d: d["contract"].update(num_layers=0),
+    "num_kv_heads a string": lambda d: d["contract"].update(num_kv_heads="2"),
+    "unknown cache mode": lambda d: d["contract"].update(cache="paged"),
+    "static without max_length": lambda d: d["contract"].update(cache="static", max_length=None),
+    "dynamic with max_length": lambda d: d["contract"].update(max_length=64),
+    "decoder with hidden_size": lambda d: d["contract"].update(hidden_size=64),
+    "unknown dtype": lambda d: d["contract"].update(dtype="bfloat16"),
+    "eos ids not a list": lambda d: d["special_tokens"].update(eos_token_ids=2),
+    "format_version not MAJOR.MINOR": lambda d: d.update(format_version="one"),
+    "no graphs": lambda d: d.pop("graphs"),
+    "opset a float": lambda d: d.update(opset=23.5),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_schema_and_reader_refuse_the_same_bad_manifests(vectors, mutation):
+    _, directory, _ = vectors(EXPORTS[0])
+    data = json.loads((directory / "kvgraph.json").read_text())
+    MUTATIONS[mutation](data)
+    assert schema_errors(data), f"the schema accepts a manifest with {mutation}"
+    with pytest.raises(ManifestError):
+        Manifest.from_json(data)
+
+
+# -- the written contract ---------------------------------------------------------------------------
+
+
+def test_the_contract_document_names_every_tensor_and_field():
+    text = (ROOT / "graphs" / "README.md").read_text()
+    contracts = [GraphContract(2, 2, 16, 128), GraphContract(2, 2, 16, 128, cache="static", max_length=32),
+                 GraphContract(2, 2, 16, 128, kind="encoder-decoder", hidden_size=64),
+                 GraphContract(2, 2, 16, 128, cache="static", max_length=32, kind="encoder-decoder", hidden_size=64)]
+    for contract in contracts:
+        for graph, (inputs, outputs) in contract.graphs().items():
+            assert f"{graph}.onnx" in text
+            for spec in inputs + outputs:
+                generic = spec.name.replace(".0.", ".{i}.").replace(".1.", ".{i}.")
+                assert f"`{generic}`" in text or f"`{spec.name}`" in text, f"graphs/README.md does not document {spec.name}"
+    for field in [*SCHEMA["properties"], *SCHEMA["properties"]["contract"]["properties"], *SCHEMA["properties"]["special_tokens"]["properties"]]:
+        assert f"`{field}`" in text, f"graphs/README.md does not describe manifest field {field}"
