@@ -254,6 +254,7 @@ MUTATIONS = {
     "format_version not MAJOR.MINOR": lambda d: d.update(format_version="one"),
     "no graphs": lambda d: d.pop("graphs"),
     "opset a float": lambda d: d.update(opset=23.5),
+    "unknown contract field": lambda d: d["contract"].update(sliding_window=64),
 }
 
 
