@@ -34,6 +34,10 @@ DTYPES = ("float32", "float16")
 CACHE_MODES = ("dynamic", "static")
 KINDS = ("decoder", "encoder-decoder")
 MIN_STATIC_LENGTH = 16  # export validation writes 13 tokens
+# Upper bounds far above any real model: a manifest beyond them is corrupt or hostile (it would
+# otherwise make a reader build millions of tensor names or allocate a cache larger than memory).
+LIMITS = {"num_layers": 4096, "num_kv_heads": 4096, "head_dim": 65536, "vocab_size": 1 << 24, "max_length": 1 << 24,
+          "hidden_size": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -68,22 +72,26 @@ class GraphContract:
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GraphContract.{field} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= LIMITS[field]:
+                raise ValueError(f"GraphContract.{field} must be an integer in [1, {LIMITS[field]}], got {value!r}")
+        if not isinstance(self.all_logits, bool):
+            raise ValueError(f"GraphContract.all_logits must be true or false, got {self.all_logits!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"GraphContract.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"GraphContract.cache must be one of {CACHE_MODES}, got {self.cache!r}")
         if self.cache == "static":
-            if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < MIN_STATIC_LENGTH:
-                raise ValueError(f"GraphContract.max_length must be an integer >= {MIN_STATIC_LENGTH} for a static cache, got {self.max_length!r}")
+            if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or not MIN_STATIC_LENGTH <= self.max_length <= LIMITS["max_length"]:
+                raise ValueError(f"GraphContract.max_length must be an integer in [{MIN_STATIC_LENGTH}, {LIMITS['max_length']}] "
+                                 f"for a static cache, got {self.max_length!r}")
         elif self.max_length is not None:
             raise ValueError(f"GraphContract.max_length is only for a static cache, got {self.max_length!r} with cache {self.cache!r}")
         if self.kind not in KINDS:
             raise ValueError(f"GraphContract.kind must be one of {KINDS}, got {self.kind!r}")
         if self.seq2seq:
-            if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size <= 0:
-                raise ValueError(f"GraphContract.hidden_size must be a positive integer for an encoder-decoder, got {self.hidden_size!r}")
+            if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or not 0 < self.hidden_size <= LIMITS["hidden_size"]:
+                raise ValueError(f"GraphContract.hidden_size must be an integer in [1, {LIMITS['hidden_size']}] for an encoder-decoder, "
+                                 f"got {self.hidden_size!r}")
             if self.all_logits:
                 raise ValueError("GraphContract: an encoder-decoder export does not support all_logits yet")
         elif self.hidden_size is not None:

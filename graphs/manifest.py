@@ -15,6 +15,7 @@ from typing import Any
 from . import conventions
 from .contract import GraphContract, TensorSpec
 from .errors import ManifestError
+from .safety import check_inside
 
 MANIFEST_NAME = "kvgraph.json"
 FORMAT_VERSION = "1.1"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
@@ -103,6 +104,8 @@ class Manifest:
         reader = _Reader(data, origin)
         reader.check_version()
         contract = reader.build(GraphContract, "contract")
+        for name, kind in _MODEL_FIELDS.items():
+            reader.get(kind, "model", name)
         manifest = cls(
             contract=contract,
             model=reader.build(ModelInfo, "model"),
@@ -110,7 +113,7 @@ class Manifest:
             opset=reader.get(int, "opset"),
             ir_version=reader.get(int, "ir_version"),
             versions=reader.get(dict, "versions"),
-            files=reader.get(dict, "files"),
+            files=_files(reader),
             validation=reader.get((dict, type(None)), "validation"),
             format_version=reader.get(str, "format_version"),
         )
@@ -124,6 +127,7 @@ class Manifest:
             raise ManifestError(f"{directory}: not a directory (expected a kvgraph export directory)")
         if not path.is_file():
             raise ManifestError(f"{path}: no manifest here; is {directory} a kvgraph export directory?")
+        check_inside(Path(directory), MANIFEST_NAME, str(directory))
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -131,10 +135,21 @@ class Manifest:
         return cls.from_json(data, origin=str(path))
 
 
+_MODEL_FIELDS = {"family": str, "architecture": str, "source": str, "max_positions": (int, type(None)), "parameter_bytes": int}
+
+
+def _files(reader: _Reader) -> dict[str, str]:
+    files = reader.get(dict, "files")
+    for role, name in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ManifestError(f"{reader.origin}: files.{role} must be a plain file name in the export directory, got {name!r}")
+    return files
+
+
 def _special_tokens(reader: _Reader) -> SpecialTokens:
     tokens = reader.get(dict, "special_tokens")
     eos = reader.get(list, "special_tokens", "eos_token_ids")
-    if not all(isinstance(t, int) for t in eos):
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
         raise ManifestError(f"{reader.origin}: special_tokens.eos_token_ids must be a list of integers, got {eos!r}")
     for key in ("bos_token_id", "pad_token_id", "decoder_start_token_id"):
         if tokens.get(key) is not None and (not isinstance(tokens.get(key), int) or isinstance(tokens.get(key), bool)):
@@ -157,7 +172,8 @@ class _Reader:
             if not isinstance(node, dict) or key not in node:
                 raise ManifestError(f"{self.origin}: missing field {'.'.join(path[: depth + 1])}")
             node = node[key]
-        if not isinstance(node, kind) or (isinstance(node, bool) and kind is int):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(node, kinds) or (isinstance(node, bool) and bool not in kinds):
             raise ManifestError(f"{self.origin}: field {'.'.join(path)} has the wrong type ({type(node).__name__})")
         return node
 

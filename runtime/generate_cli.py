@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from .generator import GenerationResult, Generator
+from .generator import GenerationInterrupted, GenerationResult, Generator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,12 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute every step with the prefill graph (no KV cache)")
     parser.add_argument("--provider", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--max-cache-memory", type=parse_size, default="auto", metavar="SIZE",
+                        help="refuse requests whose KV cache needs more, e.g. 2GB or 512MB; 'none' for no limit "
+                             "(default: half of physical memory)")
     parser.add_argument("--no-share-weights", action="store_true",
                         help="let each session load and prepack its own weights: faster decode, about twice the memory")
 
 
 def run(args: argparse.Namespace) -> int:
-    generator = Generator.load(args.directory, provider=args.provider, threads=args.threads, share_weights=not args.no_share_weights)
+    generator = Generator.load(args.directory, provider=args.provider, threads=args.threads, share_weights=not args.no_share_weights,
+                               max_cache_bytes=args.max_cache_memory)
     options = dict(
         max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop, use_cache=not args.no_cache,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -39,14 +43,39 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.stream and not args.json:
         for prompt in args.prompt:
-            for piece in generator.stream(prompt, **options):
-                print(piece, end="", flush=True)
+            try:
+                for piece in generator.stream(prompt, **options):
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:  # Ctrl-C: what was generated is printed, then the interrupt is reported
+                print()
+                raise
             print()
         return 0
-    results = generator.generate(list(args.prompt), **options)
+    try:
+        results = generator.generate(list(args.prompt), **options)
+    except GenerationInterrupted as interrupted:
+        for result in interrupted.results:
+            _print(result, args.json)
+        raise
     for result in results:
         _print(result, args.json)
     return 0
+
+
+def parse_size(text: str) -> int | None | str:
+    """'2GB', '512MB', '1.5GiB', '1000000' -> bytes; 'none' -> None (no limit); 'auto' stays 'auto'."""
+    value = text.strip().lower()
+    if value in ("none", "auto"):
+        return None if value == "none" else "auto"
+    units = {"gib": 2**30, "mib": 2**20, "kib": 2**10, "gb": 10**9, "mb": 10**6, "kb": 10**3, "b": 1, "": 1}
+    number = value.rstrip("gimkb")
+    try:
+        count = float(number) * units[value[len(number):]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MB, or none)") from None
+    if count <= 0:
+        raise argparse.ArgumentTypeError(f"the cache budget must be positive, got {text!r}")
+    return int(count)
 
 
 def _print(result: GenerationResult, as_json: bool) -> None:

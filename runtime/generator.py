@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..graphs import KvgraphError
+from ..graphs import GraphContract, KvgraphError
 from ..graphs.conventions import left_pad, right_pad
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
@@ -44,22 +45,36 @@ class GenerationResult:
     stats: GenerationStats
 
 
-class Generator:
-    """One loaded export. Thread-safe: every call owns its own cache."""
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generate(): `results` hold what each row had generated (finish_reason "interrupted")."""
 
-    def __init__(self, graphs: LoadedGraphs, codec: TextCodec | None) -> None:
+    def __init__(self, results: list[GenerationResult]) -> None:
+        super().__init__("generation interrupted")
+        self.results = results
+
+
+class Generator:
+    """One loaded export. Thread-safe: every call owns its own cache.
+
+    max_cache_bytes: refuse, before running, a request whose KV cache would need more (default:
+    half of physical memory; None: no limit).
+    """
+
+    def __init__(self, graphs: LoadedGraphs, codec: TextCodec | None, max_cache_bytes: int | None = None) -> None:
         self.graphs = graphs
         self.codec = codec
+        self.max_cache_bytes = max_cache_bytes
         tokens = graphs.manifest.special_tokens
         self.eos_ids = frozenset(tokens.eos_token_ids)
         self.pad_id = tokens.feed_pad_id
 
     @classmethod
     def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,
-             cuda_graph: bool = False) -> Generator:
+             cuda_graph: bool = False, max_cache_bytes: int | None | str = "auto") -> Generator:
         graphs = load_graphs(directory, provider, threads, share_weights, cuda_graph)
         has_tokenizer = (Path(directory) / "tokenizer.json").is_file()
-        return cls(graphs, TextCodec(Path(directory)) if has_tokenizer else None)
+        budget = default_cache_budget() if max_cache_bytes == "auto" else max_cache_bytes
+        return cls(graphs, TextCodec(Path(directory)) if has_tokenizer else None, budget)
 
     # -- public API --------------------------------------------------------------------------
 
@@ -79,11 +94,15 @@ class Generator:
         text = IncrementalText(self._need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
         with self.graphs.request_turn():
             run, _ = self._start([request], Sampling(**sampling), use_cache)
-            for b, token in run:
-                if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
-                    piece = text.push(token)
-                    if piece:
-                        yield piece
+            try:
+                for b, token in run:
+                    if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
+                        piece = text.push(token)
+                        if piece:
+                            yield piece
+            except KeyboardInterrupt:
+                yield text.finish(self.text_of(run.rows[0].tokens))  # what was held back, then the interrupt goes on
+                raise
         yield text.finish(run.rows[0].text)
 
     def chat(self, **sampling) -> Conversation:
@@ -115,7 +134,13 @@ class Generator:
     def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> list[GenerationResult]:
         with self.graphs.request_turn():
             run, prefill_s = self._start(requests, sampling, use_cache)
-            run.run()
+            try:
+                run.run()
+            except KeyboardInterrupt:
+                for row in run.rows:
+                    if not row.finished:
+                        row.finish_reason, row.text = "interrupted", self.text_of(row.tokens)
+                raise GenerationInterrupted([self._result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]) from None
         return [self._result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]
 
     def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> tuple[BatchRun, float]:
@@ -136,6 +161,7 @@ class Generator:
     def _check(self, requests: list[Request]) -> None:
         contract = self.graphs.contract
         max_positions = self.graphs.manifest.model.max_positions
+        self._check_cache_budget(requests)
         for request in requests:
             if not request.prompt_ids:
                 raise KvgraphError("the prompt is empty (no tokens)")
@@ -155,6 +181,15 @@ class Generator:
                 raise KvgraphError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
                                    f"exceeds the model's max positions ({max_positions})")
 
+    def _check_cache_budget(self, requests: list[Request]) -> None:
+        """Refuse up front a request whose KV cache would not fit the budget (rather than dying mid-way)."""
+        if self.max_cache_bytes is None:
+            return
+        need, how = cache_need(self.graphs.contract, [len(r.prompt_ids) for r in requests], max(r.max_new_tokens for r in requests))
+        if need > self.max_cache_bytes:
+            raise KvgraphError(f"this request needs {_size(need)} of KV cache ({how}), over the cache budget of "
+                               f"{_size(self.max_cache_bytes)} (Generator.load(max_cache_bytes=...), kvgraph generate --max-cache-memory)")
+
     @staticmethod
     def _check_seq2seq(request: Request, max_positions: int | None, static_length: int | None) -> None:
         # encoder and decoder each have their own positions (none at all with relative attention, as in T5)
@@ -173,6 +208,38 @@ class Generator:
         rate = run.decode_steps / run.decode_seconds if run.decode_seconds > 0 else 0.0
         stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate)
         return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)
+
+
+def cache_need(contract: GraphContract, prompt_lengths: list[int], max_new_tokens: int) -> tuple[int, str]:
+    """Bytes of KV cache a batch needs at its longest, and how that number is made up."""
+    rows, per_position = len(prompt_lengths), contract.cache_bytes_per_token()
+    layout = f"{contract.num_layers} layers x 2 x {contract.num_kv_heads} KV heads x {contract.head_dim} x {np.dtype(contract.dtype).itemsize} bytes"
+    if contract.seq2seq:  # self-attention over the generated tokens, cross-attention over the source
+        positions = contract.max_length if contract.static else 1 + max_new_tokens
+        cross = max(prompt_lengths)
+        need = rows * per_position * (positions * (1 if contract.static else 2) + cross)
+        twice = "" if contract.static else " (decoder positions x 2 while a step holds past and present)"
+        return need, f"{rows} rows x ({positions} decoder + {cross} source positions) x {layout}{twice}"
+    positions = contract.max_length if contract.static else max(prompt_lengths) + max_new_tokens
+    copies = 1 if contract.static else 2  # a dynamic step holds its past and its present at once
+    need = copies * rows * positions * per_position
+    twice = "" if contract.static else ", x 2 while a step holds past and present"
+    return need, f"{rows} rows x {positions} positions x {layout}{twice}"
+
+
+def default_cache_budget() -> int | None:
+    """Half of physical memory, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} bytes"
 
 
 class _CachedSteps:

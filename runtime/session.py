@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from ..graphs import GraphContract, KvgraphError, Manifest, TensorSpec, io_mismatches
 from ..graphs.manifest import graph_file
+from ..graphs.safety import check_graph_file
 from .weights import SharedWeights
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -93,7 +94,7 @@ class LoadedGraphs:
         return {}
 
     def _open_checked(self, graphs: list[str]) -> dict[str, ort.InferenceSession]:
-        sessions = {name: _open(self.directory / graph_file(name), self.options(name), self.provider_name, self.provider_options(name))
+        sessions = {name: _open(self.directory, graph_file(name), self.options(name), self.provider_name, self.provider_options(name))
                     for name in graphs}
         reasons = []
         for name, session in sessions.items():
@@ -127,9 +128,9 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     return graphs
 
 
-def _open(path: Path, options: ort.SessionOptions, provider: str, provider_options: dict[str, str]) -> ort.InferenceSession:
-    if not path.is_file():
-        raise KvgraphError(f"{path}: graph file missing")
+def _open(directory: Path, name: str, options: ort.SessionOptions, provider: str, provider_options: dict[str, str]) -> ort.InferenceSession:
+    check_graph_file(directory, name)  # before onnxruntime reads anything: no links or external data out of the directory
+    path = directory / name
     try:
         return ort.InferenceSession(str(path), options, providers=[(provider, provider_options)])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for unreadable files

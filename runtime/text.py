@@ -10,6 +10,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from ..graphs import KvgraphError
+from ..graphs.safety import check_inside
 
 INCOMPLETE = "\ufffd"  # what a decoder yields for a partial multi-byte character
 
@@ -18,16 +19,16 @@ class TextCodec:
     """Tokenizer plus chat template of one export directory."""
 
     def __init__(self, directory: Path) -> None:
-        path = directory / "tokenizer.json"
+        path = check_inside(directory, "tokenizer.json", str(directory))
         if not path.is_file():
             raise KvgraphError(f"{path}: no tokenizer in this export; pass token ids instead of text")
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises plain Exception subclasses
             raise KvgraphError(f"{path}: cannot read the tokenizer: {exc}") from exc
-        config = _read_json(directory / "tokenizer_config.json")
+        config = _read_json(check_inside(directory, "tokenizer_config.json", str(directory)))
         self.special = {key: _token_text(config.get(key)) for key in ("bos_token", "eos_token")}
-        template_path = directory / "chat_template.jinja"
+        template_path = check_inside(directory, "chat_template.jinja", str(directory))
         self.chat_template = template_path.read_text(encoding="utf-8") if template_path.is_file() else config.get("chat_template")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

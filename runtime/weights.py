@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..graphs import KvgraphError
+from ..graphs.safety import check_inside
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
@@ -25,10 +26,10 @@ class SharedWeights:
     """model.onnx.data mapped once; `initializers(graph)` gives that graph's name -> OrtValue."""
 
     def __init__(self, directory: Path, index_name: str) -> None:
-        path = Path(directory) / _name(index_name, Path(directory) / "kvgraph.json")
+        path = check_inside(directory, _name(index_name, Path(directory) / "kvgraph.json"), str(Path(directory) / "kvgraph.json"))
         try:
             index = json.loads(path.read_text(encoding="utf-8"))
-            weights = Path(directory) / _name(index["file"], path)
+            weights = check_inside(directory, _name(index["file"], path), str(path))
             tensors, graphs, size = index["tensors"], index["graphs"], index["size"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise KvgraphError(f"{path}: cannot read the weights index: {exc}") from exc

@@ -114,11 +114,13 @@ def test_remote_code_is_refused_without_the_flag(model_dir, tmp_path, capsys):
     remote = tmp_path / "remote"
     remote.mkdir()
     config = json.loads((model_dir / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (remote / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "the-model-code-ran"
+    (remote / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")  # what hostile code could do
     code, _, err = _run(capsys, "export", remote, tmp_path / "out")
     assert code == 1 and "--trust-remote-code" in err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not marker.exists()
 
 
 def test_output_parent_must_be_a_directory(model_dir, tmp_path, capsys):
