@@ -65,3 +65,27 @@ def test_stream_equals_generate_on_the_real_tokenizer(smollm2):
     prompt = "Écris une phrase en français avec des accents: "
     options = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3)
     assert "".join(generator.stream(prompt, **options)) == generator.generate(prompt, **options).text
+
+
+def test_golden_vectors_of_the_real_model_reproduce_in_node(smollm2, tmp_path):
+    """SmolLM2's vectors: greedy tokens equal transformers' generate, and Node.js reproduces every call."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from kvgraph.runtime.vectors import read_vectors
+    from kvgraph.runtime.vectors_cli import make_vectors
+
+    hf_dir, onnx_dir = smollm2
+    vectors = read_vectors(make_vectors(onnx_dir, tmp_path / "vectors"))
+    single = vectors.cases["single"]
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = torch.tensor(single.prompts)
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=single.max_new_tokens,
+                                pad_token_id=single.pad_id)
+    assert single.tokens == [theirs[0, ids.shape[1]:].tolist()]
+    result = subprocess.run(["node", str(ROOT / "examples" / "node" / "generate.js"), str(onnx_dir), str(tmp_path / "vectors")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"case 'batch': {len(vectors.cases['batch'].steps)} graph calls match" in result.stdout
