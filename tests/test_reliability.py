@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import STATIC_LENGTH
 from families import tiny_model
 from kvgraph.export import export_model
 from kvgraph.graphs import KvgraphError
@@ -116,11 +117,11 @@ def test_ctrl_c_during_generate_keeps_what_was_generated(directory, monkeypatch,
     assert capsys.readouterr().out == partial[0].text + "\n"  # streamed pieces plus what was held back
 
 
-def test_exports_are_reproducible_byte_for_byte(tmp_path):
-    first = export_model(tiny_model("llama"), tmp_path / "a", cache="static", max_length=16)
-    second = export_model(tiny_model("llama"), tmp_path / "b", cache="static", max_length=16)
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "kvgraph.json" in names
-    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", names, shallow=False)
+def test_exports_are_reproducible_byte_for_byte(export_cache, tmp_path):
+    first = export_cache("llama", "static")  # the suite's own export of the same model (same seed, same options)
+    second = export_model(tiny_model("llama"), tmp_path / "again", cache="static", max_length=STATIC_LENGTH)
+    names = sorted(p.name for p in first.directory.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "again").iterdir()) and "kvgraph.json" in names
+    _, mismatch, errors = filecmp.cmpfiles(first.directory, tmp_path / "again", names, shallow=False)
     assert mismatch == [] and errors == [], f"differ between two exports of the same model: {mismatch}"
     assert first.manifest == second.manifest

@@ -68,7 +68,7 @@ def test_stream_equals_generate_on_the_real_tokenizer(smollm2):
 
 
 def test_golden_vectors_of_the_real_model_reproduce_in_node(smollm2, tmp_path):
-    """SmolLM2's vectors: greedy tokens equal transformers' generate, and Node.js reproduces every call."""
+    """SmolLM2's vectors: greedy tokens equal transformers' generate; Node.js and onnx's ReferenceEvaluator reproduce every call."""
     import subprocess
 
     from transformers import AutoModelForCausalLM
@@ -89,3 +89,14 @@ def test_golden_vectors_of_the_real_model_reproduce_in_node(smollm2, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"case 'batch': {len(vectors.cases['batch'].steps)} graph calls match" in result.stdout
+
+    from test_vectors import reference_runner
+
+    from kvgraph.graphs import Manifest
+    from kvgraph.runtime.trace import greedy_trace
+    from kvgraph.runtime.vectors import first_mismatch
+
+    manifest = Manifest.load(onnx_dir)
+    run = reference_runner(onnx_dir)
+    traces = {name: greedy_trace(manifest, run, case.prompts, case.max_new_tokens) for name, case in vectors.cases.items()}
+    assert first_mismatch(vectors, manifest.contract, traces) is None
