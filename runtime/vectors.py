@@ -18,7 +18,7 @@ import numpy as np
 from ..graphs.contract import GraphContract
 from ..graphs.errors import KvgraphError
 from ..graphs.manifest import Manifest
-from ..graphs.staging import check_destination, staged
+from ..graphs.staging import staged
 from .trace import Step, Trace
 
 VECTORS_NAME = "vectors.json"
@@ -57,8 +57,7 @@ def default_prompts(vocab_size: int, encode=None) -> dict[str, list[list[int]]]:
 
 def write_vectors(manifest: Manifest, cases: dict[str, Trace], out: Path, force: bool = False) -> Path:
     """Write vectors.json and the tensors into `out`, which appears only when complete."""
-    out = check_destination(Path(out), force)
-    with staged(out, force) as staging:
+    with staged(Path(out), force) as staging:
         doc = {
             "format": VECTORS_FORMAT,
             "format_version": VECTORS_VERSION,
@@ -68,7 +67,7 @@ def write_vectors(manifest: Manifest, cases: dict[str, Trace], out: Path, force:
             "cases": [_case_json(name, trace, staging) for name, trace in cases.items()],
         }
         (staging / VECTORS_NAME).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    return out
+    return Path(out).expanduser().absolute()
 
 
 def _contract_json(contract: GraphContract) -> dict:
