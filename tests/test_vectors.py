@@ -195,6 +195,23 @@ def test_node_driver_reproduces_the_vectors(case):
         assert f"case '{name}': {len(trace.steps)} graph calls match, greedy tokens {json.dumps(trace.tokens, separators=(',', ':'))}" in result.stdout
 
 
+def test_node_driver_reproduces_a_float16_export(tmp_path):
+    """float16 logits and buffers travel as raw half bits in Node; the vectors' tolerance is float16's."""
+    from families import tiny_model
+    from kvgraph.export import export_model
+
+    export_model(tiny_model("llama"), tmp_path / "fp16", dtype="float16", cache="static", max_length=32)
+    out = make_vectors(tmp_path / "fp16", tmp_path / "vectors")
+    assert json.loads((out / "vectors.json").read_text())["tolerance"] == {"atol": 2e-2, "rtol": 2e-2}
+    assert np.load(next((out / "tensors" / "batch").glob("01-decode")) / "out.logits.npy").dtype == np.float16
+    result = node(str(tmp_path / "fp16"), str(out))
+    assert result.returncode == 0, result.stderr
+    golden = read_vectors(out)
+    for name, trace in golden.cases.items():
+        assert f"case '{name}': {len(trace.steps)} graph calls match, greedy tokens {json.dumps(trace.tokens, separators=(',', ':'))}" in result.stdout
+    check_vectors(tmp_path / "fp16", out)
+
+
 def test_node_driver_names_the_first_mismatch(vectors, tmp_path):
     _, directory, out = vectors(EXPORTS[1])  # static: write_indices and the (B, N) mask are int inputs Node must match
     bad = tmp_path / "bad"

@@ -19,13 +19,21 @@ function readManifest(dir) {
   const major = Number(String(m.format_version).split('.')[0]);
   if (m.format !== 'kvgraph' || !Number.isInteger(major)) fail(2, `${file}: not a kvgraph manifest (format_version ${m.format_version})`);
   if (major > READS_MAJOR) fail(2, `${file}: format_version ${m.format_version} is newer than this driver reads (${READS_MAJOR}.x)`);
-  if ((m.contract.dtype || 'float32') !== 'float32') fail(2, `${file}: contract.dtype ${m.contract.dtype}: this example runs float32 exports`);
+  if (!['float32', 'float16'].includes(m.contract.dtype || 'float32')) fail(2, `${file}: contract.dtype ${m.contract.dtype} is not float32 or float16`);
   return m;
 }
 
 const ints = (rows) => new ort.Tensor('int64', BigInt64Array.from(rows.flat(), (v) => BigInt(v)), [rows.length, rows[0].length]);
 const column = (values) => new ort.Tensor('int64', BigInt64Array.from(values, (v) => BigInt(v)), [values.length]);
-const zeros = (dims) => new ort.Tensor('float32', new Float32Array(dims.reduce((a, b) => a * b)), dims);
+const zeros = (dtype, dims) => { // float16 tensors hold raw IEEE half bits in a Uint16Array; 0 is +0.0 in both
+  const size = dims.reduce((a, b) => a * b);
+  return new ort.Tensor(dtype, dtype === 'float16' ? new Uint16Array(size) : new Float32Array(size), dims);
+};
+const half = (h) => { // IEEE 754 half bits -> number
+  const e = (h >> 10) & 31, f = h & 1023, sign = h >> 15 ? -1 : 1;
+  if (e === 31) return f ? NaN : sign * Infinity;
+  return sign * (e ? (1 + f / 1024) * 2 ** (e - 15) : (f / 1024) * 2 ** -14);
+};
 
 // (ids, mask) as row arrays, padded on `side` with padId to the longest prompt
 function pad(prompts, padId, side) {
@@ -56,7 +64,7 @@ class Driver {
   }
 
   staticFeeds(batch) { // zero (B, Hkv, N, D) buffers before the first call; write index = positions written so far
-    if (!this.length) for (const name of this.names('past')) this.past[name] = zeros([batch, this.c.num_kv_heads, this.c.max_length, this.c.head_dim]);
+    if (!this.length) for (const name of this.names('past')) this.past[name] = zeros(this.c.dtype || 'float32', [batch, this.c.num_kv_heads, this.c.max_length, this.c.head_dim]);
     return { write_indices: column(Array(batch).fill(this.length)) };
   }
 
@@ -90,7 +98,11 @@ class Driver {
 }
 
 // logits (B, Q, V) -> the last position of row b, as a Float32Array of V
-const lastRow = (logits, b) => { const [, q, v] = logits.dims; return logits.data.subarray((b * q + q - 1) * v, (b * q + q) * v); };
+const lastRow = (logits, b) => {
+  const [, q, v] = logits.dims;
+  const row = logits.data.subarray((b * q + q - 1) * v, (b * q + q) * v);
+  return logits.type === 'float16' ? Float32Array.from(row, half) : row;
+};
 const argmax = (row) => row.reduce((best, x, i) => (x > row[best] ? i : best), 0); // lowest id on ties
 
 async function greedy(dir, manifest, prompts, maxNew) {
