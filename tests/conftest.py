@@ -93,3 +93,8 @@ def text_export_static(tmp_path_factory, text_export):
     out = tmp_path_factory.mktemp("exports") / "text-llama-static"
     export_model(model_dir, out, cache="static", max_length=TEXT_STATIC_LENGTH)
     return text_export[0], out
+
+
+def pytest_collection_modifyitems(items):
+    """The real model's tests first: under `-n 2` its 5-minute export then overlaps the tiny ones."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
