@@ -23,7 +23,6 @@ import numpy as np
 
 import onnxruntime as ort
 
-from kvgraph.graphs.conventions import extend_position_ids
 from kvgraph.runtime import Generator
 from kvgraph.runtime.steps import decode_one, prefill
 
@@ -64,12 +63,10 @@ def _copied_steps(gen: Generator, cache, logits, mask, steps: int) -> list[float
     for _ in range(steps):
         token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones_like(token)], axis=1)
-        full = np.zeros((1, contract.max_length), dtype=np.int64)
-        full[:, : mask.shape[1]] = mask
+        host = gen.graphs.steps.host_feeds("decode", token, mask, mask.shape[1] - 1)  # ids, mask (1, N), positions, write index
         start = time.perf_counter()
         binding = session.io_binding()
-        for name, array in (("input_ids", token), ("attention_mask", full), ("position_ids", extend_position_ids(mask, 1)),
-                            ("write_indices", np.array([mask.shape[1] - 1], dtype=np.int64))):
+        for name, array in host.items():
             binding.bind_cpu_input(name, array)
         binding.bind_output("logits", "cpu")
         for name, value in zip(contract.past_names(), past):

@@ -48,8 +48,7 @@ def _worker_kvgraph(model: str, ids: list[int]) -> None:
     from kvgraph.runtime import Generator
 
     gen = Generator.load(model)
-    gen.eos_ids = frozenset()
-    _serve(lambda: gen.generate(ids, max_new_tokens=NEW_TOKENS).token_ids)
+    _serve(lambda: gen.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS).token_ids)
 
 
 def _hf_generate(model, ids: list[int]):

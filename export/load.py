@@ -64,9 +64,9 @@ def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None) -> Sou
         model = auto.from_pretrained(name, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except ValueError as exc:
         kind = "sequence-to-sequence" if seq2seq else "causal-LM"
-        raise KvgraphError(f"{name}: model type {config.model_type!r} has no {kind} class in transformers: {_first_line(exc)}") from exc
+        raise KvgraphError(f"{name}: model type {config.model_type!r} has no {kind} class in transformers: {first_line(exc)}") from exc
     except OSError as exc:
-        raise KvgraphError(f"{name}: cannot load the weights: {_first_line(exc)}") from exc
+        raise KvgraphError(f"{name}: cannot load the weights: {first_line(exc)}") from exc
     if tokenizer is None:
         tokenizer = _tokenizer(name, trust_remote_code)
     return Source(model, tokenizer, name)
@@ -78,9 +78,9 @@ def _config(name: str, trust_remote_code: bool):
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise KvgraphError(f"{name}: this model needs its own code from the hub; pass --trust-remote-code if you trust it") from exc
-        raise KvgraphError(f"{name}: cannot read the model config: {_first_line(exc)}") from exc
+        raise KvgraphError(f"{name}: cannot read the model config: {first_line(exc)}") from exc
     except OSError as exc:
-        raise KvgraphError(f"{name}: cannot load the model config (a local path or a reachable hub id): {_first_line(exc)}") from exc
+        raise KvgraphError(f"{name}: cannot load the model config (a local path or a reachable hub id): {first_line(exc)}") from exc
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise KvgraphError(f"{name}: this model needs its own code (auto_map in config.json); pass --trust-remote-code if you trust it")
     return config
@@ -93,7 +93,7 @@ def _tokenizer(name: str, trust_remote_code: bool):
         return None  # a model without tokenizer files still exports; the manifest says so
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[0][:300] if lines else type(exc).__name__
 

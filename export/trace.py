@@ -7,15 +7,17 @@ import copy
 import io
 import logging
 import warnings
+from typing import Any
 
 import onnx
 import torch
 
 from ..graphs import GraphContract, KvgraphError, io_mismatches
 from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE
-from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, read_io, store_embedding_transposed,
-                                 strip_exporter_metadata, untie_transposed_copies)
+from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, read_io, share_embeddings_across_graphs,
+                                 store_embedding_transposed, strip_exporter_metadata, untie_transposed_copies)
 from .families import Family
+from .optimize import optimize
 from .scatter import to_standard_tensor_scatter
 from .seq2seq import (seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_static_dynamic_shapes, seq2seq_static_examples,
                       seq2seq_static_steps, seq2seq_steps)
@@ -32,28 +34,41 @@ class TraceError(KvgraphError):
     """torch.onnx could not turn the model into a graph."""
 
 
-def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, onnx.ModelProto]:
-    """Export the contract's graphs: {"prefill", "decode", "extend"} -> ModelProto.
+def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
+    """Capture the contract's graphs with torch.onnx, unoptimized: graph name -> ONNXProgram.
 
-    Two traces: prefill, and extend (the decode wrapper with Q new tokens). decode is extend with
-    Q pinned to 1 on its inputs and outputs: the same nodes, so bit-identical results, and
-    measured as fast as a separately traced Q = 1 graph (SmolLM2: 45.5 ms vs 45.5 ms a step).
+    Decoder-only, dynamic: two traces, prefill and extend (the decode wrapper with Q new tokens);
+    decode is extend with Q pinned to 1 on its inputs and outputs (optimize_graphs copies it): the
+    same nodes, so bit-identical results, and as fast as a separately traced Q = 1 graph (SmolLM2:
+    45.5 ms vs 45.5 ms a step). Static: one trace, Q tokens into the buffers; decode is the same graph.
     """
-    logits_to_keep = 0 if contract.all_logits else 1
     if contract.seq2seq:
-        if contract.static:
-            steps, examples, shapes = seq2seq_static_steps(model), seq2seq_static_examples(model, contract), seq2seq_static_dynamic_shapes
-        else:
-            steps, examples, shapes = seq2seq_steps(model), seq2seq_examples(model, contract), seq2seq_dynamic_shapes
-        graphs = {name: _export(step, examples[name], name, contract, shapes(name, contract)) for name, step in steps.items()}
-    elif contract.static:
-        # one trace: Q tokens into the buffers; decode is the same graph with Q pinned to 1
-        prefill = _export(StaticStep(model, family, logits_to_keep), _static_example(model, contract), "prefill", contract)
-        graphs = {"prefill": prefill, "decode": copy.deepcopy(prefill)}
-    else:
-        prefill = _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract)
-        extend = _export(DecodeStep(model, family), _extend_example(model, contract), "extend", contract)
-        graphs = {"prefill": prefill, "decode": copy.deepcopy(extend), "extend": extend}
+        steps, examples, shapes = _seq2seq_tracing(model, contract)
+        return {name: _export(step, examples[name], name, contract, shapes(name, contract)) for name, step in steps.items()}
+    logits_to_keep = 0 if contract.all_logits else 1
+    if contract.static:
+        return {"prefill": _export(StaticStep(model, family, logits_to_keep), _static_example(model, contract), "prefill", contract)}
+    return {"prefill": _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract),
+            "extend": _export(DecodeStep(model, family), _extend_example(model, contract), "extend", contract)}
+
+
+def _seq2seq_tracing(model: torch.nn.Module, contract: GraphContract):
+    if contract.static:
+        return seq2seq_static_steps(model), seq2seq_static_examples(model, contract), seq2seq_static_dynamic_shapes
+    return seq2seq_steps(model), seq2seq_examples(model, contract), seq2seq_dynamic_shapes
+
+
+COPIES = {"decode": ("extend", "prefill")}  # a graph the contract wants but not traced: the first traced one of these
+
+
+def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphContract) -> dict[str, onnx.ModelProto]:
+    """Optimize each traced program (onnxscript: folding, fusions) and apply kvgraph's rewrites; check the contract."""
+    graphs = {name: _optimized(program, name, family) for name, program in programs.items()}
+    for name in contract.graphs():
+        if name not in graphs:
+            graphs[name] = copy.deepcopy(next(graphs[source] for source in COPIES[name] if source in graphs))
+    share_embeddings_across_graphs(graphs)  # encoder-decoders: the encoder's embedding is the decoder's lm_head
+    graphs = {name: graphs[name] for name in contract.graphs()}
     for name, proto in graphs.items():
         inputs, outputs = contract.graphs()[name]
         apply_shapes(proto, inputs, outputs)
@@ -62,6 +77,22 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
         if reasons:
             raise TraceError(f"model type {family.model_type!r}: the traced graph breaks the contract: " + "; ".join(reasons))
     return graphs
+
+
+def _optimized(program, graph: str, family: Family) -> onnx.ModelProto:
+    try:
+        with _quiet():
+            optimize(program.model)
+            proto = program.model_proto
+    except Exception as exc:  # the optimizer raises many types; all mean "cannot optimize this graph"
+        raise TraceError(f"model type {family.model_type!r}: {graph} graph failed while optimizing: {_summary(exc)}") from exc
+    proto.ir_version = IR_VERSION
+    to_standard_tensor_scatter(proto)
+    untie_transposed_copies(proto)
+    store_embedding_transposed(proto)  # no session folds a second (H, V) copy of a tied embedding
+    attend_grouped_heads_directly(proto)  # GQA: the Attention op reads Hkv heads, no per-step copy of the cache
+    strip_exporter_metadata(proto)
+    return proto
 
 
 def _prefill_example(contract: GraphContract):
@@ -114,7 +145,7 @@ def _dynamic_shapes(graph: str, contract: GraphContract):
     return (new, {0: batch, 1: torch.export.Dim(PAST_PLUS_NEW.replace("+", "_plus_"))}, new, cache)
 
 
-def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphContract, dynamic_shapes=None) -> onnx.ModelProto:
+def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphContract, dynamic_shapes=None):
     inputs, outputs = contract.graphs()[graph]
     model_type = step.model.config.model_type
     try:
@@ -128,17 +159,11 @@ def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphCo
                 output_names=[spec.name for spec in outputs],
                 dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else _dynamic_shapes(graph, contract),
                 verbose=False,
+                optimize=False,  # optimize_graphs does it, timed as its own phase
             )
     except Exception as exc:  # torch.export / onnx translation raise many types; all mean "cannot trace"
         raise TraceError(f"model type {model_type!r}: {graph} graph failed at {_failing_step(exc)}: {_summary(exc)}") from exc
-    proto = program.model_proto
-    proto.ir_version = IR_VERSION
-    to_standard_tensor_scatter(proto)
-    untie_transposed_copies(proto)  # once per trace: decode, a copy of extend, inherits it
-    store_embedding_transposed(proto)  # no session folds a second (H, V) copy of a tied embedding
-    attend_grouped_heads_directly(proto)  # GQA: the Attention op reads Hkv heads, no per-step copy of the cache
-    strip_exporter_metadata(proto)
-    return proto
+    return program
 
 
 def _failing_step(exc: Exception) -> str:

@@ -80,15 +80,9 @@ def untie_transposed_copies(model: onnx.ModelProto) -> list[str]:
     Returns the names of the initializers replaced.
     """
     matrices = [t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] != t.dims[1]]
-    by_shape: dict[tuple[int, int], list[onnx.TensorProto]] = {}
-    for tensor in matrices:
-        by_shape.setdefault(tuple(tensor.dims), []).append(tensor)
     replaced: dict[str, str] = {}
-    for tensor in matrices:
-        if tensor.name in replaced or tensor.name in replaced.values():
-            continue
-        source = _transposed_twin(tensor, by_shape.get((tensor.dims[1], tensor.dims[0]), []), replaced)
-        if source is not None:
+    for tensor, source in _transposed_pairs(matrices, matrices):
+        if tensor.name not in replaced and tensor.name not in replaced.values() and source.name not in replaced:
             replaced[tensor.name] = source.name
     for copy_name, source_name in replaced.items():
         node = onnx.helper.make_node("Transpose", [source_name], [copy_name], perm=[1, 0], name=f"untie/{copy_name}")
@@ -97,6 +91,28 @@ def untie_transposed_copies(model: onnx.ModelProto) -> list[str]:
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     return sorted(replaced)
+
+
+def _transposed_pairs(tensors: list[onnx.TensorProto], candidates: list[onnx.TensorProto]):
+    """(tensor, candidate) pairs, in `tensors` order, where candidate.T equals tensor.
+
+    Matrices are first matched on their first row and column (a transpose swaps them), so only
+    likely twins are compared whole: comparing every same-shape pair took seconds per graph.
+    """
+    by_edges: dict[tuple, list[onnx.TensorProto]] = {}
+    for other in candidates:
+        by_edges.setdefault(_edges(other, transposed=True), []).append(other)
+    for tensor in tensors:
+        for other in by_edges.get(_edges(tensor), []):
+            if other is not tensor and np.array_equal(numpy_helper.to_array(other).T, numpy_helper.to_array(tensor)):
+                yield tensor, other
+
+
+def _edges(tensor: onnx.TensorProto, transposed: bool = False) -> tuple:
+    """(dtype, shape, first row, first column) of the matrix, or of its transpose."""
+    array = numpy_helper.to_array(tensor)
+    array = array.T if transposed else array
+    return tensor.data_type, array.shape, array[0].tobytes(), array[:, 0].tobytes()
 
 
 # A tied embedding is then read two ways: Gather(W) for the input embedding, Transpose(W) for
@@ -141,6 +157,36 @@ def store_embedding_transposed(model: onnx.ModelProto) -> list[str]:
     return done
 
 
+# Encoder-decoders tie one matrix three ways: the encoder's embedding, the decoder's embedding
+# and the lm_head. After store_embedding_transposed the decoder graphs hold W_T (H, V), while the
+# encoder graph, which only gathers, still holds W (V, H): two contents, stored twice. Give every
+# gather-only graph the orientation another graph already stores:
+#
+#   encoder before:  W (V, H) ──Gather(axis 0)──▶ emb
+#   encoder after:   W_T (H, V) ──Gather(axis 1)──Transpose──▶ emb      (W_T as in prefill/decode)
+def share_embeddings_across_graphs(models: dict[str, onnx.ModelProto]) -> list[str]:
+    """Store a gathered (V, H) matrix as (H, V) where another graph holds that transpose; returns "graph:name" rewritten."""
+    stored = [t for model in models.values() for t in model.graph.initializer if len(t.dims) == 2]
+    done = []
+    for name, model in models.items():
+        graph = model.graph
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info] if v.type.tensor_type.HasField("shape")}
+        for tensor in [t for t in graph.initializer if len(t.dims) == 2 and t.dims[0] != t.dims[1]]:
+            users = _gathers_only(graph, tensor.name, ranks)
+            twin = next((other for _, other in _transposed_pairs([tensor], stored)), None) if users else None
+            if twin is None:
+                continue
+            transposed = onnx.TensorProto()
+            transposed.CopyFrom(twin)
+            transposed.name = f"{tensor.name}.T"
+            graph.initializer.append(transposed)
+            for gather in users:
+                _gather_columns(graph, gather, transposed.name, ranks[gather.input[1]])
+            graph.initializer.remove(tensor)
+            done.append(f"{name}:{tensor.name}")
+    return done
+
+
 def _gathers_only(graph: onnx.GraphProto, name: str, ranks: dict[str, int], besides=None) -> list[onnx.NodeProto] | None:
     """The nodes reading `name` if all are Gather(data=name, axis 0) with indices of known rank, else None."""
     users = [n for n in graph.node if name in n.input and n is not besides]
@@ -175,18 +221,6 @@ def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
     for output in graph.output:
         if output.name == old:
             raise ValueError(f"{old} is a graph output; cannot replace it with the initializer {new}")
-
-
-def _transposed_twin(tensor, candidates, replaced) -> onnx.TensorProto | None:
-    if not candidates:
-        return None
-    array = numpy_helper.to_array(tensor)
-    for other in candidates:
-        if other.name in replaced or other.data_type != tensor.data_type:
-            continue
-        if np.array_equal(numpy_helper.to_array(other).T, array):
-            return other
-    return None
 
 
 # Grouped-query attention, as traced from transformers' repeat_kv, copies every cached key and

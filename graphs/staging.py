@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -24,26 +25,50 @@ def check_destination(out: Path, force: bool) -> Path:
         raise KvgraphError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise KvgraphError(f"{out}: exists and is not empty; pass --force to replace it")
-    parent = out.parent
+    parent = _existing_ancestor(out.parent)  # missing parents are created when writing starts
     if not parent.is_dir():
-        raise KvgraphError(f"{parent}: the output's parent directory does not exist")
+        raise KvgraphError(f"{parent}: exists and is not a directory, cannot create {out}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise KvgraphError(f"{parent}: not writable, cannot create {out.name}")
+        raise KvgraphError(f"{parent}: not writable, cannot create {out.relative_to(parent)}")
     return out
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 @contextmanager
 def staged(out: Path, force: bool) -> Iterator[Path]:
     """A temporary directory beside `out`, renamed to `out` when the block succeeds."""
     out = check_destination(out, force)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary directory
+    created = _make_parents(out.parent)
     try:
-        yield staging
-        _publish(staging, out, force)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary directory
+        try:
+            yield staging
+            _publish(staging, out, force)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # also on KeyboardInterrupt: nothing half-written
+            raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # also on KeyboardInterrupt: nothing half-written
+        for directory in created:  # the parents this export made, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create the missing parents of the output (like save_pretrained); returns them deepest first."""
+    missing = []
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        directory.mkdir()
+    return missing
 
 
 def _publish(staging: Path, out: Path, force: bool) -> None:

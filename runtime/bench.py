@@ -149,15 +149,14 @@ def measure(directory: str, mode: str, prompt_tokens: int, new_tokens: int, thre
     shared = not mode.endswith(", unshared")
     mode = mode.removesuffix(", unshared")
     gen = Generator.load(directory, threads=threads, share_weights=shared)
-    gen.eos_ids = frozenset()  # always generate exactly new_tokens
     load_rss, _ = _rss_mb()
     ids = prompt_ids(gen.codec, gen.graphs.contract.vocab_size, prompt_tokens)
     use_cache = mode != "no-cache"
-    gen.generate(ids, max_new_tokens=4, use_cache=use_cache)  # warm-up: first runs allocate and tune
+    gen.generate(ids, max_new_tokens=4, min_new_tokens=4, use_cache=use_cache)  # warm-up: first runs allocate and tune
     step_graph = "decode" if use_cache else "prefill"
     timer = _RunTimer(gen.graphs.session(step_graph))
     start = time.perf_counter()
-    result = gen.generate(ids, max_new_tokens=new_tokens, use_cache=use_cache)
+    result = gen.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=use_cache)  # exactly new_tokens
     total = time.perf_counter() - start
     _, peak = _rss_mb()
     steps = timer.durations if use_cache else timer.durations[1:]  # no-cache: the first prefill call is the prompt

@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the model's chat template")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="eos cannot end the text before this many new tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     generator = Generator.load(args.directory, provider=args.provider, threads=args.threads, share_weights=not args.no_share_weights,
                                max_cache_bytes=args.max_cache_memory)
     options = dict(
-        max_new_tokens=args.max_new_tokens, chat=args.chat, stop=args.stop, use_cache=not args.no_cache,
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, chat=args.chat, stop=args.stop, use_cache=not args.no_cache,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
     )

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..graphs import GraphContract, KvgraphError
-from ..graphs.conventions import left_pad, right_pad
+from ..graphs.modes import Positions, step_adapter
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
 from .seq2seq import Seq2SeqSteps
@@ -79,19 +79,22 @@ class Generator:
     # -- public API --------------------------------------------------------------------------
 
     def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-                 use_cache: bool = True, **sampling) -> GenerationResult | list[GenerationResult]:
-        """One prompt -> one result; a list of prompts -> a left-padded batch, one result each."""
+                 use_cache: bool = True, min_new_tokens: int = 0, **sampling) -> GenerationResult | list[GenerationResult]:
+        """One prompt -> one result; a list of prompts -> a left-padded batch, one result each.
+
+        min_new_tokens: eos cannot end a row before this many new tokens (as in Hugging Face generate).
+        """
         batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer))
         prompts = list(prompt) if batch else [prompt]
-        requests = [self._request(p, max_new_tokens, chat, stop) for p in prompts]
+        requests = [self._request(p, max_new_tokens, chat, stop, min_new_tokens) for p in prompts]
         results = self._run(requests, Sampling(**sampling), use_cache)
         return results if batch else results[0]
 
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-               use_cache: bool = True, **sampling) -> Iterator[str]:
+               use_cache: bool = True, min_new_tokens: int = 0, **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive; their concatenation equals generate(...).text."""
-        request = self._request(prompt, max_new_tokens, chat, stop)
-        text = IncrementalText(self._need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
+        request = self._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
+        text = IncrementalText(self.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
         with self.graphs.request_turn():
             run, _ = self._start([request], Sampling(**sampling), use_cache)
             try:
@@ -114,22 +117,22 @@ class Generator:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _need_codec(self) -> TextCodec:
+    def need_codec(self) -> TextCodec:
         if self.codec is None:
             raise KvgraphError(f"{self.graphs.directory}: no tokenizer.json in this export; pass token ids")
         return self.codec
 
-    def _request(self, prompt, max_new_tokens: int, chat: bool, stop: Sequence[str]) -> Request:
+    def _request(self, prompt, max_new_tokens: int, chat: bool, stop: Sequence[str], min_new_tokens: int = 0) -> Request:
         if isinstance(prompt, str):
             if not prompt:
                 raise KvgraphError("the prompt is empty")
-            codec = self._need_codec()
+            codec = self.need_codec()
             ids = codec.encode_chat([{"role": "user", "content": prompt}]) if chat else codec.encode(prompt)
         elif isinstance(prompt, Sequence) and all(isinstance(t, (int, np.integer)) for t in prompt):
             ids = [int(t) for t in prompt]
         else:
             raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
-        return Request(ids, max_new_tokens, tuple(stop))
+        return Request(ids, max_new_tokens, tuple(stop), min_new_tokens)
 
     def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> list[GenerationResult]:
         with self.graphs.request_turn():
@@ -140,46 +143,44 @@ class Generator:
                 for row in run.rows:
                     if not row.finished:
                         row.finish_reason, row.text = "interrupted", self.text_of(row.tokens)
-                raise GenerationInterrupted([self._result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]) from None
-        return [self._result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]
+                raise GenerationInterrupted([self.result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]) from None
+        return [self.result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]
 
     def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> tuple[BatchRun, float]:
         """Check the requests, run the prefill; the returned BatchRun generates when iterated."""
-        self._check(requests)
-        if self.graphs.contract.seq2seq:  # sources right-padded; the decoder side starts unpadded
-            ids, mask = right_pad([r.prompt_ids for r in requests], self.pad_id)
-            stepper = Seq2SeqSteps(self.graphs, self.graphs.manifest.special_tokens.decoder_start_token_id, use_cache)
-        else:
-            ids, mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
-            stepper = _CachedSteps(self.graphs) if use_cache else _RecomputeSteps(self.graphs)
+        self.check(requests)
+        ids, mask = self.graphs.steps.kind.pad([r.prompt_ids for r in requests], self.pad_id)
+        stepper = STEPPERS[self.graphs.contract.kind](self.graphs, use_cache)
         start = time.perf_counter()
         logits = stepper.first(ids, mask)
-        if self.graphs.contract.seq2seq:
-            mask = np.ones((len(requests), 1), dtype=np.int64)  # the decoder's own tokens
-        return BatchRun(requests, logits, mask, stepper.next, sampling, self), time.perf_counter() - start
+        return BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self), time.perf_counter() - start
 
-    def _check(self, requests: list[Request]) -> None:
+    def check(self, requests: list[Request]) -> None:
+        """Refuse, before anything runs, requests that are empty, out of the vocabulary or do not fit."""
         contract = self.graphs.contract
-        max_positions = self.graphs.manifest.model.max_positions
         self._check_cache_budget(requests)
         for request in requests:
             if not request.prompt_ids:
                 raise KvgraphError("the prompt is empty (no tokens)")
             if request.max_new_tokens < 1:
                 raise KvgraphError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+            if request.min_new_tokens < 0:
+                raise KvgraphError(f"min_new_tokens must be >= 0, got {request.min_new_tokens}")
             bad = [t for t in request.prompt_ids if not 0 <= t < contract.vocab_size]
             if bad:
                 raise KvgraphError(f"token id {bad[0]} is outside the vocabulary [0, {contract.vocab_size})")
-            if contract.seq2seq:
-                self._check_seq2seq(request, max_positions, contract.max_length)
-                continue
-            total = len(request.prompt_ids) + request.max_new_tokens
-            if contract.static and total > contract.max_length:
-                raise KvgraphError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
-                                   f"exceeds the static cache's {contract.max_length} positions (export with a larger --max-length)")
-            if max_positions and total > max_positions:
-                raise KvgraphError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
-                                   f"exceeds the model's max positions ({max_positions})")
+            self._check_positions(self.graphs.steps.kind.positions(len(request.prompt_ids), request.max_new_tokens))
+
+    def _check_positions(self, need: Positions) -> None:
+        capacity = self.graphs.steps.cache.capacity(self.graphs.contract)
+        max_positions = self.graphs.manifest.model.max_positions
+        if capacity and need.decoder > capacity:
+            raise KvgraphError(f"{need.decoder_text} exceeds the static cache's {capacity} positions (export with a larger --max-length)")
+        if max_positions and need.source > max_positions:
+            raise KvgraphError(f"{need.source_text} exceeds the encoder's max positions ({max_positions})")
+        if max_positions and need.decoder > max_positions:
+            whose = "decoder's" if need.source_text else "model's"
+            raise KvgraphError(f"{need.decoder_text} exceeds the {whose} max positions ({max_positions})")
 
     def _check_cache_budget(self, requests: list[Request]) -> None:
         """Refuse up front a request whose KV cache would not fit the budget (rather than dying mid-way)."""
@@ -190,21 +191,11 @@ class Generator:
             raise KvgraphError(f"this request needs {_size(need)} of KV cache ({how}), over the cache budget of "
                                f"{_size(self.max_cache_bytes)} (Generator.load(max_cache_bytes=...), kvgraph generate --max-cache-memory)")
 
-    @staticmethod
-    def _check_seq2seq(request: Request, max_positions: int | None, static_length: int | None) -> None:
-        # encoder and decoder each have their own positions (none at all with relative attention, as in T5)
-        if static_length and request.max_new_tokens + 1 > static_length:
-            raise KvgraphError(f"max_new_tokens ({request.max_new_tokens}) + the start token exceeds the static cache's "
-                               f"{static_length} positions (export with a larger --max-length)")
-        if max_positions and len(request.prompt_ids) > max_positions:
-            raise KvgraphError(f"the source ({len(request.prompt_ids)} tokens) exceeds the encoder's max positions ({max_positions})")
-        if max_positions and request.max_new_tokens + 1 > max_positions:
-            raise KvgraphError(f"max_new_tokens ({request.max_new_tokens}) + the start token exceeds the decoder's max positions ({max_positions})")
-
     def text_of(self, token_ids: list[int]) -> str:
         return self.codec.decode(token_ids) if self.codec is not None else ""
 
-    def _result(self, request: Request, row: RowState, prefill_s: float, run: BatchRun) -> GenerationResult:
+    def result(self, request: Request, row: RowState, prefill_s: float, run: BatchRun) -> GenerationResult:
+        """One row of a finished (or interrupted) run as a GenerationResult."""
         rate = run.decode_steps / run.decode_seconds if run.decode_seconds > 0 else 0.0
         stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate)
         return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)
@@ -212,19 +203,15 @@ class Generator:
 
 def cache_need(contract: GraphContract, prompt_lengths: list[int], max_new_tokens: int) -> tuple[int, str]:
     """Bytes of KV cache a batch needs at its longest, and how that number is made up."""
+    steps = step_adapter(contract)
     rows, per_position = len(prompt_lengths), contract.cache_bytes_per_token()
     layout = f"{contract.num_layers} layers x 2 x {contract.num_kv_heads} KV heads x {contract.head_dim} x {np.dtype(contract.dtype).itemsize} bytes"
-    if contract.seq2seq:  # self-attention over the generated tokens, cross-attention over the source
-        positions = contract.max_length if contract.static else 1 + max_new_tokens
-        cross = max(prompt_lengths)
-        need = rows * per_position * (positions * (1 if contract.static else 2) + cross)
-        twice = "" if contract.static else " (decoder positions x 2 while a step holds past and present)"
-        return need, f"{rows} rows x ({positions} decoder + {cross} source positions) x {layout}{twice}"
-    positions = contract.max_length if contract.static else max(prompt_lengths) + max_new_tokens
-    copies = 1 if contract.static else 2  # a dynamic step holds its past and its present at once
-    need = copies * rows * positions * per_position
-    twice = "" if contract.static else ", x 2 while a step holds past and present"
-    return need, f"{rows} rows x {positions} positions x {layout}{twice}"
+    need = steps.kind.positions(max(prompt_lengths), max_new_tokens)
+    held, copies = steps.cache.cache_positions(contract, need.decoder)  # a dynamic step holds its past and its present at once
+    total = rows * per_position * (held * copies + need.source)  # + the cross K/V over the source (encoder-decoder)
+    twice = ", x 2 while a step holds past and present" if copies == 2 else ""
+    source = f" + {need.source} source positions" if need.source else ""
+    return total, f"{rows} rows x ({held} positions{twice}{source}) x {layout}"
 
 
 def default_cache_budget() -> int | None:
@@ -248,9 +235,11 @@ class _CachedSteps:
     def __init__(self, graphs: LoadedGraphs, cache: KVCache | None = None) -> None:
         self.graphs = graphs
         self.cache = cache
+        self.mask: np.ndarray | None = None  # (B, P): the attention mask of everything fed so far
 
     def first(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         logits, self.cache = prefill(self.graphs, ids, mask)
+        self.mask = mask
         return logits[:, -1]
 
     def next(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -258,20 +247,22 @@ class _CachedSteps:
         return logits[:, -1]
 
 
-class _RecomputeSteps:
+class _RecomputeSteps(_CachedSteps):
     """No cache: every step runs the prefill graph over the whole sequence so far."""
 
-    def __init__(self, graphs: LoadedGraphs) -> None:
-        self.graphs = graphs
-        self.ids: np.ndarray | None = None
-
     def first(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        self.ids = ids
+        self.ids, self.mask = ids, mask
         return prefill(self.graphs, ids, mask)[0][:, -1]
 
     def next(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         self.ids = np.concatenate([self.ids, tokens], axis=1)
         return prefill(self.graphs, self.ids, mask)[0][:, -1]
+
+
+STEPPERS = {  # contract kind -> (graphs, use_cache) -> the stepper BatchRun drives
+    "decoder": lambda graphs, use_cache: _CachedSteps(graphs) if use_cache else _RecomputeSteps(graphs),
+    "encoder-decoder": lambda graphs, use_cache: Seq2SeqSteps(graphs, graphs.manifest.special_tokens.decoder_start_token_id, use_cache),
+}
 
 
 @dataclass
@@ -288,11 +279,11 @@ class Conversation:
     def send(self, text: str, max_new_tokens: int = 64, stop: Sequence[str] = ()) -> GenerationResult:
         if not text:
             raise KvgraphError("the message is empty")
-        codec = self.generator._need_codec()
+        codec = self.generator.need_codec()
         self.messages.append({"role": "user", "content": text})
         ids = codec.encode_chat(self.messages)
         request = Request(ids, max_new_tokens, tuple(stop))
-        self.generator._check([request])
+        self.generator.check([request])
         start = time.perf_counter()
         stepper, logits, mask = self._resume(ids)
         prefill_s = time.perf_counter() - start
@@ -301,7 +292,7 @@ class Conversation:
         self.cache = stepper.cache
         self.cached_ids = ids + row.tokens[:-1]  # the last token was sampled, never fed
         self.messages.append({"role": "assistant", "content": row.text})
-        return self.generator._result(request, row, prefill_s, run)
+        return self.generator.result(request, row, prefill_s, run)
 
     def _resume(self, ids: list[int]):
         """Reuse the cache for the longest common prefix; run only the new tokens through the graphs."""

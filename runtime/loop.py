@@ -22,6 +22,7 @@ class Request:
     prompt_ids: list[int]
     max_new_tokens: int
     stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0  # eos cannot be chosen before this many new tokens (Hugging Face's min_new_tokens)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class BatchRun:
         rng = np.random.default_rng(self.sampling.seed)
         while True:
             seen = self._seen() if self.sampling.repetition_penalty != 1.0 else []
-            chosen = next_tokens(self.logits, seen, self.sampling, rng)
+            chosen = next_tokens(self._without_early_eos(self.logits), seen, self.sampling, rng)
             for b, row in enumerate(self.rows):
                 if not row.finished:
                     self._append(b, int(chosen[b]))
@@ -77,6 +78,15 @@ class BatchRun:
         for row in self.rows:
             if row.finish_reason != "stop":
                 row.text = self.vocab.text_of(row.tokens)
+
+    def _without_early_eos(self, logits: np.ndarray) -> np.ndarray:
+        """Rows short of their min_new_tokens get -inf at the eos ids (before any other processing, as in Hugging Face)."""
+        early = [b for b, (r, row) in enumerate(zip(self.requests, self.rows)) if len(row.tokens) < r.min_new_tokens]
+        if not early or not self.vocab.eos_ids:
+            return logits
+        logits = np.array(logits, dtype=np.float32)
+        logits[np.ix_(early, sorted(self.vocab.eos_ids))] = -np.inf
+        return logits
 
     def _seen(self) -> list[np.ndarray]:
         """Each row's prompt and generated ids, for the repetition penalty."""

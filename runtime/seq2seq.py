@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from ..graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, ENCODER_MASK, INPUT_IDS, WRITE_INDICES
+from ..graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, INPUT_IDS
 from .session import LoadedGraphs
-from .steps import KVCache, StaticCache, aliased, check_room, new_static_cache, run_graph
+from .steps import KVCache, StaticCache, new_cache, run_step
 
 
 @dataclass
 class Seq2SeqCache:
     self_attention: KVCache | StaticCache  # present.{i}.* of the last step, (B, Hkv, P, D), or (B, Hkv, N, D) buffers
-    cross: list[ort.OrtValue]  # cross.{i}.* from prefill, (B, Hkv, Se, D): read-only from then on
+    cross: dict[str, ort.OrtValue]  # cross.{i}.* from prefill, (B, Hkv, Se, D): read-only from then on
 
     @property
     def length(self) -> int:
@@ -43,34 +43,15 @@ def encode(graphs: LoadedGraphs, source_ids: np.ndarray, source_mask: np.ndarray
 
 def prefill(graphs: LoadedGraphs, tokens: np.ndarray, hidden: ort.OrtValue, source_mask: np.ndarray) -> tuple[np.ndarray, Seq2SeqCache]:
     # tokens (B, S): the decoder start token (and any forced prefix) -> logits (B, 1, V), self K/V of length S, cross K/V
-    contract = graphs.contract
-    host = {INPUT_IDS: tokens, ENCODER_MASK: source_mask}
-    if contract.static:  # the self-attention K/V land in fresh buffers, written in place from index 0
-        buffers = new_static_cache(graphs, tokens.shape[0])
-        check_room(buffers, tokens.shape[1])
-        host[WRITE_INDICES] = np.zeros(tokens.shape[0], dtype=np.int64)
-        logits, cross = run_graph(graphs, "prefill", host, {ENCODER_HIDDEN: hidden}, contract.cross_names(), aliased(graphs, buffers))
-        buffers.length = tokens.shape[1]
-        return logits, Seq2SeqCache(buffers, cross)
-    logits, caches = run_graph(graphs, "prefill", host, {ENCODER_HIDDEN: hidden}, [*contract.present_names(), *contract.cross_names()])
-    layers = len(contract.present_names())
-    return logits, Seq2SeqCache(KVCache(caches[:layers], graphs.device), caches[layers:])
+    cache = new_cache(graphs, tokens.shape[0])
+    logits, cache, cross = run_step(graphs, cache, "prefill", tokens, source_mask, {ENCODER_HIDDEN: hidden})
+    return logits, Seq2SeqCache(cache, cross)
 
 
 def decode_one(graphs: LoadedGraphs, cache: Seq2SeqCache, tokens: np.ndarray, source_mask: np.ndarray) -> tuple[np.ndarray, Seq2SeqCache]:
     # tokens (B, 1) -> logits (B, 1, V), self K/V grown by one; the cross K/V are bound as they are
-    contract = graphs.contract
-    host = {INPUT_IDS: tokens, ENCODER_MASK: source_mask}
-    if isinstance(cache.self_attention, StaticCache):
-        buffers = cache.self_attention
-        check_room(buffers, 1)
-        host[WRITE_INDICES] = np.full(tokens.shape[0], buffers.length, dtype=np.int64)
-        logits, _ = run_graph(graphs, "decode", host, dict(zip(contract.cross_names(), cache.cross)), [], aliased(graphs, buffers))
-        buffers.length += 1
-        return logits, cache
-    on_device = {**dict(zip(contract.past_names(), cache.self_attention.values)), **dict(zip(contract.cross_names(), cache.cross))}
-    logits, presents = run_graph(graphs, "decode", host, on_device, contract.present_names())
-    return logits, Seq2SeqCache(KVCache(presents, graphs.device), cache.cross)
+    logits, self_attention, _ = run_step(graphs, cache.self_attention, "decode", tokens, source_mask, cache.cross)
+    return logits, Seq2SeqCache(self_attention, cache.cross)
 
 
 class Seq2SeqSteps:
@@ -90,6 +71,7 @@ class Seq2SeqSteps:
         self.hidden = encode(self.graphs, source_ids, source_mask)
         self.decoded = np.full((source_ids.shape[0], 1), self.start_token, dtype=np.int64)
         logits, self.cache = prefill(self.graphs, self.decoded, self.hidden, source_mask)
+        self.mask = np.ones_like(self.decoded)  # the decoder's own tokens: never padded
         return logits[:, -1]
 
     def next(self, tokens: np.ndarray, _decoder_mask: np.ndarray) -> np.ndarray:

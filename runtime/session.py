@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from ..graphs import GraphContract, KvgraphError, Manifest, TensorSpec, io_mismatches
 from ..graphs.manifest import graph_file
+from ..graphs.modes import StepAdapter, step_adapter
 from ..graphs.safety import check_graph_file
 from .weights import SharedWeights
 
@@ -67,6 +68,11 @@ class LoadedGraphs:
     @property
     def contract(self) -> GraphContract:
         return self.manifest.contract
+
+    @property
+    def steps(self) -> StepAdapter:
+        """The contract's step adapter: which graph a step runs and what it is fed."""
+        return step_adapter(self.manifest.contract)
 
     def session(self, graph: str) -> ort.InferenceSession:
         """The graph's session, opened and checked against the manifest on first use."""

@@ -1,16 +1,19 @@
-"""The two steps of generation over onnxruntime, with the cache kept as OrtValues on the device.
+"""The steps of generation over onnxruntime, with the cache kept as OrtValues on the device.
 
     prefill(graphs, input_ids, attention_mask)            -> (logits, cache)
     decode_one(graphs, cache, tokens, attention_mask)     -> (logits, cache)
     extend(graphs, cache, tokens, attention_mask)         -> (logits, cache)   (several new tokens)
+    run_step(graphs, cache, role, tokens, mask, other)    -> (logits, cache, kept outputs)   any of them
 
-Inputs and outputs are bound with IOBinding: each step's presents stay on the session's device
-and are bound as the next step's pasts as they are, with no numpy round trip of K/V.
+Which graph runs and what it is fed (ids, masks, positions, write indices) comes from the contract's
+step adapter (graphs/modes.py). What differs at run time between cache modes is only where the K/V
+live, and that is the cache object:
 
-A static-cache export (manifest contract.cache == "static") takes the same calls: its StaticCache
-holds (B, Hkv, N, D) buffers that are bound as both past and present, so TensorScatter writes the
-new positions in place; the decode step's binding is built once and reused every step (all
-inputs are OrtValues on the device, as CUDA graph capture requires).
+- KVCache (dynamic): each step's presents stay on the device and are bound as the next step's
+  pasts as they are, with no numpy round trip of K/V.
+- StaticCache: (B, Hkv, N, D) buffers bound as both past and present, so TensorScatter writes the
+  new positions in place; the decode step's binding is built once and reused every step (all its
+  inputs are OrtValues on the device, as CUDA graph capture requires).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from ..graphs.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRITE_INDICES
-from ..graphs.conventions import extend_position_ids, prefill_position_ids
+from ..graphs.contract import INPUT_IDS, LOGITS
 from .session import Device, LoadedGraphs
+
+Kept = dict[str, ort.OrtValue]  # outputs besides logits and the cache (seq2seq prefill: cross K/V)
 
 
 @dataclass
@@ -43,67 +47,87 @@ class KVCache:
         kept = [np.ascontiguousarray(v.numpy()[:, :, :length]) for v in self.values]
         return KVCache([ort.OrtValue.ortvalue_from_numpy(a, self.device.ort_type, self.device.index) for a in kept], self.device)
 
+    def run(self, graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], other: Kept) -> tuple[np.ndarray, KVCache, Kept]:
+        contract = graphs.contract
+        names = graphs.steps.device_outputs(graph)
+        on_device = {**dict(zip(contract.past_names(), self.values)), **other}
+        logits, values = run_graph(graphs, graph, host, on_device, names)
+        outputs = dict(zip(names, values))
+        presents = [outputs.pop(name) for name in contract.present_names()]
+        return logits, KVCache(presents, self.device), outputs
+
 
 class StaticCache:
-    """Fixed (B, Hkv, N, D) buffers on the device plus the (B, N) mask; `length` positions are written."""
+    """Fixed (B, Hkv, N, D) buffers on the device; `length` positions are written."""
 
     def __init__(self, graphs: LoadedGraphs, batch: int) -> None:
         contract, device = graphs.contract, graphs.device
-        shape = (batch, contract.num_kv_heads, contract.max_length, contract.head_dim)  # (B, Hkv, N, D)
+        shape = graphs.steps.cache.buffer_shape(contract, batch)  # (B, Hkv, N, D)
         # zeros, not uninitialized memory: the attention reads every position (masked ones too),
         # and a NaN left in freed memory would turn the masked scores into NaN
         self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=contract.dtype), device.ort_type, device.index)
                        for _ in contract.cache_slots()]
         self.device = device
+        self.batch = batch
         self.length = 0
-        self.mask = np.zeros((batch, contract.max_length), dtype=np.int64)  # (B, N)
-        self._decode: _StaticDecode | None = None
-
-    @property
-    def capacity(self) -> int:
-        return self.mask.shape[1]
+        self._decode: _BoundDecode | None = None
 
     def truncated(self, length: int) -> StaticCache:
         """Keep the first `length` positions: the rest is overwritten by later steps (no copy)."""
         self.length = min(self.length, length)
-        self.mask[:, self.length:] = 0
         return self
+
+    def aliased(self, graphs: LoadedGraphs) -> list[tuple[str, str, ort.OrtValue]]:
+        """(past name, present name, buffer) for every buffer: bound as input and output both."""
+        return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), self.values))
+
+    def run(self, graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], other: Kept) -> tuple[np.ndarray, StaticCache, Kept]:
+        names = graphs.steps.device_outputs(graph)
+        if graph == "decode" and not names:
+            if self._decode is None:
+                self._decode = _BoundDecode(graphs, self, host, other)
+            logits, kept = self._decode.run(host), {}
+        else:
+            logits, values = run_graph(graphs, graph, host, other, names, self.aliased(graphs))
+            kept = dict(zip(names, values))
+        self.length += host[INPUT_IDS].shape[1]
+        return logits, self, kept
+
+
+def new_cache(graphs: LoadedGraphs, batch: int) -> KVCache | StaticCache:
+    """An empty cache of the export's mode; under cuda_graph the batch size's pooled buffers, rewound."""
+    if not graphs.steps.cache.aliased:
+        return KVCache([], graphs.device)
+    if not graphs.cuda_graph:
+        return StaticCache(graphs, batch)
+    if batch not in graphs.pool:  # replays reuse the captured addresses: one set of buffers per batch size
+        graphs.pool[batch] = StaticCache(graphs, batch)
+    return graphs.pool[batch].truncated(0)
+
+
+def run_step(graphs: LoadedGraphs, cache, role: str, tokens: np.ndarray, mask: np.ndarray,
+             other: Kept | None = None) -> tuple[np.ndarray, KVCache | StaticCache, Kept]:
+    # tokens (B, Q); mask: the decoder's (B, P + Q) or an encoder-decoder's source mask (B, Se)
+    host = graphs.steps.host_feeds(role, tokens, mask, cache.length)
+    return cache.run(graphs, graphs.steps.graph(role), host, other or {})
 
 
 def prefill(graphs: LoadedGraphs, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache | StaticCache]:
     # input_ids, attention_mask: (B, S) int64 -> logits (B, 1, V) (or (B, S, V)), cache of length S
-    if graphs.contract.static:
-        return _static_write(graphs, new_static_cache(graphs, input_ids.shape[0]), input_ids, attention_mask)
-    feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: prefill_position_ids(attention_mask)}
-    return _run(graphs, "prefill", feeds, past=None)
+    logits, cache, _ = run_step(graphs, new_cache(graphs, input_ids.shape[0]), "prefill", input_ids, attention_mask)
+    return logits, cache
 
 
-def decode_one(graphs: LoadedGraphs, cache: KVCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache]:
+def decode_one(graphs: LoadedGraphs, cache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache | StaticCache]:
     # tokens: (B, 1); attention_mask: (B, P+1) including the new token -> logits (B, 1, V), cache of length P+1
-    return _after_past(graphs, "decode", cache, tokens, attention_mask)
+    logits, cache, _ = run_step(graphs, cache, "decode", tokens, attention_mask)
+    return logits, cache
 
 
-def extend(graphs: LoadedGraphs, cache: KVCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache]:
+def extend(graphs: LoadedGraphs, cache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache | StaticCache]:
     # tokens: (B, Q); attention_mask: (B, P+Q) including the new tokens -> logits (B, 1, V), cache of length P+Q
-    return _after_past(graphs, "extend", cache, tokens, attention_mask)
-
-
-def _after_past(graphs: LoadedGraphs, graph: str, cache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache]:
-    if attention_mask.shape[1] != cache.length + tokens.shape[1]:
-        raise ValueError(f"{graph} expects attention_mask of shape (B, {cache.length + tokens.shape[1]}), got {attention_mask.shape}")
-    if isinstance(cache, StaticCache):
-        if graph == "decode":
-            return _static_decode(graphs, cache, tokens, attention_mask)
-        return _static_write(graphs, cache, tokens, attention_mask)  # extend = prefill at write index P
-    positions = extend_position_ids(attention_mask, tokens.shape[1])
-    feeds = {INPUT_IDS: tokens, ATTENTION_MASK: attention_mask, POSITION_IDS: positions}
-    return _run(graphs, graph, feeds, past=cache)
-
-
-def _run(graphs: LoadedGraphs, graph: str, feeds: dict[str, np.ndarray], past: KVCache | None) -> tuple[np.ndarray, KVCache]:
-    on_device = dict(zip(graphs.contract.past_names(), past.values)) if past is not None else {}
-    logits, presents = run_graph(graphs, graph, feeds, on_device, graphs.contract.present_names())
-    return logits, KVCache(presents, graphs.device)
+    logits, cache, _ = run_step(graphs, cache, "extend", tokens, attention_mask)
+    return logits, cache
 
 
 def run_graph(graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], on_device: dict[str, ort.OrtValue],
@@ -128,81 +152,29 @@ def run_graph(graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], on_
     return logits.numpy(), rest[: len(outputs)]
 
 
-def aliased(graphs: LoadedGraphs, cache: StaticCache) -> list[tuple[str, str, ort.OrtValue]]:
-    """(past name, present name, buffer) for every static buffer: bound as input and output both."""
-    return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), cache.values))
+class _BoundDecode:
+    """The decode step's binding for one StaticCache: built once, its host inputs updated in place each step."""
 
-
-def new_static_cache(graphs: LoadedGraphs, batch: int) -> StaticCache:
-    """A fresh cache; under cuda_graph the batch size's pooled one, rewound (its addresses were captured)."""
-    if not graphs.cuda_graph:
-        return StaticCache(graphs, batch)
-    if batch not in graphs.pool:
-        graphs.pool[batch] = StaticCache(graphs, batch)
-    return graphs.pool[batch].truncated(0)
-
-
-def check_room(cache: StaticCache, new: int) -> None:
-    if cache.length + new > cache.capacity:
-        raise ValueError(f"the static cache holds {cache.capacity} positions; {cache.length} are used and {new} more do not fit")
-
-
-def _static_write(graphs: LoadedGraphs, cache: StaticCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, StaticCache]:
-    """The prefill graph writes Q tokens at write index `cache.length` (0 for a prompt)."""
-    check_room(cache, tokens.shape[1])
-    end = cache.length + tokens.shape[1]
-    cache.mask[:, :end] = attention_mask
-    feeds = {INPUT_IDS: tokens, ATTENTION_MASK: cache.mask, POSITION_IDS: extend_position_ids(attention_mask, tokens.shape[1]),
-             WRITE_INDICES: np.full(tokens.shape[0], cache.length, dtype=np.int64)}
-    logits, _ = run_graph(graphs, "prefill", feeds, {}, [], aliased(graphs, cache))
-    cache.length = end
-    return logits, cache
-
-
-class _StaticDecode:
-    """The decode step's binding for one StaticCache: built once, its inputs updated in place each step."""
-
-    def __init__(self, graphs: LoadedGraphs, cache: StaticCache) -> None:
+    def __init__(self, graphs: LoadedGraphs, cache: StaticCache, host: dict[str, np.ndarray], other: Kept) -> None:
         contract, device = graphs.contract, graphs.device
-        batch = cache.mask.shape[0]
         self.session = graphs.session("decode")
         self.binding = self.session.io_binding()
-
-        def on_device(array: np.ndarray) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_numpy(array, device.ort_type, device.index)
-
-        self.inputs = {
-            INPUT_IDS: on_device(np.zeros((batch, 1), dtype=np.int64)),
-            ATTENTION_MASK: on_device(cache.mask),
-            POSITION_IDS: on_device(np.zeros((batch, 1), dtype=np.int64)),
-            WRITE_INDICES: on_device(np.zeros(batch, dtype=np.int64)),
-        }
-        for name, value in self.inputs.items():
+        self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.int64), device.ort_type, device.index)
+                       for name, array in host.items()}
+        for name, value in {**self.inputs, **other}.items():  # other: seq2seq cross K/V, the same every step
             self.binding.bind_ortvalue_input(name, value)
-        for past, present, value in aliased(graphs, cache):
+        for past, present, value in cache.aliased(graphs):
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, contract.vocab_size), np.dtype(contract.dtype).type,
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((cache.batch, 1, contract.vocab_size), np.dtype(contract.dtype).type,
                                                                 device.ort_type, device.index)
         self.binding.bind_ortvalue_output(LOGITS, self.logits)
         self.run_options = ort.RunOptions()
         if graphs.cuda_graph:  # one captured graph per batch size (ids start at 1; -1 means "no capture")
-            self.run_options.add_run_config_entry("gpu_graph_id", str(batch))
+            self.run_options.add_run_config_entry("gpu_graph_id", str(cache.batch))
 
-    def run(self, cache: StaticCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        self.inputs[INPUT_IDS].update_inplace(np.ascontiguousarray(tokens, dtype=np.int64))
-        self.inputs[ATTENTION_MASK].update_inplace(cache.mask)
-        self.inputs[POSITION_IDS].update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
-        self.inputs[WRITE_INDICES].update_inplace(np.full(cache.mask.shape[0], cache.length, dtype=np.int64))
+    def run(self, host: dict[str, np.ndarray]) -> np.ndarray:
+        for name, array in host.items():
+            self.inputs[name].update_inplace(np.ascontiguousarray(array, dtype=np.int64))
         self.session.run_with_iobinding(self.binding, self.run_options)
         return self.logits.numpy()
-
-
-def _static_decode(graphs: LoadedGraphs, cache: StaticCache, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, StaticCache]:
-    check_room(cache, 1)
-    cache.mask[:, : cache.length + 1] = attention_mask
-    if cache._decode is None:
-        cache._decode = _StaticDecode(graphs, cache)
-    logits = cache._decode.run(cache, tokens, extend_position_ids(attention_mask, 1))
-    cache.length += 1
-    return logits, cache

@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..graphs.contract import (ATTENTION_MASK, ENCODER_HIDDEN, ENCODER_MASK, INPUT_IDS, LOGITS, POSITION_IDS,
-                               WRITE_INDICES, GraphContract)
-from ..graphs.conventions import extend_position_ids, left_pad, prefill_position_ids, right_pad
+from ..graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, INPUT_IDS, LOGITS, GraphContract
+from ..graphs.conventions import left_pad, right_pad
 from ..graphs.manifest import Manifest
+from ..graphs.modes import step_adapter
 
 Runner = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]  # (graph, feeds) -> outputs by name
 
@@ -64,26 +64,21 @@ def greedy_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], max_
 
 
 class _Loop:
+    """Feeds built by the contract's step adapter; each step's presents (valid prefix) become the next pasts."""
+
     def __init__(self, contract: GraphContract, run: Runner) -> None:
         self.contract = contract
+        self.adapter = step_adapter(contract)
         self.run = run
         self.steps: list[Step] = []
-        self.past: dict[str, np.ndarray] = {}  # past.{i}.* for the next step: the last step's present.{i}.*
-        self.length = 0  # positions written to the self-attention cache
+        self.past: list[np.ndarray] = []  # past.{i}.* for the next step, (B, Hkv, P, D) each
 
-    def _static_buffers(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.contract.num_kv_heads, self.contract.max_length, self.contract.head_dim)  # (B, Hkv, N, D)
-        return {name: np.zeros(shape, dtype=self.contract.dtype) for name in self.contract.past_names()}
-
-    def _call(self, graph: str, feeds: dict[str, np.ndarray], new: int) -> dict[str, np.ndarray]:
-        """Run one graph on `feeds` + the pasts, record it, keep its presents as the next pasts."""
-        specs, _ = self.contract.graphs()[graph]
-        feeds = {**feeds, **self.past}
-        inputs = {spec.name: np.array(feeds[spec.name]) for spec in specs}  # the graph's order; a copy
-        outputs = self.run(graph, inputs)
-        self.past = {past: outputs[present] for past, present in zip(self.contract.past_names(), self.contract.present_names())}
-        self.length += new
-        self.steps.append(Step(graph, inputs, {LOGITS: np.array(outputs[LOGITS][:, -1])}))
+    def _call(self, role: str, tokens: np.ndarray, mask: np.ndarray, other: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run one graph, record exactly what it was fed (a copy) and its last-position logits."""
+        inputs, outputs = self.adapter.run(self.run, role, tokens, mask, self.past, other)
+        self.past = self.adapter.presents(outputs)
+        self.steps.append(Step(self.adapter.graph(role), {k: np.array(v) for k, v in inputs.items()},
+                               {LOGITS: np.array(outputs[LOGITS][:, -1])}))
         return outputs
 
 
@@ -92,24 +87,12 @@ class _DecoderLoop(_Loop):
 
     def first(self, prompts: list[list[int]], pad: int) -> np.ndarray:
         ids, self.mask = left_pad(prompts, pad)  # (B, S) each
-        feeds = {INPUT_IDS: ids, POSITION_IDS: prefill_position_ids(self.mask)}
-        if self.contract.static:
-            self.past = self._static_buffers(len(prompts))
-        return self._call("prefill", {**feeds, **self._mask_feeds()}, ids.shape[1])[LOGITS][:, -1]
+        return self._call("prefill", ids, self.mask)[LOGITS][:, -1]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
         # tokens (B, 1); the mask grows by a 1 column; the new token's position = real tokens before it
         self.mask = np.concatenate([self.mask, np.ones_like(tokens)], axis=1)
-        feeds = {INPUT_IDS: tokens, POSITION_IDS: extend_position_ids(self.mask, 1)}
-        return self._call("decode", {**feeds, **self._mask_feeds()}, 1)[LOGITS][:, -1]
-
-    def _mask_feeds(self) -> dict[str, np.ndarray]:
-        if not self.contract.static:
-            return {ATTENTION_MASK: self.mask}  # (B, P + Q)
-        batch = self.mask.shape[0]
-        mask = np.zeros((batch, self.contract.max_length), dtype=np.int64)  # (B, N): unwritten positions are 0
-        mask[:, : self.mask.shape[1]] = self.mask
-        return {ATTENTION_MASK: mask, WRITE_INDICES: np.full(batch, self.length, dtype=np.int64)}
+        return self._call("decode", tokens, self.mask)[LOGITS][:, -1]
 
 
 class _Seq2SeqLoop(_Loop):
@@ -125,21 +108,13 @@ class _Seq2SeqLoop(_Loop):
         encoder_inputs = {INPUT_IDS: ids, ATTENTION_MASK: self.source_mask}
         hidden = self.run("encoder", encoder_inputs)[ENCODER_HIDDEN]  # (B, Se, H)
         self.steps.append(Step("encoder", {k: np.array(v) for k, v in encoder_inputs.items()}, {ENCODER_HIDDEN: np.array(hidden)}))
-        if self.contract.static:
-            self.past = self._static_buffers(len(prompts))
         tokens = np.full((len(prompts), 1), self.start, dtype=np.int64)
-        outputs = self._call("prefill", {INPUT_IDS: tokens, ENCODER_HIDDEN: hidden, **self._feeds(len(prompts))}, 1)
+        outputs = self._call("prefill", tokens, self.source_mask, {ENCODER_HIDDEN: hidden})
         self.cross = {name: outputs[name] for name in self.contract.cross_names()}  # (B, Hkv, Se, D), fixed from now on
         return outputs[LOGITS][:, -1]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
-        return self._call("decode", {INPUT_IDS: tokens, **self.cross, **self._feeds(tokens.shape[0])}, 1)[LOGITS][:, -1]
-
-    def _feeds(self, batch: int) -> dict[str, np.ndarray]:
-        feeds = {ENCODER_MASK: self.source_mask}
-        if self.contract.static:
-            feeds[WRITE_INDICES] = np.full(batch, self.length, dtype=np.int64)
-        return feeds
+        return self._call("decode", tokens, self.source_mask, self.cross)[LOGITS][:, -1]
 
 
 def ort_runner(graphs) -> Runner:

@@ -18,6 +18,7 @@ import numpy as np
 from ..graphs.contract import GraphContract
 from ..graphs.errors import KvgraphError
 from ..graphs.manifest import Manifest
+from ..graphs.report import VECTOR_TOLERANCES, excess
 from ..graphs.staging import staged
 from .trace import Step, Trace
 
@@ -26,10 +27,7 @@ VECTORS_FORMAT = "kvgraph-vectors"
 VECTORS_VERSION = "1.0"
 TOP_K = 5
 PROMPT_TEXTS = ("The capital of France is", "Hello")  # for exports with a tokenizer
-# |actual - expected| <= atol + rtol * |expected|. Another implementation of the same ops sums in
-# another order: over SmolLM2's 30 layers onnx's ReferenceEvaluator differs from onnxruntime by up to
-# 1.7e-4 in the logits, large or near zero alike; a wrong cache, mask or position moves them by 0.1 and more.
-TOLERANCES = {"float32": {"atol": 5e-4, "rtol": 0.0}, "float16": {"atol": 2e-2, "rtol": 2e-2}}
+TOLERANCES = VECTOR_TOLERANCES  # graphs/report.py: the one tolerance table
 
 
 class VectorsMismatch(KvgraphError):
@@ -196,10 +194,9 @@ def tensor_mismatch(expected: np.ndarray, actual: np.ndarray, tolerance: dict) -
             return f"differs at {at}: {actual[at]} instead of {expected[at]}"
         return None
     e, a = expected.astype(np.float64), actual.astype(np.float64)
-    excess = np.abs(a - e) - (tolerance["atol"] + tolerance["rtol"] * np.abs(e))
-    excess = np.where(np.isnan(excess), np.inf, excess)
-    if excess.size and excess.max() > 0:
-        at = np.unravel_index(int(np.argmax(excess)), excess.shape)
+    over = excess(actual, expected, tolerance)
+    if over.size and over.max() > 0:
+        at = np.unravel_index(int(np.argmax(over)), over.shape)
         at = tuple(int(i) for i in at)
         return f"differs at {at}: {a[at]:.6g} instead of {e[at]:.6g} (max |diff| {np.nanmax(np.abs(a - e)):.3g}, atol {tolerance['atol']}, rtol {tolerance['rtol']})"
     return None

@@ -1,13 +1,16 @@
-"""Tiny random-init configs, one per family the parity suite proves (>= 2 layers, GQA where the family has it).
+"""Tiny random-init configs that stand for real checkpoints: each keeps its checkpoint's vocabulary
+size, weight tying and head layout (GQA / multi-head), and shrinks only width and depth (>= 2 layers).
 
-initializer_range 0.1 (init_std for OPT) keeps the top-2 logit gap well above float noise, so
+A 128-token vocabulary hid a duplicated tied embedding under the weights file's slack; with real
+vocabularies the embedding is most of a tiny model's bytes, so "stored once" checks have teeth.
+
+initializer_range 0.1 (init_std for OPT/BART) keeps the top-2 logit gap well above float noise, so
 greedy comparisons test the graphs, not rounding.
 """
 
 from __future__ import annotations
 
 _DECODER = dict(
-    vocab_size=128,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -20,44 +23,55 @@ _DECODER = dict(
     pad_token_id=0,
 )
 
-TINY_CONFIGS = {
-    "gpt2": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.1, bos_token_id=1, eos_token_id=2),
-    "gpt_neox": dict(_DECODER, num_key_value_heads=None),
-    "opt": dict(
-        vocab_size=128, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, init_std=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    ),
-    "llama": _DECODER,
-    "mistral": _DECODER,
-    "qwen2": _DECODER,
-    "qwen3": dict(_DECODER, head_dim=16),
-    "phi3": _DECODER,
-    "gemma": dict(_DECODER, head_dim=16),
+# family -> (the checkpoint it stands for, config overrides)
+DECODER_CHECKPOINTS = {
+    "gpt2": ("gpt2 (50257, tied)", dict(vocab_size=50257, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.1,
+                                        bos_token_id=1, eos_token_id=2)),
+    "gpt_neox": ("EleutherAI/pythia-70m (50304, untied)", dict(_DECODER, vocab_size=50304, num_key_value_heads=None,
+                                                               tie_word_embeddings=False)),
+    "opt": ("facebook/opt-125m (50272, tied)", dict(
+        vocab_size=50272, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, init_std=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    "llama": ("meta-llama/Llama-2-7b (32000, untied, GQA as in Llama 3)", dict(_DECODER, vocab_size=32000, tie_word_embeddings=False)),
+    "mistral": ("mistralai/Mistral-7B-v0.3 (32768, untied)", dict(_DECODER, vocab_size=32768, tie_word_embeddings=False)),
+    "qwen2": ("Qwen/Qwen2.5-0.5B (151936, tied)", dict(_DECODER, vocab_size=151936, tie_word_embeddings=True)),
+    "qwen3": ("Qwen/Qwen3-0.6B (151936, tied, head_dim set)", dict(_DECODER, vocab_size=151936, head_dim=16, tie_word_embeddings=True)),
+    "phi3": ("microsoft/Phi-3-mini-4k (32064, untied)", dict(_DECODER, vocab_size=32064, tie_word_embeddings=False)),
+    "gemma": ("google/gemma-2b (256000, tied, head_dim set)", dict(_DECODER, vocab_size=256000, head_dim=16, tie_word_embeddings=True)),
 }
+TINY_CONFIGS = {family: config for family, (_, config) in DECODER_CHECKPOINTS.items()}
 
-
-# Encoder-decoder families (2 encoder and 2 decoder layers). BART/Marian: init_std 0.1; T5 scales its
-# own init by initializer_factor (1.5: logits within about ±10, top-2 gaps >= 0.4).
-SEQ2SEQ_CONFIGS = {
-    "t5": dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-               relative_attention_num_buckets=8, initializer_factor=1.5, decoder_start_token_id=0, pad_token_id=0,
-               eos_token_id=1),
-    "bart": dict(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-                 init_std=0.1, bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
-                 forced_eos_token_id=None),
-    "marian": dict(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-                   init_std=0.1, pad_token_id=127, eos_token_id=0, decoder_start_token_id=127, forced_eos_token_id=None),
+# Encoder-decoder families (2 encoder and 2 decoder layers). BART/Marian/mBART/Pegasus: init_std 0.1;
+# T5 scales its own init by initializer_factor (1.5: logits within about +-10, top-2 gaps >= 0.4).
+# All their real checkpoints tie the encoder embedding, decoder embedding and lm_head; t5-v1_1 does
+# not tie the lm_head (and gates its feed-forward): the untied encoder-decoder.
+_BART_LIKE = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64, init_std=0.1, forced_eos_token_id=None)
+_T5 = dict(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+           relative_attention_num_buckets=8, initializer_factor=1.5, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+SEQ2SEQ_CHECKPOINTS = {
+    "t5": ("t5", "google-t5/t5-small (32128, tied)", _T5),
+    "t5-v1_1": ("t5", "google/t5-v1_1-small (32128, untied lm_head, gated-gelu)",
+                dict(_T5, tie_word_embeddings=False, feed_forward_proj="gated-gelu")),
+    "bart": ("bart", "facebook/bart-base (50265, tied)", dict(_BART_LIKE, vocab_size=50265, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                                                              decoder_start_token_id=2)),
+    "marian": ("marian", "Helsinki-NLP/opus-mt-en-de (58101, tied)", dict(_BART_LIKE, vocab_size=58101, pad_token_id=58100, eos_token_id=0,
+                                                                          decoder_start_token_id=58100)),
+    "mbart": ("mbart", "facebook/mbart-large-50 (250054, tied)", dict(_BART_LIKE, vocab_size=250054, bos_token_id=0, pad_token_id=1,
+                                                                     eos_token_id=2, decoder_start_token_id=2)),
+    "pegasus": ("pegasus", "google/pegasus-xsum (96103, tied)", dict(_BART_LIKE, vocab_size=96103, pad_token_id=0, eos_token_id=1,
+                                                                    decoder_start_token_id=0)),
 }
+SEQ2SEQ_CONFIGS = {name: config for name, (_, _, config) in SEQ2SEQ_CHECKPOINTS.items()}
 
 
 def tiny_seq2seq(family: str, seed: int = 0, **overrides):
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
+    model_type = SEQ2SEQ_CHECKPOINTS[family][0]
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **{**SEQ2SEQ_CONFIGS[family], **overrides})
+    config = AutoConfig.for_model(model_type, **{**SEQ2SEQ_CONFIGS[family], **overrides})
     return AutoModelForSeq2SeqLM.from_config(config).eval()
 
 

@@ -12,6 +12,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvgraph.graphs.conventions import extend_position_ids, prefill_position_ids
+from kvgraph.graphs.modes import step_adapter
 
 
 def torch_step(model, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None = None, all_logits: bool = False):
@@ -31,55 +32,38 @@ def torch_step(model, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] 
 
 
 class OrtPair:
-    """prefill.onnx and decode.onnx (and extend.onnx) of an export directory, fed by contract names.
+    """prefill.onnx and decode.onnx (and extend.onnx) of an export directory, fed by the contract's step adapter.
 
-    Static-cache exports take the same calls: the past (B, Hkv, P, D) is copied into zero
-    buffers of the graph's length N, written at index P, and the presents returned are the
-    buffers' first P + Q positions. So every parity test runs unchanged on both cache modes.
+    Calls take and return the dynamic cache's view: pasts (B, Hkv, P, D) in, presents (B, Hkv, P+Q, D)
+    out. A static-cache export gets each past copied into zero buffers of its length N, written at
+    index P, and returns the buffers' first P + Q positions: every parity test runs unchanged on both modes.
     """
 
     def __init__(self, directory, contract):
         self.contract = contract
+        self.steps = step_adapter(contract)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.prefill_session = ort.InferenceSession(str(directory / "prefill.onnx"), options, providers=["CPUExecutionProvider"])
-        self.decode_session = ort.InferenceSession(str(directory / "decode.onnx"), options, providers=["CPUExecutionProvider"])
-        extend = directory / ("prefill.onnx" if contract.static else "extend.onnx")  # static: prefill at index P
-        self.extend_session = ort.InferenceSession(str(extend), options, providers=["CPUExecutionProvider"])
+        self.sessions = {name: ort.InferenceSession(str(directory / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+                         for name in contract.graphs()}
+
+    def _run(self, graph, feeds):
+        session = self.sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    def _step(self, role, ids, mask, past):
+        _, outputs = self.steps.run(self._run, role, ids, mask, list(past))
+        return self.steps.step_outputs(outputs)
 
     def prefill(self, ids, mask):
-        if self.contract.static:
-            empty = np.zeros((ids.shape[0], self.contract.num_kv_heads, 0, self.contract.head_dim), dtype=np.float32)
-            return self._static(self.prefill_session, ids, mask, prefill_position_ids(mask), [empty] * (2 * self.contract.num_layers))
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": prefill_position_ids(mask)}
-        return self.prefill_session.run(None, feeds)
-
-    def _static(self, session, ids, mask, positions, past):
-        batch, length = mask.shape
-        size = self.contract.max_length
-        written = past[0].shape[2]
-        buffers = [np.zeros((batch, self.contract.num_kv_heads, size, self.contract.head_dim), dtype=np.float32) for _ in past]
-        for buffer, tensor in zip(buffers, past):
-            buffer[:, :, :written] = tensor
-        full_mask = np.zeros((batch, size), dtype=np.int64)
-        full_mask[:, :length] = mask
-        feeds = {"input_ids": ids, "attention_mask": full_mask, "position_ids": positions,
-                 "write_indices": np.full(batch, written, dtype=np.int64), **dict(zip(self.contract.past_names(), buffers))}
-        logits, *presents = session.run(None, feeds)
-        return [logits, *(p[:, :, :length] for p in presents)]
+        return self._step("prefill", ids, mask, [])
 
     def decode(self, ids, mask, past):
-        return self._step(self.decode_session, ids, mask, past)
+        return self._step("decode", ids, mask, past)
 
     def extend(self, ids, mask, past):
-        return self._step(self.extend_session, ids, mask, past)
-
-    def _step(self, session, ids, mask, past):
-        if self.contract.static:
-            return self._static(session, ids, mask, extend_position_ids(mask, ids.shape[1]), past)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": extend_position_ids(mask, ids.shape[1])}
-        feeds.update(zip(self.contract.past_names(), past))
-        return session.run(None, feeds)
+        return self._step("extend", ids, mask, past)
 
     def greedy(self, ids, mask, new_tokens: int) -> np.ndarray:
         """(B, S) prompt -> (B, new_tokens) greedy continuation with the cache."""

@@ -67,7 +67,7 @@ def test_inspect_prints_a_table_and_json(cli_export, capsys):
     assert "validation   passed" in out
     code, out, _ = _run(capsys, "inspect", cli_export, "--json")
     data = json.loads(out)
-    assert data["graphs"]["prefill"]["outputs"][0]["shape"] == ["batch", 1, 128]
+    assert data["graphs"]["prefill"]["outputs"][0]["shape"] == ["batch", 1, 32000]  # llama's stands for Llama 2's vocabulary
     assert data["file_sizes"]["model.onnx.data"] > 0
 
 
@@ -126,7 +126,15 @@ def test_remote_code_is_refused_without_the_flag(model_dir, tmp_path, capsys):
 def test_output_parent_must_be_a_directory(model_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, _, err = _run(capsys, "export", model_dir, tmp_path / "file" / "out")
-    assert code == 1 and "parent directory does not exist" in err
+    assert code == 1 and "file: exists and is not a directory, cannot create" in err
+
+
+def test_missing_parents_are_created(model_dir, tmp_path, capsys):
+    """Like save_pretrained and optimum-cli, `kvgraph export MODEL models/new/out` creates models/new (test_export: and removes it on failure)."""
+    code, _, err = _run(capsys, "export", model_dir, tmp_path / "models" / "new" / "out", "--no-validate")
+    assert code == 0, err
+    assert (tmp_path / "models" / "new" / "out" / "kvgraph.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "models" / "new").iterdir()) == ["out"]
 
 
 def test_unknown_option_exits_2(capsys):

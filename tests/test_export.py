@@ -79,7 +79,7 @@ def test_all_logits_option_keeps_every_position(tmp_path):
     ids = np.array([[5, 9, 14, 3, 77]], dtype=np.int64)
     mask = np.ones_like(ids)
     logits = OrtPair(tmp_path / "out", result.manifest.contract).prefill(ids, mask)[0]
-    assert logits.shape == (1, 5, 128)
+    assert logits.shape == (1, 5, result.manifest.contract.vocab_size)
     row = compare("prefill", 0, "logits", logits, torch_step(model, ids, mask, all_logits=True)[0], "float32")
     assert row.ok, format_table([row])
 
@@ -104,12 +104,35 @@ def test_untested_family_goes_through_the_generic_path(tmp_path):
     assert result.manifest.model.family == "olmo" and result.manifest.validation["passed"]
 
 
-def test_failed_validation_publishes_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
+def test_failed_validation_publishes_nothing(tmp_path, monkeypatch, kind, capsys):
+    """One gate for every kind: a failed validation prints the table and writes nothing, not even the parents it made."""
+    from families import tiny_seq2seq
+
     monkeypatch.setitem(report.TOLERANCES, "float32", {"atol": 0.0, "rtol": 0.0})  # float noise alone now fails
-    model = tiny_model("llama")
-    with pytest.raises(ValidationError, match="exceed the float32 tolerance"):
-        export_model(model, tmp_path / "out")
-    assert _no_leftovers(tmp_path, "out") == []
+    model = tiny_model("llama") if kind == "decoder" else tiny_seq2seq("t5")
+    with pytest.raises(ValidationError, match="exceed the float32 tolerance .* nothing was written"):
+        export_model(model, tmp_path / "new" / "out", log=print)
+    assert list(tmp_path.iterdir()) == []
+    table = capsys.readouterr().out
+    assert "FAIL" in table and ("encoder" in table) == (kind == "encoder-decoder")
+
+
+def test_onnxruntime_failure_during_validation_is_one_line_naming_type_graph_and_step(tmp_path, monkeypatch):
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+
+    def refuse_decode(path, *args, **kwargs):
+        if str(path).endswith("decode.onnx"):
+            raise onnxruntime.capi.onnxruntime_pybind11_state.Fail("[ONNXRuntimeError] : 1 : FAIL : Load model failed\nmore")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse_decode)
+    with pytest.raises(KvgraphError, match=r"^model type 'llama': onnxruntime cannot load decode.onnx during validation \(step 1\): "
+                                           r"\[ONNXRuntimeError\] : 1 : FAIL : Load model failed$"):
+        export_model(tiny_model("llama"), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):

@@ -26,7 +26,8 @@ from kvgraph.runtime import Generator
 from kvgraph.runtime.cli import main
 
 DECODE_STEPS = 8
-SOURCES = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
+_RNG = np.random.default_rng(0)
+SOURCES = [_RNG.integers(3, 30000, size=n).tolist() for n in (7, 3, 5)]  # spread over every family's vocabulary (>= 32128)
 
 
 @pytest.fixture(params=sorted(SEQ2SEQ_CONFIGS))
@@ -112,19 +113,23 @@ def test_decode_steps_match_pytorch(seq2seq):
 def test_greedy_tokens_equal_transformers_generate_and_batch_equals_alone(seq2seq):
     model, directory, _ = seq2seq
     gen = Generator.load(directory)
-    gen.eos_ids = frozenset()  # 12 tokens every time (the tiny models' eos would cut rows short)
-    model.generation_config.eos_token_id = None
-    batch = [r.token_ids for r in gen.generate(SOURCES, max_new_tokens=12)]
-    alone = [gen.generate(s, max_new_tokens=12).token_ids for s in SOURCES]
-    recomputed = [r.token_ids for r in gen.generate(SOURCES, max_new_tokens=12, use_cache=False)]
+    new = dict(max_new_tokens=12, min_new_tokens=12)  # 12 tokens every time: eos cannot end a row early, on either side
+    batch = [r.token_ids for r in gen.generate(SOURCES, **new)]
+    alone = [gen.generate(s, **new).token_ids for s in SOURCES]
+    recomputed = [r.token_ids for r in gen.generate(SOURCES, **new, use_cache=False)]
+    theirs = _hf_generate(model, **new)
+    assert batch == alone == recomputed == theirs
+    assert len({tuple(t) for t in theirs}) > 1  # the sources lead to different outputs
+
+
+def _hf_generate(model, **options) -> list[list[int]]:
     theirs = []
     for source in SOURCES:
         with torch.no_grad():
             out = model.generate(torch.tensor([source]), attention_mask=torch.ones(1, len(source), dtype=torch.long),
-                                 do_sample=False, max_new_tokens=12, pad_token_id=model.config.pad_token_id)
+                                 do_sample=False, pad_token_id=model.config.pad_token_id, **options)
         theirs.append(out[0, 1:].tolist())  # generate's output starts with the decoder start token
-    assert batch == alone == recomputed == theirs
-    assert len({tuple(t) for t in theirs}) > 1  # the sources lead to different outputs
+    return theirs
 
 
 def test_padded_batch_graph_outputs_equal_each_source_alone(seq2seq):
@@ -215,15 +220,8 @@ def test_static_self_attention_cache(family, seq2seq_exports):
     for past, present in zip(manifest.contract.past_names(), manifest.contract.present_names()):
         assert producers[present].op_type == "TensorScatter" and producers[present].input[0] == past
     gen = Generator.load(directory)
-    gen.eos_ids = frozenset()
-    model.generation_config.eos_token_id = None
-    batch = [r.token_ids for r in gen.generate(SOURCES, max_new_tokens=12)]
-    alone = [gen.generate(s, max_new_tokens=12).token_ids for s in SOURCES]
-    theirs = []
-    for source in SOURCES:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([source]), do_sample=False, max_new_tokens=12, pad_token_id=model.config.pad_token_id)
-        theirs.append(out[0, 1:].tolist())
-    assert batch == alone == theirs
+    batch = [r.token_ids for r in gen.generate(SOURCES, max_new_tokens=12, min_new_tokens=12)]
+    alone = [gen.generate(s, max_new_tokens=12, min_new_tokens=12).token_ids for s in SOURCES]
+    assert batch == alone == _hf_generate(model, max_new_tokens=12, min_new_tokens=12)
     with pytest.raises(KvgraphError, match=r"max_new_tokens \(32\) \+ the start token exceeds the static cache's 32 positions"):
         gen.generate([5, 6], max_new_tokens=32)

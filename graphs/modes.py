@@ -1,0 +1,217 @@
+"""How a step's feeds are built and its outputs taken back: one adapter per cache mode and graph kind.
+
+Numpy only, no onnxruntime. Validation, the oracle's ONNX side, golden vectors, benchmarks and the
+runtime all ask the adapter of their contract; none of them spells the mode rules again.
+
+    steps = step_adapter(contract)
+    graph = steps.graph("extend")                                  # static: "prefill" at write index P
+    host = steps.host_feeds("decode", tokens, mask, written)       # int64: ids, masks, positions, write indices
+    feeds = {**host, **steps.cache_feeds(past, batch), **other}    # past: the valid prefix (B, Hkv, P, D) of each
+    present = steps.visible(outputs, written + new)                # presents cut back to their valid prefix
+
+Roles: "prefill" (a prompt, nothing cached), "decode" (one token after a past), "extend" (Q tokens
+after a past). `mask` is the decoder's attention mask so far, new tokens included (B, P + Q); for an
+encoder-decoder it is the source's mask (B, Se), fed unchanged every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .contract import ATTENTION_MASK, ENCODER_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRITE_INDICES, GraphContract
+from .conventions import extend_position_ids, left_pad, right_pad
+from .errors import KvgraphError
+
+ROLES = ("prefill", "decode", "extend")
+
+
+class DynamicCacheMode:
+    """K/V grow by Q positions a step: present (B, Hkv, P + Q, D) is the next step's past."""
+
+    name = "dynamic"
+    aliased = False  # present is a new tensor
+
+    def graph(self, role: str, graphs: tuple[str, ...]) -> str:
+        return role
+
+    def mask_feed(self, contract: GraphContract, mask: np.ndarray) -> np.ndarray:
+        return mask  # (B, P + Q)
+
+    def write_feeds(self, batch: int, written: int) -> dict[str, np.ndarray]:
+        return {}
+
+    def cache_feeds(self, contract: GraphContract, past: list[np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        return dict(zip(contract.past_names(), past))
+
+    def visible(self, present: np.ndarray, length: int) -> np.ndarray:
+        return present
+
+    def room(self, contract: GraphContract, written: int, new: int) -> str | None:
+        return None
+
+    def cache_positions(self, contract: GraphContract, positions: int) -> tuple[int, int]:
+        """(positions held per row, copies held while a step runs): past and present both."""
+        return positions, 2
+
+    def capacity(self, contract: GraphContract) -> int | None:
+        return None
+
+
+class StaticCacheMode:
+    """Fixed (B, Hkv, N, D) buffers; a step writes its Q positions at write_indices, in place."""
+
+    name = "static"
+    aliased = True  # past and present are one buffer, bound as both
+
+    def graph(self, role: str, graphs: tuple[str, ...]) -> str:
+        return "prefill" if role == "extend" else role  # extend = prefill at write index P
+
+    def mask_feed(self, contract: GraphContract, mask: np.ndarray) -> np.ndarray:
+        padded = np.zeros((mask.shape[0], contract.max_length), dtype=np.int64)  # (B, N): unwritten positions are 0
+        padded[:, : mask.shape[1]] = mask
+        return padded
+
+    def write_feeds(self, batch: int, written: int) -> dict[str, np.ndarray]:
+        return {WRITE_INDICES: np.full(batch, written, dtype=np.int64)}  # (B,)
+
+    def buffer_shape(self, contract: GraphContract, batch: int) -> tuple[int, int, int, int]:
+        return (batch, contract.num_kv_heads, contract.max_length, contract.head_dim)  # (B, Hkv, N, D)
+
+    def cache_feeds(self, contract: GraphContract, past: list[np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        # zeros, not uninitialised memory: masked positions are multiplied by zero weights, a NaN there would spread
+        buffers = [np.zeros(self.buffer_shape(contract, batch), dtype=contract.dtype) for _ in contract.cache_slots()]
+        for buffer, tensor in zip(buffers, past):
+            buffer[:, :, : tensor.shape[2]] = tensor
+        return dict(zip(contract.past_names(), buffers))
+
+    def visible(self, present: np.ndarray, length: int) -> np.ndarray:
+        return present[:, :, :length]
+
+    def room(self, contract: GraphContract, written: int, new: int) -> str | None:
+        if written + new <= contract.max_length:
+            return None
+        return f"the static cache holds {contract.max_length} positions; {written} are used and {new} more do not fit"
+
+    def cache_positions(self, contract: GraphContract, positions: int) -> tuple[int, int]:
+        return contract.max_length, 1
+
+    def capacity(self, contract: GraphContract) -> int | None:
+        return contract.max_length
+
+
+@dataclass(frozen=True)
+class Positions:
+    """What a request occupies: the decoder's cache positions, and the source's (encoder-decoder only)."""
+
+    decoder: int
+    decoder_text: str  # how `decoder` is made up, for error messages
+    source: int = 0
+    source_text: str = ""
+
+
+class DecoderFeeds:
+    """Decoder-only: tokens, the attention mask so far and position ids from it (left padding)."""
+
+    def host(self, contract: GraphContract, cache, tokens: np.ndarray, mask: np.ndarray, written: int) -> dict[str, np.ndarray]:
+        # tokens (B, Q), mask (B, P + Q) -> positions (B, Q): real tokens before each new one
+        if mask.shape != (tokens.shape[0], written + tokens.shape[1]):
+            raise ValueError(f"a step of {tokens.shape[1]} new tokens after {written} cached positions expects attention_mask "
+                             f"of shape ({tokens.shape[0]}, {written + tokens.shape[1]}), got {mask.shape}")
+        return {INPUT_IDS: tokens, ATTENTION_MASK: cache.mask_feed(contract, mask),
+                POSITION_IDS: extend_position_ids(mask, tokens.shape[1])}
+
+    def kept_outputs(self, contract: GraphContract, graph: str) -> list[str]:
+        return []
+
+    def positions(self, prompt: int, new: int) -> Positions:
+        return Positions(prompt + new, f"prompt ({prompt} tokens) + max_new_tokens ({new}) = {prompt + new}", 0, "")
+
+    def pad(self, rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        return left_pad(rows, pad_id)
+
+
+class Seq2SeqFeeds:
+    """Encoder-decoder: decoder tokens and the source mask; prefill emits the cross K/V once."""
+
+    def host(self, contract: GraphContract, cache, tokens: np.ndarray, mask: np.ndarray, written: int) -> dict[str, np.ndarray]:
+        return {INPUT_IDS: tokens, ENCODER_MASK: mask}  # mask: the source's (B, Se)
+
+    def kept_outputs(self, contract: GraphContract, graph: str) -> list[str]:
+        return contract.cross_names() if graph == "prefill" else []
+
+    def positions(self, prompt: int, new: int) -> Positions:
+        # encoder and decoder each have their own positions: the source is the encoder's, the decoder starts from one token
+        return Positions(1 + new, f"max_new_tokens ({new}) + the start token", prompt, f"the source ({prompt} tokens)")
+
+    def pad(self, rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        return right_pad(rows, pad_id)  # the encoder sees the whole source; the decoder side is never padded
+
+
+CACHE_MODES = {"dynamic": DynamicCacheMode(), "static": StaticCacheMode()}
+KINDS = {"decoder": DecoderFeeds(), "encoder-decoder": Seq2SeqFeeds()}
+
+Runner = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]  # (graph, feeds) -> outputs by name
+
+
+@dataclass(frozen=True)
+class StepAdapter:
+    """The contract's cache mode and graph kind, asked by every loop over the graphs."""
+
+    contract: GraphContract
+    cache: DynamicCacheMode | StaticCacheMode
+    kind: DecoderFeeds | Seq2SeqFeeds
+
+    def graph(self, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown step role {role!r}; one of {ROLES}")
+        return self.cache.graph(role, tuple(self.contract.graphs()))
+
+    def host_feeds(self, role: str, tokens: np.ndarray, mask: np.ndarray, written: int) -> dict[str, np.ndarray]:
+        """The graph's int64 inputs for Q = tokens.shape[1] new tokens after `written` cached positions."""
+        reason = self.cache.room(self.contract, written, tokens.shape[1])
+        if reason:
+            raise KvgraphError(reason)
+        feeds = self.kind.host(self.contract, self.cache, tokens, mask, written)
+        return {**feeds, **self.cache.write_feeds(tokens.shape[0], written)}
+
+    def cache_feeds(self, past: list[np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        """past.* inputs from each cache tensor's valid prefix (B, Hkv, P, D); a prompt has none (static: zero buffers)."""
+        if not past and not self.cache.aliased:
+            return {}
+        return self.cache.cache_feeds(self.contract, past, batch)
+
+    def device_outputs(self, graph: str) -> list[str]:
+        """Outputs besides logits a runtime keeps on the device: new presents, and (seq2seq prefill) cross K/V."""
+        presents = [] if self.cache.aliased or graph == "encoder" else self.contract.present_names()
+        return [*presents, *self.kind.kept_outputs(self.contract, graph)]
+
+    def visible(self, presents: list[np.ndarray], length: int) -> list[np.ndarray]:
+        return [self.cache.visible(p, length) for p in presents]
+
+    def run(self, run: Runner, role: str, tokens: np.ndarray, mask: np.ndarray, past: list[np.ndarray],
+            other: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One numpy step: (every input fed, every output with presents cut to P + Q)."""
+        written = past[0].shape[2] if past else 0
+        graph = self.graph(role)
+        feeds = {**self.host_feeds(role, tokens, mask, written), **self.cache_feeds(past, tokens.shape[0]), **(other or {})}
+        inputs, _ = self.contract.graphs()[graph]
+        feeds = {spec.name: feeds[spec.name] for spec in inputs}  # the graph's order
+        outputs = dict(run(graph, feeds))
+        length = written + tokens.shape[1]
+        for name in self.contract.present_names():
+            outputs[name] = self.cache.visible(outputs[name], length)
+        return feeds, outputs
+
+    def presents(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [outputs[name] for name in self.contract.present_names()]
+
+    def step_outputs(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """[logits, *presents, (*cross)] in contract order, as a PyTorch step returns them."""
+        return [outputs[LOGITS], *self.presents(outputs), *(outputs[n] for n in self.contract.cross_names() if n in outputs)]
+
+
+def step_adapter(contract: GraphContract) -> StepAdapter:
+    return StepAdapter(contract, CACHE_MODES[contract.cache], KINDS[contract.kind])
