@@ -210,8 +210,9 @@ def cache_need(contract: GraphContract, prompt_lengths: list[int], max_new_token
     held, copies = steps.cache.cache_positions(contract, need.decoder)  # a dynamic step holds its past and its present at once
     total = rows * per_position * (held * copies + need.source)  # + the cross K/V over the source (encoder-decoder)
     twice = ", x 2 while a step holds past and present" if copies == 2 else ""
-    source = f" + {need.source} source positions" if need.source else ""
-    return total, f"{rows} rows x ({held} positions{twice}{source}) x {layout}"
+    if need.source:
+        return total, f"{rows} rows x ({held} decoder{' x 2' if copies == 2 else ''} + {need.source} source positions) x {layout}"
+    return total, f"{rows} rows x {held} positions x {layout}{twice}"
 
 
 def default_cache_budget() -> int | None:

@@ -137,7 +137,7 @@ def test_vectors_bad_input(vectors, export_cache, tmp_path, capsys):
     assert main(["vectors", str(directory), str(out)]) == 1  # would overwrite
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     other = export_cache("qwen3", "static").directory
-    with pytest.raises(KvgraphError, match=r"different export \(contract cache 'dynamic' vs 'static', max_length None vs 48\)"):
+    with pytest.raises(KvgraphError, match=r"different export \(contract vocab_size 32000 vs 151936, cache 'dynamic' vs 'static', max_length None vs 48\)"):
         check_vectors(other, out)
     with pytest.raises(KvgraphError, match=r"no vectors.json here"):
         check_vectors(directory, tmp_path)
