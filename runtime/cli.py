@@ -36,8 +36,12 @@ def _load(module: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from kvgraph.graphs.errors import KvgraphError
+    try:  # Ctrl-C while the subcommands' modules load is an interrupt too, not a traceback
+        args = build_parser().parse_args(argv)
+        from kvgraph.graphs.errors import KvgraphError
+    except KeyboardInterrupt:
+        print("kvgraph: interrupted", file=sys.stderr)
+        return 130
 
     try:
         return _load(args.module).run(args)

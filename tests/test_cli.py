@@ -156,3 +156,24 @@ def test_console_script_parses_without_importing_torch():
     help_text = subprocess.run([str(Path(sys.executable).with_name("kvgraph")), "export", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--trust-remote-code" in help_text
 
+
+
+def test_real_ctrl_c_during_export_leaves_nothing_and_exits_130(model_dir, tmp_path):
+    """A real SIGINT to `kvgraph export`, sent once the staging directory exists (deterministic, whatever the load)."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "new" / "out"
+    kvgraph = str(Path(sys.executable).with_name("kvgraph"))
+    child = subprocess.Popen([kvgraph, "export", str(model_dir), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".partial") for p in out.parent.glob(".out.*")) and child.poll() is None:
+        assert time.monotonic() < deadline, "the export never created its staging directory"
+        time.sleep(0.01)
+    assert child.poll() is None, f"the export ended before it could be interrupted: {child.communicate()}"
+    os.kill(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, f"rc {child.returncode}: {err}"
+    assert "kvgraph export: interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # no output, no staging directory, not even the parent it created
