@@ -14,6 +14,7 @@ import torch
 
 from ..graphs import GraphContract, KvgraphError, io_mismatches
 from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE
+from ..graphs.derive import prefill_from_extend
 from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, read_io, share_embeddings_across_graphs,
                                  store_embedding_transposed, strip_exporter_metadata, untie_transposed_copies)
 from .families import Family
@@ -37,10 +38,12 @@ class TraceError(KvgraphError):
 def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
     """Capture the contract's graphs with torch.onnx, unoptimized: graph name -> ONNXProgram.
 
-    Decoder-only, dynamic: two traces, prefill and extend (the decode wrapper with Q new tokens);
-    decode is extend with Q pinned to 1 on its inputs and outputs (optimize_graphs copies it): the
-    same nodes, so bit-identical results, and as fast as a separately traced Q = 1 graph (SmolLM2:
-    45.5 ms vs 45.5 ms a step). Static: one trace, Q tokens into the buffers; decode is the same graph.
+    Decoder-only, dynamic: one trace, extend (the decode wrapper with Q new tokens after a past of
+    P). optimize_graphs derives the others: decode is extend with Q pinned to 1 on its inputs and
+    outputs (the same nodes, so bit-identical results, and as fast as a separately traced Q = 1 graph:
+    SmolLM2 45.5 ms vs 45.5 ms a step), and prefill is extend after an empty past (graphs/derive.py),
+    which halves the export's time. --all-logits keeps a traced prefill (extend keeps the last
+    position only). Static: one trace, Q tokens into the buffers; decode is the same graph.
     """
     if contract.seq2seq:
         steps, examples, shapes = _seq2seq_tracing(model, contract)
@@ -48,8 +51,10 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
     logits_to_keep = 0 if contract.all_logits else 1
     if contract.static:
         return {"prefill": _export(StaticStep(model, family, logits_to_keep), _static_example(model, contract), "prefill", contract)}
-    return {"prefill": _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract),
-            "extend": _export(DecodeStep(model, family), _extend_example(model, contract), "extend", contract)}
+    extend = {"extend": _export(DecodeStep(model, family), _extend_example(model, contract), "extend", contract)}
+    if not contract.all_logits:  # prefill is extend after an empty past (optimize_graphs derives it)
+        return extend
+    return {"prefill": _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract), **extend}
 
 
 def _seq2seq_tracing(model: torch.nn.Module, contract: GraphContract):
@@ -64,6 +69,8 @@ COPIES = {"decode": ("extend", "prefill")}  # a graph the contract wants but not
 def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphContract) -> dict[str, onnx.ModelProto]:
     """Optimize each traced program (onnxscript: folding, fusions) and apply kvgraph's rewrites; check the contract."""
     graphs = {name: _optimized(program, name, family) for name, program in programs.items()}
+    if "prefill" not in graphs:
+        graphs["prefill"] = prefill_from_extend(graphs["extend"], contract)
     for name in contract.graphs():
         if name not in graphs:
             graphs[name] = copy.deepcopy(next(graphs[source] for source in COPIES[name] if source in graphs))

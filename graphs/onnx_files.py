@@ -298,7 +298,8 @@ def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_na
 
 def _externalize(tensor: onnx.TensorProto, data, slots: dict[str, int], tensors: list[dict], location: str) -> int | None:
     """Point the tensor at its bytes in the weights file; returns its slot, or None if kept inline."""
-    raw = numpy_helper.to_array(tensor).tobytes()
+    # raw_data is already the little-endian bytes the file stores; converting it through numpy cost seconds
+    raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
     if len(raw) < INLINE_LIMIT:
         return None
     key = f"{tensor.data_type}:{tuple(tensor.dims)}:{hashlib.sha256(raw).hexdigest()}"
@@ -311,7 +312,8 @@ def _externalize(tensor: onnx.TensorProto, data, slots: dict[str, int], tensors:
     stored = tensors[slots[key]]
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)
-    tensor.raw_data = raw  # set_external_data insists on raw_data being present
+    if not tensor.HasField("raw_data"):
+        tensor.raw_data = raw  # set_external_data insists on raw_data being present
     external_data_helper.set_external_data(tensor, location=location, offset=stored["offset"], length=stored["length"])
     tensor.data_location = onnx.TensorProto.EXTERNAL
     tensor.ClearField("raw_data")
