@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ..graphs import GraphContract
 from ..graphs.contract import BATCH, ENCODER_SEQUENCE, PAST, SEQUENCE
-from .wrappers import _ScatterLayer, _static_mask
+from .wrappers import ScatterLayer, static_mask
 
 _BATCH, _SOURCE, _TARGET, _PAST = 2, 7, 3, 5  # distinct and > 1: no dimension gets specialised
 
@@ -120,7 +120,7 @@ def seq2seq_dynamic_shapes(graph: str, contract: GraphContract):
     return ({0: batch}, encoder_side, (*past, *cross))  # *caches: one tuple
 
 
-class _DecoderScatterLayer(_ScatterLayer):
+class _DecoderScatterLayer(ScatterLayer):
     """A static self-attention layer that reports its write index as the tokens seen so far.
 
     T5 derives its relative position bias, and BART/Marian their positions, from
@@ -138,7 +138,7 @@ def _static_self_cache(buffers, write_indices) -> Cache:
 def _decoder_mask(input_ids, write_indices, buffers, config):
     # the decoder side is never padded: query q of row b sees buffer positions <= write_indices[b] + q
     everything = torch.ones(input_ids.shape[0], buffers[0].shape[2], dtype=torch.int64)
-    return _static_mask(everything, write_indices, input_ids.shape[1], config, buffers[0].dtype)
+    return static_mask(everything, write_indices, input_ids.shape[1], config, buffers[0].dtype)
 
 
 class Seq2SeqStaticPrefill(_DecoderStep):

@@ -58,7 +58,7 @@ class DecodeStep(_CausalLMStep):
         return self._run(input_ids, attention_mask, position_ids, cache)
 
 
-class _ScatterLayer(DynamicLayer):
+class ScatterLayer(DynamicLayer):
     """One layer of a static cache: fixed (B, Hkv, N, D) buffers, new K/V written at write_indices."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_indices: torch.Tensor) -> None:
@@ -79,12 +79,12 @@ class StaticStep(_CausalLMStep):
 
     def forward(self, input_ids, attention_mask, position_ids, write_indices, *buffers):
         # input_ids, position_ids: (B, Q); attention_mask: (B, N); write_indices: (B,); buffers: (B, Hkv, N, D)
-        layers = [_ScatterLayer(buffers[2 * i], buffers[2 * i + 1], write_indices) for i in range(len(buffers) // 2)]
-        mask = _static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype)
+        layers = [ScatterLayer(buffers[2 * i], buffers[2 * i + 1], write_indices) for i in range(len(buffers) // 2)]
+        mask = static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype)
         return self._run(input_ids, mask, position_ids, Cache(layers=layers))
 
 
-def _static_mask(attention_mask, write_indices, new: int, config, dtype) -> torch.Tensor:
+def static_mask(attention_mask, write_indices, new: int, config, dtype) -> torch.Tensor:
     """(B, N) padding mask -> (B, 1, Q, N) attention mask over the buffer.
 
     Query q of row b sits at buffer position w_b + q: it sees the real tokens at positions <= its

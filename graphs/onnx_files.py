@@ -15,6 +15,8 @@ from onnx import external_data_helper, numpy_helper
 
 from .contract import TensorSpec
 
+WEIGHTS_FORMAT = "kvgraph-weights"  # weights.json; its reader is runtime/weights.py
+WEIGHTS_VERSION = "1.0"  # a reader accepts the same major version (and files without one, written before 1.0)
 INLINE_LIMIT = 1024  # initializers smaller than this (bytes) stay inside the graph file
 ALIGNMENT = 64  # byte alignment of each tensor in the weights file
 
@@ -291,7 +293,8 @@ def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_na
         size = data.tell()
     for name, model in models.items():
         onnx.save_model(model, str(directory / f"{name}.onnx"))
-    index = {"file": weights_name, "size": size, "tensors": tensors, "graphs": graphs}
+    index = {"format": WEIGHTS_FORMAT, "format_version": WEIGHTS_VERSION, "file": weights_name, "size": size, "tensors": tensors,
+             "graphs": graphs}
     (directory / index_name).write_text(json.dumps(index, separators=(",", ":")) + "\n", encoding="utf-8")
     return size
 

@@ -29,6 +29,7 @@ class SharedWeights:
         path = check_inside(directory, _name(index_name, Path(directory) / "kvgraph.json"), str(Path(directory) / "kvgraph.json"))
         try:
             index = json.loads(path.read_text(encoding="utf-8"))
+            _check_version(index, path)
             weights = check_inside(directory, _name(index["file"], path), str(path))
             tensors, graphs, size = index["tensors"], index["graphs"], index["size"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -67,6 +68,21 @@ class SharedWeights:
         for name, value in self.initializers(graph).items():
             options.add_initializer(name, value)
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked = a per-session copy
+
+
+FORMAT, VERSION = "kvgraph-weights", "1.0"  # as graphs/onnx_files.py writes them
+
+
+def _check_version(index, path: Path) -> None:
+    """Refuse another format or a newer major version; an index without a version predates 1.0 and reads as 1.0."""
+    if not isinstance(index, dict):
+        raise KvgraphError(f"{path}: the weights index must be a JSON object")
+    if index.get("format", FORMAT) != FORMAT:
+        raise KvgraphError(f"{path}: field format is {index.get('format')!r}, expected {FORMAT!r}")
+    version = index.get("format_version", VERSION)
+    major = str(version).split(".")[0]
+    if not major.isdigit() or int(major) > int(VERSION.split(".")[0]):
+        raise KvgraphError(f"{path}: format_version {version!r} is newer than this kvgraph reads ({VERSION}); upgrade kvgraph")
 
 
 def _name(value, path: Path) -> str:

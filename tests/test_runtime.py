@@ -282,6 +282,8 @@ def test_shared_weights_are_what_the_sessions_read(text_export, tmp_path):
     (lambda d, i: (d / "weights.json").write_text(json.dumps({**i, "tensors": [{**i["tensors"][0], "offset": i["size"]}] + i["tensors"][1:]})),
      r"tensors\[0\] .* does not fit"),
     (lambda d, i: (d / "weights.json").write_text("{not json"), "cannot read the weights index"),
+    (lambda d, i: (d / "weights.json").write_text(json.dumps({**i, "format_version": "2.0"})), r"format_version '2.0' is newer than this kvgraph reads \(1.0\)"),
+    (lambda d, i: (d / "weights.json").write_text(json.dumps({**i, "format": "other"})), "field format is 'other', expected 'kvgraph-weights'"),
 ])
 def test_bad_weights_index_is_refused(text_export, tmp_path, mutate, message):
     directory = _copy_export(text_export[1], tmp_path / "copy")
