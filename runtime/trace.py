@@ -46,7 +46,7 @@ def greedy_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], max_
     """Greedy generation (argmax, lowest id on ties) for a batch, every graph call recorded."""
     special = manifest.special_tokens
     pad, eos = special.feed_pad_id, list(special.eos_token_ids)
-    loop = _Seq2SeqLoop(manifest, run) if manifest.contract.seq2seq else _DecoderLoop(manifest.contract, run)
+    loop = LOOPS[manifest.contract.kind](manifest, run)
     logits = loop.first(prompts, pad)
     rows: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -115,6 +115,9 @@ class _Seq2SeqLoop(_Loop):
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
         return self._call("decode", tokens, self.source_mask, self.cross)[LOGITS][:, -1]
+
+
+LOOPS = {"decoder": lambda manifest, run: _DecoderLoop(manifest.contract, run), "encoder-decoder": _Seq2SeqLoop}
 
 
 def ort_runner(graphs) -> Runner:

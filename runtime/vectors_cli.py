@@ -8,7 +8,8 @@ from pathlib import Path
 from ..graphs.errors import KvgraphError
 from ..graphs.staging import check_destination
 from .session import LoadedGraphs, load_graphs
-from .text import TextCodec
+from .generator import Generator
+from .loop import Request
 from .trace import Trace, greedy_trace, ort_runner
 from .vectors import Vectors, VectorsMismatch, contract_mismatch, default_prompts, first_mismatch, read_vectors, write_vectors
 
@@ -41,10 +42,10 @@ def make_vectors(directory: str | Path, out: str | Path, max_new_tokens: int = D
     check_destination(Path(out), force)  # before any slow work
     if max_new_tokens < 1:
         raise KvgraphError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    graphs = load_graphs(directory, provider)
-    codec = TextCodec(Path(directory)) if (Path(directory) / "tokenizer.json").is_file() else None
+    generator = Generator.load(directory, provider, max_cache_bytes=None)
+    graphs, codec = generator.graphs, generator.codec
     prompts = default_prompts(graphs.contract.vocab_size, codec.encode if codec else None)
-    _check_room(graphs, prompts, max_new_tokens)
+    generator.check([Request(row, max_new_tokens) for rows in prompts.values() for row in rows])  # the runtime's own limits
     cases = {name: _trace(graphs, rows, max_new_tokens) for name, rows in prompts.items()}
     return write_vectors(graphs.manifest, cases, Path(out), force)
 
@@ -68,13 +69,3 @@ def check_vectors(directory: str | Path, vectors_dir: str | Path, provider: str 
 
 def _trace(graphs: LoadedGraphs, prompts: list[list[int]], max_new_tokens: int) -> Trace:
     return greedy_trace(graphs.manifest, ort_runner(graphs), prompts, max_new_tokens)
-
-
-def _check_room(graphs: LoadedGraphs, prompts: dict[str, list[list[int]]], max_new_tokens: int) -> None:
-    contract = graphs.contract
-    if not contract.static:
-        return
-    longest = 1 if contract.seq2seq else max(len(row) for rows in prompts.values() for row in rows)
-    if longest + max_new_tokens > contract.max_length:
-        raise KvgraphError(f"--max-new-tokens {max_new_tokens} + {longest} prompt tokens exceed the static cache's "
-                           f"{contract.max_length} positions")

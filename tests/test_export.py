@@ -156,7 +156,7 @@ def test_model_that_cannot_trace_names_type_and_step(tmp_path):
         return inner_forward(*args, **kwargs)
 
     model.model.forward = forward
-    with pytest.raises(TraceError, match=r"model type 'llama': prefill graph failed at step 1/3 \(torch.export capture\)"):
+    with pytest.raises(TraceError, match=r"model type 'llama': extend graph failed at step 1/3 \(torch.export capture\)"):
         export_model(model, tmp_path / "out")
     assert _no_leftovers(tmp_path, "out") == []
 

@@ -225,3 +225,23 @@ def test_static_self_attention_cache(family, seq2seq_exports):
     assert batch == alone == _hf_generate(model, max_new_tokens=12, min_new_tokens=12)
     with pytest.raises(KvgraphError, match=r"max_new_tokens \(32\) \+ the start token exceeds the static cache's 32 positions"):
         gen.generate([5, 6], max_new_tokens=32)
+
+
+def test_tied_embedding_is_stored_once_and_read_by_every_graph(seq2seq):
+    """Encoder embedding, decoder embedding and lm_head: one (H, V) matrix in model.onnx.data, read by all three graphs.
+
+    With a real vocabulary the embedding is most of the bytes: a second copy would be ~2x the parameters.
+    t5-v1_1 unties its lm_head: two matrices, still each stored once.
+    """
+    model, directory, manifest = seq2seq
+    index = json.loads((directory / "weights.json").read_text())
+    vocab, hidden = manifest.contract.vocab_size, manifest.contract.hidden_size
+    embeddings = [i for i, t in enumerate(index["tensors"]) if sorted(t["shape"]) == sorted([vocab, hidden])]
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert len(embeddings) == (1 if tied else 2), index["tensors"]
+    for graph in ("encoder", "prefill", "decode"):
+        assert set(embeddings) & set(index["graphs"][graph].values()), f"{graph} reads no stored embedding"
+    if tied:
+        assert all(embeddings[0] in index["graphs"][graph].values() for graph in ("encoder", "prefill", "decode"))
+    stored = manifest.model.parameter_bytes + sum(b.numel() * b.element_size() for b in model.buffers())  # BART's final_logits_bias
+    assert index["size"] <= stored + 64 * len(index["tensors"]), (index["size"], stored)  # on top: only alignment padding
