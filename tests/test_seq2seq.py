@@ -21,6 +21,7 @@ from families import SEQ2SEQ_CONFIGS, tiny_seq2seq
 from kvgraph.export import export_model
 from kvgraph.graphs import KvgraphError
 from kvgraph.graphs.conventions import right_pad
+from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.report import compare, failures, format_table
 from kvgraph.runtime import Generator
 from kvgraph.runtime.cli import main
@@ -35,24 +36,39 @@ def seq2seq(request, seq2seq_exports):
     return seq2seq_exports(request.param)
 
 
+@pytest.fixture(params=[(f, m) for m in ("dynamic", "static") for f in sorted(SEQ2SEQ_CONFIGS)], ids=lambda p: f"{p[0]}-{p[1]}")
+def seq2seq_any_cache(request, seq2seq_exports):
+    """Every encoder-decoder family with a dynamic and with a static self-attention cache."""
+    return seq2seq_exports(*request.param)
+
+
 class Sessions:
-    """The three graphs in onnxruntime, fed by contract names (numpy in and out)."""
+    """The three graphs in onnxruntime, fed by the contract's step adapter (numpy in and out).
+
+    Calls take and return the dynamic cache's view (pasts of length P, presents of P + 1): a static
+    export gets each past copied into zero buffers written at index P, so the tests run on both modes.
+    """
 
     def __init__(self, directory, contract):
         self.contract = contract
+        self.steps = step_adapter(contract)
         self.sessions = {name: ort.InferenceSession(str(directory / f"{name}.onnx"), providers=["CPUExecutionProvider"])
                          for name in ("encoder", "prefill", "decode")}
 
+    def _run(self, graph, feeds):
+        names = [o.name for o in self.sessions[graph].get_outputs()]
+        return dict(zip(names, self.sessions[graph].run(names, feeds)))
+
     def encoder(self, ids, mask):
-        return self.sessions["encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return self._run("encoder", {"input_ids": ids, "attention_mask": mask})["encoder_hidden_states"]
 
     def prefill(self, tokens, hidden, mask):
-        return self.sessions["prefill"].run(None, {"input_ids": tokens, "encoder_hidden_states": hidden, "encoder_attention_mask": mask})
+        _, outputs = self.steps.run(self._run, "prefill", tokens, mask, [], {"encoder_hidden_states": hidden})
+        return self.steps.step_outputs(outputs)
 
     def decode(self, tokens, mask, past, cross):
-        feeds = {"input_ids": tokens, "encoder_attention_mask": mask, **dict(zip(self.contract.past_names(), past)),
-                 **dict(zip(self.contract.cross_names(), cross))}
-        return self.sessions["decode"].run(None, feeds)
+        _, outputs = self.steps.run(self._run, "decode", tokens, mask, list(past), dict(zip(self.contract.cross_names(), cross)))
+        return self.steps.step_outputs(outputs)
 
 
 def torch_encoder(model, ids, mask):
@@ -75,8 +91,8 @@ def _start(model, batch):
     return np.full((batch, 1), model.config.decoder_start_token_id, dtype=np.int64)
 
 
-def test_encoder_prefill_and_cross_kv_match_pytorch(seq2seq):
-    model, directory, manifest = seq2seq
+def test_encoder_prefill_and_cross_kv_match_pytorch(seq2seq_any_cache):
+    model, directory, manifest = seq2seq_any_cache
     contract = manifest.contract
     graphs = Sessions(directory, contract)
     ids, mask = right_pad(SOURCES, pad_id=model.config.pad_token_id)
@@ -90,8 +106,8 @@ def test_encoder_prefill_and_cross_kv_match_pytorch(seq2seq):
     assert not failures(rows), format_table(rows)
 
 
-def test_decode_steps_match_pytorch(seq2seq):
-    model, directory, manifest = seq2seq
+def test_decode_steps_match_pytorch(seq2seq_any_cache):
+    model, directory, manifest = seq2seq_any_cache
     contract = manifest.contract
     graphs = Sessions(directory, contract)
     ids, mask = right_pad(SOURCES, pad_id=model.config.pad_token_id)
@@ -132,8 +148,8 @@ def _hf_generate(model, **options) -> list[list[int]]:
     return theirs
 
 
-def test_padded_batch_graph_outputs_equal_each_source_alone(seq2seq):
-    model, directory, manifest = seq2seq
+def test_padded_batch_graph_outputs_equal_each_source_alone(seq2seq_any_cache):
+    model, directory, manifest = seq2seq_any_cache
     contract = manifest.contract
     graphs = Sessions(directory, contract)
     ids, mask = right_pad(SOURCES, pad_id=model.config.pad_token_id)
@@ -243,5 +259,9 @@ def test_tied_embedding_is_stored_once_and_read_by_every_graph(seq2seq):
         assert set(embeddings) & set(index["graphs"][graph].values()), f"{graph} reads no stored embedding"
     if tied:
         assert all(embeddings[0] in index["graphs"][graph].values() for graph in ("encoder", "prefill", "decode"))
+    weights = Generator.load(directory).graphs.weights  # loading keeps one copy too: every session gets the same memory
+    pointers = {graph: {weights.initializers(graph)[name].data_ptr() for name, slot in index["graphs"][graph].items() if slot in embeddings}
+                for graph in ("encoder", "prefill", "decode")}
+    assert len(set.union(*pointers.values())) == len(embeddings) and all(pointers.values())
     stored = manifest.model.parameter_bytes + sum(b.numel() * b.element_size() for b in model.buffers())  # BART's final_logits_bias
     assert index["size"] <= stored + 64 * len(index["tensors"]), (index["size"], stored)  # on top: only alignment padding
