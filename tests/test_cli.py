@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,8 +132,10 @@ def test_output_parent_must_be_a_directory(model_dir, tmp_path, capsys):
 
 def test_missing_parents_are_created(model_dir, tmp_path, capsys):
     """Like save_pretrained and optimum-cli, `kvgraph export MODEL models/new/out` creates models/new (test_export: and removes it on failure)."""
-    code, _, err = _run(capsys, "export", model_dir, tmp_path / "models" / "new" / "out", "--no-validate")
+    code, _, err = _run(capsys, "export", model_dir, tmp_path / "models" / "new" / "out")
     assert code == 0, err
+    for phase in ("trace", "optimize", "write", "validate"):  # progress: each phase with its time
+        assert re.search(rf"^{phase} done in \d+\.\d s \(\d+\.\d s so far\)$", err, flags=re.MULTILINE), err
     assert (tmp_path / "models" / "new" / "out" / "kvgraph.json").is_file()
     assert sorted(p.name for p in (tmp_path / "models" / "new").iterdir()) == ["out"]
 
