@@ -15,8 +15,9 @@ import torch
 from ..graphs import GraphContract, KvgraphError, io_mismatches
 from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE
 from ..graphs.derive import prefill_from_extend
-from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, read_io, share_embeddings_across_graphs,
-                                 store_embedding_transposed, strip_exporter_metadata, untie_transposed_copies)
+from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, drop_zero_additions, read_io,
+                                 share_embeddings_across_graphs, store_embedding_transposed, strip_exporter_metadata,
+                                 untie_transposed_copies)
 from .families import Family
 from .optimize import optimize
 from .scatter import to_standard_tensor_scatter
@@ -98,6 +99,7 @@ def _optimized(program, graph: str, family: Family) -> onnx.ModelProto:
     untie_transposed_copies(proto)
     store_embedding_transposed(proto)  # no session folds a second (H, V) copy of a tied embedding
     attend_grouped_heads_directly(proto)  # GQA: the Attention op reads Hkv heads, no per-step copy of the cache
+    drop_zero_additions(proto)  # BART-like final_logits_bias: zeros, neither stored nor added
     strip_exporter_metadata(proto)
     return proto
 

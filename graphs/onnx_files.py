@@ -189,6 +189,36 @@ def share_embeddings_across_graphs(models: dict[str, onnx.ModelProto]) -> list[s
     return done
 
 
+# BART, mBART, Marian and Pegasus add a `final_logits_bias` buffer (1, V) to the logits; in their
+# checkpoints (and at random init) it is all zeros: V floats stored and added every step for nothing.
+#
+#   before:  x (B, 1, V) ──Add(zeros (1, V))──▶ logits        after:  x (B, 1, V) ──Identity──▶ logits
+def drop_zero_additions(model: onnx.ModelProto) -> list[str]:
+    """Replace Add(x, zeros) by Identity(x) where the zeros cannot broadcast x to a larger shape; returns the zeros' names."""
+    graph = model.graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.value_info] if v.type.tensor_type.HasField("shape")}
+    initializers = {t.name: t for t in graph.initializer}
+    dropped = []
+    for node in [n for n in graph.node if n.op_type == "Add" and len(n.input) == 2]:
+        for zeros, other in (node.input, reversed(node.input)):
+            tensor = initializers.get(zeros)
+            if tensor is None or not _cannot_grow(list(tensor.dims), shapes.get(other)) or numpy_helper.to_array(tensor).any():
+                continue
+            node.op_type, node.input[:] = "Identity", [other]
+            dropped.append(zeros)
+            break
+    _drop_unused(graph)
+    return dropped
+
+
+def _cannot_grow(dims: list[int], other: list[int | None] | None) -> bool:
+    """Broadcasting a tensor of `dims` against one of shape `other` leaves `other`'s shape as it is."""
+    if other is None or len(dims) > len(other):
+        return False
+    return all(d == 1 or d == o for d, o in zip(reversed(dims), reversed(other)))
+
+
 def _gathers_only(graph: onnx.GraphProto, name: str, ranks: dict[str, int], besides=None) -> list[onnx.NodeProto] | None:
     """The nodes reading `name` if all are Gather(data=name, axis 0) with indices of known rank, else None."""
     users = [n for n in graph.node if name in n.input and n is not besides]
