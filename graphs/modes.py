@@ -7,7 +7,8 @@ runtime all ask the adapter of their contract; none of them spells the mode rule
     graph = steps.graph("extend")                                  # static: "prefill" at write index P
     host = steps.host_feeds("decode", tokens, mask, written)       # int64: ids, masks, positions, write indices
     feeds = {**host, **steps.cache_feeds(past, batch), **other}    # past: the valid prefix (B, Hkv, P, D) of each
-    present = steps.visible(outputs, written + new)                # presents cut back to their valid prefix
+    presents = steps.visible(presents, written + new)              # cut back to their valid prefix (B, Hkv, P + Q, D)
+    feeds, outputs = steps.run(run, "decode", tokens, mask, past)   # all of it, over any (graph, feeds) -> outputs runner
 
 Roles: "prefill" (a prompt, nothing cached), "decode" (one token after a past), "extend" (Q tokens
 after a past). `mask` is the decoder's attention mask so far, new tokens included (B, P + Q); for an
@@ -34,7 +35,7 @@ class DynamicCacheMode:
     name = "dynamic"
     aliased = False  # present is a new tensor
 
-    def graph(self, role: str, graphs: tuple[str, ...]) -> str:
+    def graph(self, role: str) -> str:
         return role
 
     def mask_feed(self, contract: GraphContract, mask: np.ndarray) -> np.ndarray:
@@ -66,7 +67,7 @@ class StaticCacheMode:
     name = "static"
     aliased = True  # past and present are one buffer, bound as both
 
-    def graph(self, role: str, graphs: tuple[str, ...]) -> str:
+    def graph(self, role: str) -> str:
         return "prefill" if role == "extend" else role  # extend = prefill at write index P
 
     def mask_feed(self, contract: GraphContract, mask: np.ndarray) -> np.ndarray:
@@ -167,7 +168,7 @@ class StepAdapter:
     def graph(self, role: str) -> str:
         if role not in ROLES:
             raise ValueError(f"unknown step role {role!r}; one of {ROLES}")
-        return self.cache.graph(role, tuple(self.contract.graphs()))
+        return self.cache.graph(role)
 
     def host_feeds(self, role: str, tokens: np.ndarray, mask: np.ndarray, written: int) -> dict[str, np.ndarray]:
         """The graph's int64 inputs for Q = tokens.shape[1] new tokens after `written` cached positions."""
