@@ -9,6 +9,8 @@ initializer_factor 1.5, Marian's init_std 0.1) that different prompts give diffe
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -63,6 +65,11 @@ def test_real_shape_exports_validates_and_generates_like_transformers(name, tmp_
     # the tied embedding once: only alignment padding and small buffers (T5's none; Marian's sinusoids) on top
     assert weights <= parameter_bytes * 1.02, f"{name}: {weights} bytes of weights for {parameter_bytes} parameter bytes"
     generator = Generator.load(tmp_path / name)
+    # loading keeps one copy: every graph's initializers point into the one mapping, one OrtValue per stored tensor
+    index = json.loads((tmp_path / name / "weights.json").read_text())
+    shared = generator.graphs.weights
+    pointers = {value.data_ptr() for graph in index["graphs"] for value in shared.initializers(graph).values()}
+    assert len(pointers) == len(index["tensors"])
     ours = [r.token_ids for r in generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
     assert ours == [_hf_greedy(model, prompt) for prompt in PROMPTS]
     assert ours[0] != ours[1]  # the prompts lead to different tokens: the comparison has teeth
