@@ -57,6 +57,25 @@ def test_rows_stop_on_their_own_at_eos(gen):
     assert rows[0].finish_reason == "eos"
 
 
+def test_min_new_tokens_keeps_eos_out_as_transformers_generate_does(gen, text_export):
+    """min_new_tokens sets the eos logits to -inf until N new tokens (Hugging Face's MinNewTokensLengthLogitsProcessor)."""
+    model, _ = text_export
+    free = gen.generate(PROMPTS[0], max_new_tokens=12)
+    eos = free.token_ids[2]  # make the third token the eos id: without min_new_tokens the row ends there
+    patched = Generator(gen.graphs, gen.codec)
+    patched.eos_ids = frozenset({eos})
+    assert patched.generate(PROMPTS[0], max_new_tokens=12).finish_reason == "eos"
+    result = patched.generate(PROMPTS[0], max_new_tokens=12, min_new_tokens=8)
+    assert eos not in result.token_ids[:8] and len(result.token_ids) >= 8
+    ids = gen.codec.encode(PROMPTS[0])
+    config = GenerationConfig(do_sample=False, max_new_tokens=12, min_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), generation_config=config)
+    assert result.token_ids == theirs[0, len(ids):].tolist()
+    with pytest.raises(KvgraphError, match="min_new_tokens must be >= 0"):
+        gen.generate(PROMPTS[0], max_new_tokens=4, min_new_tokens=-1)
+
+
 def test_recompute_equals_cache(gen):
     cached = gen.generate(PROMPTS, max_new_tokens=10)
     recomputed = gen.generate(PROMPTS, max_new_tokens=10, use_cache=False)
