@@ -8,6 +8,9 @@ import sys
 from ..graphs.manifest import MANIFEST_NAME
 
 
+HELP = "export a Hugging Face causal LM to prefill + decode ONNX graphs"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a local Hugging Face model directory or a hub id")
     parser.add_argument("out", help="the export directory to create")

@@ -10,6 +10,9 @@ from .contract import format_shape
 from .manifest import Manifest
 
 
+HELP = "show what an export directory holds"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="an export directory (with kvgraph.json)")
     parser.add_argument("--json", action="store_true", help="print the manifest plus file sizes as JSON")

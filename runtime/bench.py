@@ -28,6 +28,9 @@ PROMPT_TEXT = ("The old lighthouse keeper climbed the spiral stairs every evenin
                "had taught him, and at the top he lit the great lamp that guided the fishing boats home through the fog.")
 
 
+HELP = "measure prefill, decode speed, step latency, memory and driver overhead"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directories", nargs="+", help="export directories (e.g. a dynamic and a static export of one model)")
     parser.add_argument("--prompt-tokens", type=int, default=24, help="prompt length in tokens (default 24)")

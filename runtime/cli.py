@@ -1,38 +1,41 @@
 """The `kvgraph` command: parses, then dispatches to the module that owns each subcommand.
 
-Subcommand modules are named, not imported, so `kvgraph inspect` works without the export
-extra installed and the runtime never imports torch.
+The subcommands are not listed here: each package registers its own in pyproject.toml, the
+package's top (entry points `kvgraph.commands`: export from the export package, inspect from
+graphs, generate / vectors / bench from the runtime). So the runtime neither names nor imports the
+export package; `kvgraph inspect` and `generate` work without the export extra, and
+parsing never imports torch (each command module imports its heavy parts when it runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import traceback
+from importlib.metadata import entry_points
 
-COMMANDS = {
-    "export": ("kvgraph.export.cli", "export a Hugging Face causal LM to prefill + decode ONNX graphs"),
-    "inspect": ("kvgraph.graphs.inspect", "show what an export directory holds"),
-    "generate": ("kvgraph.runtime.generate_cli", "generate text from an export directory with onnxruntime"),
-    "vectors": ("kvgraph.runtime.vectors_cli", "write golden vectors for an export (every step's inputs and expected outputs), or --check them"),
-    "bench": ("kvgraph.runtime.bench", "measure prefill, decode speed, step latency, memory and driver overhead"),
-}
+GROUP = "kvgraph.commands"
+ORDER = ("export", "inspect", "generate", "vectors", "bench")  # help order; commands registered by others follow
+
+
+def commands() -> dict:
+    """Subcommand name -> its loaded module (add_arguments, run, HELP), from the installed entry points."""
+    found = {point.name: point for point in entry_points(group=GROUP)}
+    if not found:
+        raise SystemExit("kvgraph: no subcommands are registered; install the package (pip install -e .)")
+    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    return {name: found[name].load() for name in names}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvgraph", description="Prefill + decode ONNX graphs with an explicit KV cache.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in commands().items():
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         sub.set_defaults(module=module)
-        _load(module).add_arguments(sub)
+        module.add_arguments(sub)
     return parser
-
-
-def _load(module: str):
-    return importlib.import_module(module)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     try:
-        return _load(args.module).run(args)
+        return args.module.run(args)
     except KvgraphError as exc:
         if args.debug:
             traceback.print_exc()

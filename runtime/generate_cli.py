@@ -10,6 +10,9 @@ from dataclasses import asdict
 from .generator import GenerationInterrupted, GenerationResult, Generator
 
 
+HELP = "generate text from an export directory with onnxruntime"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="an export directory (from kvgraph export)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")

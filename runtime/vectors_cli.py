@@ -16,6 +16,9 @@ from .vectors import Vectors, VectorsMismatch, contract_mismatch, default_prompt
 DEFAULT_NEW_TOKENS = 8
 
 
+HELP = "write golden vectors for an export (every step's inputs and expected outputs), or --check them"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="an export directory (from kvgraph export)")
     parser.add_argument("vectors", help="where to write the vectors (a new directory), or with --check the vectors to check")

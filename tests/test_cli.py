@@ -180,3 +180,14 @@ def test_real_ctrl_c_during_export_leaves_nothing_and_exits_130(model_dir, tmp_p
     assert child.returncode == 130, f"rc {child.returncode}: {err}"
     assert "kvgraph export: interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "new").exists()  # no output, no staging directory, not even the parent it created
+
+
+def test_runtime_and_graphs_name_no_export_module():
+    """runtime/ and graphs/ never import export/, not even by name: the subcommands are entry points in pyproject.toml."""
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("runtime", "graphs"):
+        for source in (root / folder).glob("*.py"):
+            text = source.read_text()
+            assert "kvgraph.export" not in text and "..export" not in text, f"{source} names the export package"
+    names = {point.name for point in __import__("importlib.metadata").metadata.entry_points(group="kvgraph.commands")}
+    assert names == {"export", "inspect", "generate", "vectors", "bench"}
