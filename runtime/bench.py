@@ -45,15 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..graphs import KvgraphError, Manifest
+    from ..graphs.modes import step_adapter
 
     if args.prompt_tokens < 1 or args.new_tokens < 2 or args.rounds < 1:
         raise KvgraphError("--prompt-tokens must be >= 1, --new-tokens >= 2 and --rounds >= 1")
     configs: list[tuple[str, str]] = []
     for directory in args.directories:
         contract = Manifest.load(directory).contract  # fails early, naming the directory
-        if contract.static and args.prompt_tokens + args.new_tokens > contract.max_length:
+        capacity = step_adapter(contract).cache.capacity(contract)
+        if capacity and args.prompt_tokens + args.new_tokens > capacity:
             raise KvgraphError(f"{directory}: --prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds "
-                               f"its static cache of {contract.max_length} positions")
+                               f"its static cache of {capacity} positions")
         modes = [contract.cache] + ([] if args.no_recompute else ["no-cache"])
         configs += [(directory, mode) for mode in modes]
         if args.compare_sharing:

@@ -44,7 +44,7 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
-EAGER = ("prefill", "decode")  # extend opens on first use (without shared weights it holds its own copy)
+LAZY = ("extend",)  # opens on first use (a chat's next turn; without shared weights it holds its own copy)
 
 
 @dataclass
@@ -129,8 +129,7 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     index = manifest.files.get("weights_index")
     weights = SharedWeights(directory, index) if share_weights and index else None
     graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, weights, cuda_graph)
-    eager = [*EAGER, "encoder"] if manifest.contract.seq2seq else list(EAGER)
-    graphs.sessions.update(graphs._open_checked(eager))
+    graphs.sessions.update(graphs._open_checked([name for name in manifest.contract.graphs() if name not in LAZY]))
     return graphs
 
 
