@@ -8,7 +8,7 @@ import sys
 from ..graphs.manifest import MANIFEST_NAME
 
 
-HELP = "export a Hugging Face causal LM to prefill + decode ONNX graphs"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+HELP = "export a Hugging Face causal LM to prefill + decode ONNX graphs"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

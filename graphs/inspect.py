@@ -10,7 +10,7 @@ from .contract import format_shape
 from .manifest import Manifest
 
 
-HELP = "show what an export directory holds"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+HELP = "show what an export directory holds"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

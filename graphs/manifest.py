@@ -22,6 +22,8 @@ FORMAT_VERSION = "1.1"  # 1.1: contract.cache / contract.max_length (static cach
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
 WEIGHTS_FILE = "model.onnx.data"
 WEIGHTS_INDEX = "weights.json"  # which bytes of WEIGHTS_FILE each graph's initializers read
+WEIGHTS_FORMAT = "kvgraph-weights"  # weights.json's own format field (written by onnx_files, read by runtime/weights.py)
+WEIGHTS_VERSION = "1.0"  # a reader accepts the same major version (and files without one, written before 1.0)
 
 
 def graph_file(graph: str) -> str:

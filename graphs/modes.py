@@ -7,8 +7,8 @@ runtime all ask the adapter of their contract; none of them spells the mode rule
     graph = steps.graph("extend")                                  # static: "prefill" at write index P
     host = steps.host_feeds("decode", tokens, mask, written)       # int64: ids, masks, positions, write indices
     feeds = {**host, **steps.cache_feeds(past, batch), **other}    # past: the valid prefix (B, Hkv, P, D) of each
-    presents = steps.visible(presents, written + new)              # cut back to their valid prefix (B, Hkv, P + Q, D)
-    feeds, outputs = steps.run(run, "decode", tokens, mask, past)   # all of it, over any (graph, feeds) -> outputs runner
+    feeds, outputs = steps.run(run, "decode", tokens, mask, past)  # all of it over any (graph, feeds) -> outputs runner;
+                                                                   # presents come back cut to (B, Hkv, P + Q, D)
 
 Roles: "prefill" (a prompt, nothing cached), "decode" (one token after a past), "extend" (Q tokens
 after a past). `mask` is the decoder's attention mask so far, new tokens included (B, P + Q); for an
@@ -32,7 +32,6 @@ ROLES = ("prefill", "decode", "extend")
 class DynamicCacheMode:
     """K/V grow by Q positions a step: present (B, Hkv, P + Q, D) is the next step's past."""
 
-    name = "dynamic"
     aliased = False  # present is a new tensor
 
     def graph(self, role: str) -> str:
@@ -64,7 +63,6 @@ class DynamicCacheMode:
 class StaticCacheMode:
     """Fixed (B, Hkv, N, D) buffers; a step writes its Q positions at write_indices, in place."""
 
-    name = "static"
     aliased = True  # past and present are one buffer, bound as both
 
     def graph(self, role: str) -> str:
@@ -180,17 +178,12 @@ class StepAdapter:
 
     def cache_feeds(self, past: list[np.ndarray], batch: int) -> dict[str, np.ndarray]:
         """past.* inputs from each cache tensor's valid prefix (B, Hkv, P, D); a prompt has none (static: zero buffers)."""
-        if not past and not self.cache.aliased:
-            return {}
         return self.cache.cache_feeds(self.contract, past, batch)
 
     def device_outputs(self, graph: str) -> list[str]:
         """Outputs besides logits a runtime keeps on the device: new presents, and (seq2seq prefill) cross K/V."""
         presents = [] if self.cache.aliased or graph == "encoder" else self.contract.present_names()
         return [*presents, *self.kind.kept_outputs(self.contract, graph)]
-
-    def visible(self, presents: list[np.ndarray], length: int) -> list[np.ndarray]:
-        return [self.cache.visible(p, length) for p in presents]
 
     def run(self, run: Runner, role: str, tokens: np.ndarray, mask: np.ndarray, past: list[np.ndarray],
             other: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -14,9 +14,8 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from .contract import TensorSpec
+from .manifest import WEIGHTS_FORMAT, WEIGHTS_VERSION
 
-WEIGHTS_FORMAT = "kvgraph-weights"  # weights.json; its reader is runtime/weights.py
-WEIGHTS_VERSION = "1.0"  # a reader accepts the same major version (and files without one, written before 1.0)
 INLINE_LIMIT = 1024  # initializers smaller than this (bytes) stay inside the graph file
 ALIGNMENT = 64  # byte alignment of each tensor in the weights file
 

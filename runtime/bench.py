@@ -28,7 +28,7 @@ PROMPT_TEXT = ("The old lighthouse keeper climbed the spiral stairs every evenin
                "had taught him, and at the top he lit the great lamp that guided the fishing boats home through the fog.")
 
 
-HELP = "measure prefill, decode speed, step latency, memory and driver overhead"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+HELP = "measure prefill, decode speed, step latency, memory and driver overhead"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from .generator import GenerationInterrupted, GenerationResult, Generator
 
 
-HELP = "generate text from an export directory with onnxruntime"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+HELP = "generate text from an export directory with onnxruntime"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

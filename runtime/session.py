@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,9 @@ class LoadedGraphs:
     def contract(self) -> GraphContract:
         return self.manifest.contract
 
-    @property
+    @functools.cached_property
     def steps(self) -> StepAdapter:
-        """The contract's step adapter: which graph a step runs and what it is fed."""
+        """The contract's step adapter: which graph a step runs and what it is fed (built once)."""
         return step_adapter(self.manifest.contract)
 
     def session(self, graph: str) -> ort.InferenceSession:

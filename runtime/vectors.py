@@ -27,9 +27,6 @@ VECTORS_FORMAT = "kvgraph-vectors"
 VECTORS_VERSION = "1.0"
 TOP_K = 5
 PROMPT_TEXTS = ("The capital of France is", "Hello")  # for exports with a tokenizer
-TOLERANCES = VECTOR_TOLERANCES  # graphs/report.py: the one tolerance table
-
-
 class VectorsMismatch(KvgraphError):
     """A run disagrees with golden vectors; the message names the first differing step and tensor."""
 
@@ -61,7 +58,7 @@ def write_vectors(manifest: Manifest, cases: dict[str, Trace], out: Path, force:
             "format_version": VECTORS_VERSION,
             "export": {"family": manifest.model.family, "manifest_format_version": manifest.format_version},
             "contract": _contract_json(manifest.contract),
-            "tolerance": TOLERANCES[manifest.contract.dtype],
+            "tolerance": VECTOR_TOLERANCES[manifest.contract.dtype],
             "cases": [_case_json(name, trace, staging) for name, trace in cases.items()],
         }
         (staging / VECTORS_NAME).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
@@ -154,7 +151,7 @@ def contract_mismatch(expected: Vectors, contract: GraphContract) -> str | None:
 
 def first_mismatch(expected: Vectors, contract: GraphContract, actual: dict[str, Trace]) -> str | None:
     """The first difference between golden vectors and a run, in step order, or None."""
-    tolerance = TOLERANCES[contract.dtype]
+    tolerance = VECTOR_TOLERANCES[contract.dtype]
     for name, want in expected.cases.items():
         reason = _trace_mismatch(want, actual[name], tolerance)
         if reason:

@@ -16,7 +16,7 @@ from .vectors import Vectors, VectorsMismatch, contract_mismatch, default_prompt
 DEFAULT_NEW_TOKENS = 8
 
 
-HELP = "write golden vectors for an export (every step's inputs and expected outputs), or --check them"  # `kvgraph --help`; the command is registered in pyproject.toml (entry points kvgraph.commands)
+HELP = "write golden vectors for an export (every step's inputs and expected outputs), or --check them"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..graphs import KvgraphError
+from ..graphs.manifest import WEIGHTS_FORMAT, WEIGHTS_VERSION
 from ..graphs.safety import check_inside
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
@@ -70,19 +71,16 @@ class SharedWeights:
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked = a per-session copy
 
 
-FORMAT, VERSION = "kvgraph-weights", "1.0"  # as graphs/onnx_files.py writes them
-
-
 def _check_version(index, path: Path) -> None:
     """Refuse another format or a newer major version; an index without a version predates 1.0 and reads as 1.0."""
     if not isinstance(index, dict):
         raise KvgraphError(f"{path}: the weights index must be a JSON object")
-    if index.get("format", FORMAT) != FORMAT:
-        raise KvgraphError(f"{path}: field format is {index.get('format')!r}, expected {FORMAT!r}")
-    version = index.get("format_version", VERSION)
+    if index.get("format", WEIGHTS_FORMAT) != WEIGHTS_FORMAT:
+        raise KvgraphError(f"{path}: field format is {index.get('format')!r}, expected {WEIGHTS_FORMAT!r}")
+    version = index.get("format_version", WEIGHTS_VERSION)
     major = str(version).split(".")[0]
-    if not major.isdigit() or int(major) > int(VERSION.split(".")[0]):
-        raise KvgraphError(f"{path}: format_version {version!r} is newer than this kvgraph reads ({VERSION}); upgrade kvgraph")
+    if not major.isdigit() or int(major) > int(WEIGHTS_VERSION.split(".")[0]):
+        raise KvgraphError(f"{path}: format_version {version!r} is newer than this kvgraph reads ({WEIGHTS_VERSION}); upgrade kvgraph")
 
 
 def _name(value, path: Path) -> str:

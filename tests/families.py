@@ -111,7 +111,12 @@ CHAT_TEMPLATE = (
 
 
 def text_model_dir(directory, family: str = "llama"):
-    """A tiny model with a byte-level tokenizer and chat template, saved as a Hugging Face directory."""
+    """A tiny model with a byte-level tokenizer and chat template, saved as a Hugging Face directory.
+
+    It stands for a byte-level model (ByT5's vocabulary is 384), not for a BPE checkpoint: the runtime's
+    text tests (streaming never splits a UTF-8 character, stop strings, chat turns) need every id to be
+    a byte. Weight storage is proven on the real-vocabulary families above.
+    """
     tiny_model(family, vocab_size=260).save_pretrained(directory)
     byte_tokenizer(CHAT_TEMPLATE).save_pretrained(directory)
     return directory
