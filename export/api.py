@@ -66,7 +66,7 @@ def export_model(
     _check_cache_options(cache, max_length)
     source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     family = family_for(source.model.config.model_type)
-    dims = ModelDims.from_hf(source.model.config)
+    dims = ModelDims.from_model(source.model)
     _check_task(dims, task, source.description)
     _check_static_fits(dims, max_length)
     if dims.encoder_decoder:
@@ -155,7 +155,8 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
 
 def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[DiffRow], validated: bool, parameter_bytes: int) -> Manifest:
     dims = ModelDims.from_hf(source.model.config)  # config reads only; cheap
-    info = ModelInfo(dims.family, type(source.model).__name__, source.description, dims.max_positions, parameter_bytes)
+    windows = list(dims.windows) if any(w is not None for w in dims.windows) else None
+    info = ModelInfo(dims.family, type(source.model).__name__, source.description, dims.max_positions, parameter_bytes, windows)
     validation = None
     if validated:
         batch = (f"2 sources, lengths {SOURCE_LENGTHS[0]} and {SOURCE_LENGTHS[1]} (right-padded)" if contract.seq2seq
@@ -240,8 +241,3 @@ def _check_static_fits(dims: ModelDims, max_length: int | None) -> None:
         return
     if dims.max_positions and max_length > dims.max_positions:
         raise KvgraphError(f"--max-length {max_length} exceeds the model's max positions ({dims.max_positions})")
-    if dims.sliding_window and dims.sliding_window < max_length:
-        raise KvgraphError(
-            f"model type {dims.family!r} attends within a sliding window of {dims.sliding_window} tokens; the static cache "
-            f"does not implement the window: use --max-length <= {dims.sliding_window} or --cache dynamic"
-        )

@@ -18,9 +18,11 @@ from ..graphs.derive import prefill_from_extend
 from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, drop_zero_additions, read_io,
                                  share_embeddings_across_graphs, store_embedding_transposed, strip_exporter_metadata,
                                  untie_transposed_copies)
+from .experts import traceable_experts
 from .families import Family
 from .optimize import optimize
 from .scatter import to_standard_tensor_scatter
+from .translations import custom_translations
 from .seq2seq import (seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_static_dynamic_shapes, seq2seq_static_examples,
                       seq2seq_static_steps, seq2seq_steps)
 from .wrappers import DecodeStep, PrefillStep, StaticStep
@@ -46,6 +48,11 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
     which halves the export's time. --all-logits keeps a traced prefill (extend keeps the last
     position only). Static: one trace, Q tokens into the buffers; decode is the same graph.
     """
+    with traceable_experts(model):
+        return _trace(model, family, contract)
+
+
+def _trace(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
     if contract.seq2seq:
         steps, examples, shapes = _seq2seq_tracing(model, contract)
         return {name: _export(step, examples[name], name, contract, shapes(name, contract)) for name, step in steps.items()}
@@ -169,6 +176,7 @@ def _export(step: torch.nn.Module, example: tuple, graph: str, contract: GraphCo
                 dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else _dynamic_shapes(graph, contract),
                 verbose=False,
                 optimize=False,  # optimize_graphs does it, timed as its own phase
+                custom_translation_table=custom_translations(),
             )
     except Exception as exc:  # torch.export / onnx translation raise many types; all mean "cannot trace"
         raise TraceError(f"model type {model_type!r}: {graph} graph failed at {_failing_step(exc)}: {_summary(exc)}") from exc

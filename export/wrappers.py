@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .config import attention_layout
 from .families import Family
 from .scatter import tensor_scatter
 
@@ -43,7 +44,7 @@ class _CausalLMStep(torch.nn.Module):
 class PrefillStep(_CausalLMStep):
     def forward(self, input_ids, attention_mask, position_ids):
         # input_ids, attention_mask, position_ids: (B, S) -> logits (B, 1 or S, V), presents (B, Hkv, S, D)
-        return self._run(input_ids, attention_mask, position_ids, DynamicCache(config=self.model.config))
+        return self._run(input_ids, attention_mask, position_ids, DynamicCache())  # full layers: windows are masks
 
 
 class DecodeStep(_CausalLMStep):
@@ -52,7 +53,7 @@ class DecodeStep(_CausalLMStep):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         # input_ids, position_ids: (B, 1); attention_mask: (B, P+1); past: (B, Hkv, P, D) each
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # full layers, also for sliding-window ones: the window is in the mask, the contract keeps P
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         return self._run(input_ids, attention_mask, position_ids, cache)
@@ -80,21 +81,33 @@ class StaticStep(_CausalLMStep):
     def forward(self, input_ids, attention_mask, position_ids, write_indices, *buffers):
         # input_ids, position_ids: (B, Q); attention_mask: (B, N); write_indices: (B,); buffers: (B, Hkv, N, D)
         layers = [ScatterLayer(buffers[2 * i], buffers[2 * i + 1], write_indices) for i in range(len(buffers) // 2)]
-        mask = static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype)
-        return self._run(input_ids, mask, position_ids, Cache(layers=layers))
+        windows, by_type = attention_layout(self.model.config.get_text_config(), len(layers))
+        window = max((w for w in windows if w is not None), default=None)  # the sliding layers' W
+        full, sliding = (static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype, w)
+                         for w in (None, window))  # the same mask twice when no layer slides
+        if by_type:  # as the model's own forward builds them: one mask per layer type
+            mask = {"full_attention": full, "sliding_attention": sliding}
+        else:  # every layer attends alike
+            mask = sliding if all(w is not None for w in windows) else full
+        with self.family.static_step(self.model, attention_mask):
+            return self._run(input_ids, mask, position_ids, Cache(layers=layers))
 
 
-def static_mask(attention_mask, write_indices, new: int, config, dtype) -> torch.Tensor:
+def static_mask(attention_mask, write_indices, new: int, config, dtype, window: int | None = None) -> torch.Tensor:
     """(B, N) padding mask -> (B, 1, Q, N) attention mask over the buffer.
 
     Query q of row b sits at buffer position w_b + q: it sees the real tokens at positions <= its
-    own, never the unwritten rest of the buffer. A padded query also sees itself, so no row of
-    the softmax is empty (its output is unspecified and masked wherever it is used).
+    own (and, in a layer with a sliding window W, > its own - W, counted in buffer positions as
+    transformers counts cache positions), never the unwritten rest of the buffer. A padded query
+    also sees itself, so no row of the softmax is empty (its output is unspecified and masked
+    wherever it is used).
     """
     length = attention_mask.shape[1]
     query = write_indices[:, None] + torch.arange(new, device=attention_mask.device)  # (B, Q)
     key = torch.arange(length, device=attention_mask.device)  # (N,)
     causal = key[None, None, :] <= query[:, :, None]  # (B, Q, N)
+    if window is not None:
+        causal = causal & (key[None, None, :] > query[:, :, None] - window)
     allowed = (causal & attention_mask[:, None, :].bool()) | (key[None, None, :] == query[:, :, None])
     allowed = allowed[:, None]  # (B, 1, Q, N)
     if config._attn_implementation == "sdpa":

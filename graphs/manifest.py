@@ -18,7 +18,8 @@ from .errors import ManifestError
 from .safety import check_inside
 
 MANIFEST_NAME = "kvgraph.json"
-FORMAT_VERSION = "1.1"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
+FORMAT_VERSION = "1.2"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
+# 1.2: model.attention_windows (informational: the graphs apply the windows themselves)
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
 WEIGHTS_FILE = "model.onnx.data"
 WEIGHTS_INDEX = "weights.json"  # which bytes of WEIGHTS_FILE each graph's initializers read
@@ -38,6 +39,16 @@ class ModelInfo:
     source: str  # local path, hub id, or "<in-memory LlamaForCausalLM>"
     max_positions: int | None
     parameter_bytes: int
+    # Per decoder layer: the sliding window W it attends within (the last W cache positions), or None
+    # for a layer that attends to everything. The window is applied inside the graphs, by their
+    # masks: a runtime feeds the same inputs either way (format 1.2; older files: unknown, None).
+    attention_windows: list[int | None] | None = None
+
+    def __post_init__(self) -> None:
+        windows = self.attention_windows
+        if windows is not None and (not isinstance(windows, list) or not all(
+                w is None or (isinstance(w, int) and not isinstance(w, bool) and w > 0) for w in windows)):
+            raise ValueError(f"attention_windows must be a list of positive integers or nulls, got {windows!r}")
 
 
 @dataclass(frozen=True)

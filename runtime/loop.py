@@ -85,7 +85,8 @@ class BatchRun:
         if not early or not self.vocab.eos_ids:
             return logits
         logits = np.array(logits, dtype=np.float32)
-        logits[np.ix_(early, sorted(self.vocab.eos_ids))] = -np.inf
+        eos = [t for t in sorted(self.vocab.eos_ids) if t < logits.shape[-1]]  # an eos id past the vocab is never chosen anyway
+        logits[np.ix_(early, eos)] = -np.inf
         return logits
 
     def _seen(self) -> list[np.ndarray]:

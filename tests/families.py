@@ -38,8 +38,24 @@ DECODER_CHECKPOINTS = {
     "qwen3": ("Qwen/Qwen3-0.6B (151936, tied, head_dim set)", dict(_DECODER, vocab_size=151936, head_dim=16, tie_word_embeddings=True)),
     "phi3": ("microsoft/Phi-3-mini-4k (32064, untied)", dict(_DECODER, vocab_size=32064, tie_word_embeddings=False)),
     "gemma": ("google/gemma-2b (256000, tied, head_dim set)", dict(_DECODER, vocab_size=256000, head_dim=16, tie_word_embeddings=True)),
+    # Mechanisms beyond the dense GQA decoder: each family keeps its checkpoint's setting, scaled to
+    # the tiny width (a window of 8 where the real one is 4096, so the tests' 13-23 token sequences cross it).
+    "gemma2": ("google/gemma-2-2b (256000, tied; sliding window 4096 on every other layer, logit soft-capping 50/30)",
+               dict(_DECODER, vocab_size=256000, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "mixtral": ("mistralai/Mixtral-8x7B-v0.1 (32000, untied; 8 experts, top-2)",
+                dict(_DECODER, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "falcon": ("tiiuae/falcon-7b (65024, tied; multi-query: 1 KV head, parallel attention + MLP)", dict(
+        vocab_size=65024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, parallel_attn=True,
+        new_decoder_architecture=False, initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
+    "falcon-new": ("tiiuae/falcon-40b (65024, tied; new decoder architecture: grouped KV heads, two layer norms)", dict(
+        vocab_size=65024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+        initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
+    "bloom": ("bigscience/bloom-560m (250880, tied; ALiBi)", dict(
+        vocab_size=250880, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=3)),
 }
 TINY_CONFIGS = {family: config for family, (_, config) in DECODER_CHECKPOINTS.items()}
+MODEL_TYPES = {"falcon-new": "falcon"}  # a family named for a variant: its transformers model_type
 
 # Encoder-decoder families (2 encoder and 2 decoder layers). BART/Marian/mBART/Pegasus: init_std 0.1;
 # T5 scales its own init by initializer_factor (1.5: logits within about +-10, top-2 gaps >= 0.4).
@@ -81,7 +97,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
     settings = {k: v for k, v in {**TINY_CONFIGS[family], **overrides}.items() if v is not None}
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **settings)
+    config = AutoConfig.for_model(MODEL_TYPES.get(family, family), **settings)
     return AutoModelForCausalLM.from_config(config).eval()
 
 

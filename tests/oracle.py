@@ -18,7 +18,7 @@ from kvgraph.graphs.modes import step_adapter
 def torch_step(model, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None = None, all_logits: bool = False):
     """One forward in eager PyTorch: returns [logits (B, 1|S, V), key0, value0, key1, ...] as numpy."""
     positions = prefill_position_ids(mask) if past is None else extend_position_ids(mask, ids.shape[1])
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # full layers: a sliding-window layer's window is its mask (generate's cache drops what the window hides)
     for layer in range(len(past or []) // 2):
         cache.update(torch.from_numpy(past[2 * layer]), torch.from_numpy(past[2 * layer + 1]), layer)
     with torch.no_grad():

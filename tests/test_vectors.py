@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "examples" / "node"
 SCHEMA = json.loads((ROOT / "graphs" / "manifest.schema.json").read_text())
 
-# (kind, family, cache mode): a decoder and an encoder-decoder, each with a dynamic and a static cache
-EXPORTS = [("decoder", "llama", "dynamic"), ("decoder", "qwen3", "static"), ("seq2seq", "t5", "dynamic"), ("seq2seq", "marian", "static")]
+# (kind, family, cache mode): a decoder and an encoder-decoder, each with a dynamic and a static cache; a sliding
+# window with soft-capping (the vectors' 10-15 token sequences cross gemma2's window of 8) and mixture-of-experts routing
+EXPORTS = [("decoder", "llama", "dynamic"), ("decoder", "qwen3", "static"), ("seq2seq", "t5", "dynamic"), ("seq2seq", "marian", "static"),
+           ("decoder", "gemma2", "static"), ("decoder", "mixtral", "dynamic")]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,105 @@
+"""Mechanisms beyond the dense decoder, read off the exports the parity suite proves (tests/test_parity.py
+runs every parity test on gemma2, mixtral, falcon, falcon-new and bloom in both cache modes):
+what each export says about itself, and what kvgraph refuses, with its reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from kvgraph.graphs import KvgraphError
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import coverage  # noqa: E402  (benchmarks/coverage.py: the shrinker and one row of the coverage table)
+
+
+def _ops(path: Path) -> list[onnx.NodeProto]:
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_sliding_window_layers_are_recorded_and_the_static_cache_outgrows_the_window(export_cache, mode):
+    exported = export_cache("gemma2", mode)
+    assert exported.manifest.model.attention_windows == [8, None]  # gemma2 alternates sliding and global layers
+    if mode == "static":
+        assert exported.contract.max_length == 48 > 8  # the buffers hold 6 windows; parity runs 23 tokens through them
+
+
+@pytest.mark.parametrize("family, kv_heads", [("falcon", 1), ("falcon-new", 4), ("mixtral", 2), ("bloom", 4)])
+def test_kv_head_layout_is_the_cached_one(export_cache, family, kv_heads):
+    """The contract's Hkv is what the model caches, however its config spells it: multi-query Falcon caches one
+    K/V head (its config says multi_query, no num_key_value_heads); Falcon's new decoder architecture projects 2
+    K/V groups and expands them to all 4 heads before its cache, as transformers does."""
+    exported = export_cache(family, "dynamic")
+    assert exported.contract.num_kv_heads == kv_heads
+    attention = [n for n in _ops(exported.directory / "decode.onnx") if n.op_type == "Attention"]
+    assert len(attention) == exported.contract.num_layers if family.startswith("falcon") else True
+    assert not [n.op_type for n in _ops(exported.directory / "decode.onnx") if n.op_type in ("Tile", "Expand")
+                and any("past" in i for i in n.input)], "a K/V head is copied per query head"
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_experts_are_routed_with_standard_ops(export_cache, mode):
+    """transformers 5 routes experts through a custom op; the export routes them with NonZero / Gather / ScatterND."""
+    exported = export_cache("mixtral", mode)
+    nodes = _ops(exported.directory / "decode.onnx")
+    assert {n.domain for n in nodes} <= {"", "ai.onnx"}, {n.domain for n in nodes}
+    assert sum(n.op_type == "NonZero" for n in nodes) == exported.contract.num_layers * 8  # one per expert and layer
+    assert any(n.op_type == "ScatterND" and any(a.s == b"add" for a in n.attribute) for n in nodes)
+
+
+def test_a_model_without_a_key_value_cache_is_refused_with_the_reason(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvgraph.export import export_model
+
+    config = AutoConfig.for_model("mamba", **coverage.shrink(AutoConfig.for_model("mamba").to_dict()))
+    torch.manual_seed(0)
+    with pytest.raises(KvgraphError, match="model type 'mamba'.*(recurrent|state-space)"):
+        export_model(AutoModelForCausalLM.from_config(config).eval(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_other_than_attention_are_refused_before_tracing(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvgraph.export import export_model
+
+    small = coverage.shrink(AutoConfig.for_model("lfm2").to_dict())
+    config = AutoConfig.for_model("lfm2", **{**small, "layer_types": ["conv", "full_attention"]})  # as LiquidAI/LFM2-350M mixes them
+    torch.manual_seed(0)
+    with pytest.raises(KvgraphError, match="model type 'lfm2' has conv layers"):
+        export_model(AutoModelForCausalLM.from_config(config).eval(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- the coverage script's generic shrinker ----------------------------------------------------------
+
+
+def test_shrinker_keeps_the_vocabulary_kv_layout_and_one_layer_of_each_kind():
+    from transformers import AutoConfig
+
+    gemma3 = AutoConfig.for_model("gemma3_text").to_dict()
+    small = coverage.shrink(gemma3)
+    assert "vocab_size" not in small and small["num_hidden_layers"] == 2 and small["hidden_size"] == 64
+    assert small["layer_types"] == ["sliding_attention", "full_attention"]  # 5:1 in the real config; both kinds kept
+    assert small["sliding_window"] == 8
+    falcon = coverage.shrink(AutoConfig.for_model("falcon").to_dict())
+    assert "multi_query" not in falcon and AutoConfig.for_model("falcon", **falcon).multi_query  # still multi-query
+    mixtral = coverage.shrink(AutoConfig.for_model("mixtral").to_dict())
+    assert (mixtral["num_local_experts"], mixtral["num_experts_per_tok"]) == (8, 2)
+
+
+def test_coverage_row_of_a_family_outside_the_suite():
+    """One row of the README's coverage table, produced as the script produces it: gpt_bigcode (multi-query
+    StarCoder) exports in both modes and its greedy tokens equal transformers generate."""
+    row = coverage.check("gpt_bigcode", seq2seq=False)
+    assert (row["dynamic"], row["static"]) == (True, True), row
+    assert row["vocab"] == 50257
