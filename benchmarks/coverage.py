@@ -86,6 +86,17 @@ def shrink(defaults: dict) -> dict:
     return out
 
 
+def _no_zero_matrices(model) -> None:
+    """Some inits leave matrices at exactly zero (AFMoE's router gate): every expert then ties, and a tie's
+    winner is any implementation's choice. No trained checkpoint has an all-zero matrix; give them values."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(0.0, 0.1)
+
+
 def _one_of_each(values: list) -> list:
     kinds = []
     for value in values:
@@ -105,6 +116,7 @@ def check(model_type: str, seq2seq: bool) -> dict:
         config = AutoConfig.for_model(model_type, **shrink(config.to_dict()))
         torch.manual_seed(0)
         model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config).eval()
+        _no_zero_matrices(model)
     except Exception as exc:  # the shrinker's limit, not kvgraph's: say so
         return _failed(model_type, seq2seq, f"no tiny model from the default config: {_reason(exc)}")
     try:
@@ -236,32 +248,49 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--readme", type=Path, help="write the table between the coverage markers of this README")
+    parser.add_argument("--merge", action="store_true", help="with --only: replace those rows in the saved results, rewrite the table")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(check(args.one, args.seq2seq)))
         return
     types = model_types()
     if args.only:
+        unknown = [name for name in args.only.split(",") if name not in types]
+        if unknown:
+            parser.error(f"--only: not in transformers' causal-LM or seq2seq-LM mappings: {', '.join(unknown)}")
         types = {name: types[name] for name in args.only.split(",")}
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_child, name, seq2seq, args.timeout): name for name, seq2seq in types.items()}
-        rows = []
+    rows = run_all(types, args.jobs, args.timeout)
+    note = f"\nMeasured by `python benchmarks/coverage.py` in {(time.perf_counter() - started) / 60:.0f} min ({args.jobs} jobs).\n"
+    if args.only and args.merge:  # a partial rerun: the saved rows, these replaced, and the full run's note kept
+        rerun = {r["family"] for r in rows}
+        rows += [r for r in json.loads((RESULTS / "coverage.json").read_text()) if r["family"] not in rerun]
+        note = "\nMeasured by" + (RESULTS / "coverage.md").read_text().split("\n\nMeasured by", 1)[1]
+    rows.sort(key=lambda r: r["family"])
+    text = table(rows) + note
+    if not args.only or args.merge:
+        save(rows, text, args.readme)
+    print(text)
+
+
+def run_all(types: dict[str, bool], jobs: int, timeout: float) -> list[dict]:
+    rows = []
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_child, name, seq2seq, timeout) for name, seq2seq in types.items()]
         for future in concurrent.futures.as_completed(futures):
-            rows.append(future.result())
-            r = rows[-1]
+            r = future.result()
+            rows.append(r)
             print(f"[{len(rows)}/{len(types)}] {r['family']}: dynamic {'ok' if r['dynamic'] else r['dynamic_reason']}; "
                   f"static {'ok' if r['static'] else r['static_reason']}", flush=True)
-    rows.sort(key=lambda r: r["family"])
-    minutes = (time.perf_counter() - started) / 60
-    text = table(rows) + f"\nMeasured by `python benchmarks/coverage.py` in {minutes:.0f} min ({args.jobs} jobs).\n"
+    return rows
+
+
+def save(rows: list[dict], text: str, readme: Path | None) -> None:
     RESULTS.mkdir(exist_ok=True)
-    if not args.only:
-        (RESULTS / "coverage.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (RESULTS / "coverage.md").write_text(text)
-        if args.readme:
-            write_readme(args.readme, text)
-    print(text)
+    (RESULTS / "coverage.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / "coverage.md").write_text(text)
+    if readme:
+        write_readme(readme, text)
 
 
 if __name__ == "__main__":

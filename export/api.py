@@ -73,7 +73,7 @@ def export_model(
         _check_seq2seq_options(dims, cache, all_logits)
     kind = "encoder-decoder" if dims.encoder_decoder else "decoder"
     contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length,
-                             kind, dims.hidden_size if dims.encoder_decoder else None)
+                             kind, dims.hidden_size if dims.encoder_decoder else None, dims.value_head_dim)
     mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
     with staged(out, force) as staging:  # nothing half-written, also on KeyboardInterrupt
@@ -118,9 +118,13 @@ def _gate(rows: list[DiffRow], contract: GraphContract, log) -> None:
 
 
 def _check_weights_once(model: torch.nn.Module, weights_bytes: int) -> int:
+    """The weights file holds each parameter once; buffers the graphs keep as constants count too
+    (GPT-Neo's per-layer causal-mask buffer: 4 MB a layer, more than a tiny model's weights)."""
     parameter_bytes = _parameter_bytes(model)
-    if weights_bytes > WEIGHTS_SLACK * parameter_bytes:
-        raise KvgraphError(f"{WEIGHTS_FILE} is {weights_bytes} bytes for {parameter_bytes} parameter bytes: weights are duplicated")
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    if weights_bytes > WEIGHTS_SLACK * (parameter_bytes + buffer_bytes):
+        raise KvgraphError(f"{WEIGHTS_FILE} is {weights_bytes} bytes for {parameter_bytes} parameter bytes and {buffer_bytes} buffer "
+                           "bytes: weights are duplicated")
     return parameter_bytes
 
 

@@ -29,13 +29,14 @@ class ModelDims:
     encoder_decoder: bool = False  # then the layer and head counts are the decoder's
     hidden_size: int | None = None
     decoder_start_token_id: int | None = None
+    value_head_dim: int | None = None  # the cached values' D when it differs from the keys' (latent attention)
 
     @classmethod
     def from_hf(cls, config) -> ModelDims:
         try:
             if getattr(config, "is_encoder_decoder", False):
                 return cls._encoder_decoder(config)
-            return cls._decoder(config.get_text_config(), config.model_type)  # multimodal configs: the text model's
+            return cls._decoder(text_config(config), config.model_type)
         except KvgraphError:
             raise
         except Exception as exc:  # a config that raises on plain attribute reads (per-layer attributes, ...)
@@ -77,13 +78,14 @@ class ModelDims:
         dims = cls.from_hf(model.config)
         if dims.encoder_decoder:
             return dims
-        layers, kv_heads, head_dim = probe_cache(model)
-        return replace(dims, num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim)
+        layers, kv_heads, key_dim, value_dim = probe_cache(model)
+        return replace(dims, num_layers=layers, num_kv_heads=kv_heads, head_dim=key_dim,
+                       value_head_dim=value_dim if value_dim != key_dim else None)
 
     @classmethod
     def _encoder_decoder(cls, config) -> ModelDims:
-        family = config.model_type
-        config = config.get_text_config(decoder=True)
+        family, top = config.model_type, config
+        config = text_config(config, decoder=True)
         normalized = _normalized(config)
         layers = _first(normalized, config, "decoder_num_layers", "num_decoder_layers", "decoder_layers", "num_layers")
         heads = _first(normalized, config, "decoder_num_attention_heads", "decoder_attention_heads", "num_heads")
@@ -93,8 +95,16 @@ class ModelDims:
             raise KvgraphError(f"model type {family!r}: cannot read decoder layers, heads, hidden size or vocab from its config")
         head_dim = getattr(config, "d_kv", None) or hidden // heads
         max_positions = getattr(config, "max_position_embeddings", None)  # None for relative positions (T5)
-        start = getattr(config, "decoder_start_token_id", None)
+        start = getattr(top, "decoder_start_token_id", None)
         return cls(family, layers, heads, heads, head_dim, vocab, max_positions, (None,) * layers, False, True, hidden, start)
+
+
+def text_config(config, decoder: bool = False):
+    """A composite (multimodal) config's text model config; any other config itself (transformers'
+    get_text_config also remaps plain encoder-decoder configs, which would mislead the reads here)."""
+    if not getattr(config, "sub_configs", None):
+        return config
+    return config.get_text_config(decoder=True) if decoder else config.get_text_config()
 
 
 WINDOWED_TYPES = ("sliding_attention",)
@@ -141,8 +151,8 @@ def _first(normalized, config, *names: str, default=None):
     return default
 
 
-def probe_cache(model) -> tuple[int, int, int]:
-    """(layers, Hkv, D) of the K/V a one-token forward pass caches; refuses layouts the contract cannot carry."""
+def probe_cache(model) -> tuple[int, int, int, int]:
+    """(layers, Hkv, Dk, Dv) of the K/V a one-token forward pass caches; refuses layouts the contract cannot carry."""
     family = model.config.model_type
     ids = torch.ones(1, 1, dtype=torch.long)
     try:
@@ -164,10 +174,7 @@ def probe_cache(model) -> tuple[int, int, int]:
         raise KvgraphError(f"model type {family!r}: layers cache keys/values of different shapes (Hkv, Dk, Dv) "
                            f"{sorted(set(shapes))}; the contract has one (B, Hkv, S, D) layout")
     kv_heads, key_dim, value_dim = shapes[0]
-    if key_dim != value_dim:
-        raise KvgraphError(f"model type {family!r} caches keys of head dim {key_dim} and values of head dim {value_dim}; "
-                           "the contract has one head dim D for both")
-    return len(layers), kv_heads, key_dim
+    return len(layers), kv_heads, key_dim, value_dim
 
 
 def _layer_shape(layer) -> tuple[int, int, int] | None:

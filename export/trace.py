@@ -127,8 +127,8 @@ def _extend_example(model: torch.nn.Module, contract: GraphContract):
     mask = torch.ones(_BATCH, _PAST + _NEW, dtype=torch.int64)
     mask[1, :2] = 0
     positions = (mask.cumsum(-1) - 1)[:, -_NEW:]
-    cache_shape = (_BATCH, contract.num_kv_heads, _PAST, contract.head_dim)  # (B, Hkv, P, D)
-    past = tuple(torch.randn(cache_shape, generator=generator).to(dtype) for _ in contract.cache_slots())
+    past = tuple(torch.randn(contract.cache_shape(kind, _BATCH, _PAST), generator=generator).to(dtype)
+                 for _, kind in contract.cache_slots())  # (B, Hkv, P, D) each
     return (ids, mask, positions, *past)
 
 
@@ -141,8 +141,8 @@ def _static_example(model: torch.nn.Module, contract: GraphContract):
     mask[1, 0] = 0  # a left-padded row
     positions = (mask.cumsum(-1) - 1)[:, 1 : 1 + _NEW]
     write_indices = torch.ones(_BATCH, dtype=torch.int64)
-    cache_shape = (_BATCH, contract.num_kv_heads, contract.max_length, contract.head_dim)  # (B, Hkv, N, D)
-    buffers = tuple(torch.randn(cache_shape, generator=generator).to(dtype) for _ in contract.cache_slots())
+    buffers = tuple(torch.randn(contract.cache_shape(kind, _BATCH, contract.max_length), generator=generator).to(dtype)
+                    for _, kind in contract.cache_slots())  # (B, Hkv, N, D) each
     return (ids, mask, positions, write_indices, *buffers)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .config import attention_layout
+from .config import attention_layout, text_config
 from .families import Family
 from .scatter import tensor_scatter
 
@@ -81,7 +81,7 @@ class StaticStep(_CausalLMStep):
     def forward(self, input_ids, attention_mask, position_ids, write_indices, *buffers):
         # input_ids, position_ids: (B, Q); attention_mask: (B, N); write_indices: (B,); buffers: (B, Hkv, N, D)
         layers = [ScatterLayer(buffers[2 * i], buffers[2 * i + 1], write_indices) for i in range(len(buffers) // 2)]
-        windows, by_type = attention_layout(self.model.config.get_text_config(), len(layers))
+        windows, by_type = attention_layout(text_config(self.model.config), len(layers))
         window = max((w for w in windows if w is not None), default=None)  # the sliding layers' W
         full, sliding = (static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype, w)
                          for w in (None, window))  # the same mask twice when no layer slides

@@ -68,12 +68,18 @@ class GraphContract:
     max_length: int | None = None  # static only: N, the buffers' length (prompt + new tokens <= N)
     kind: str = "decoder"  # "encoder-decoder": encoder.onnx too, and cross-attention K/V computed once
     hidden_size: int | None = None  # encoder-decoder only: H of encoder_hidden_states (B, Se, H)
+    # Dv, when the cached values are narrower or wider than the keys (latent attention caches a
+    # compressed latent as "key" and the rotary part as "value"); None: Dv = D
+    value_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= LIMITS[field]:
                 raise ValueError(f"GraphContract.{field} must be an integer in [1, {LIMITS[field]}], got {value!r}")
+        if self.value_head_dim is not None and (not isinstance(self.value_head_dim, int) or isinstance(self.value_head_dim, bool)
+                                                or not 0 < self.value_head_dim <= LIMITS["head_dim"]):
+            raise ValueError(f"GraphContract.value_head_dim must be null or an integer in [1, {LIMITS['head_dim']}], got {self.value_head_dim!r}")
         if not isinstance(self.all_logits, bool):
             raise ValueError(f"GraphContract.all_logits must be true or false, got {self.all_logits!r}")
         if self.dtype not in DTYPES:
@@ -115,6 +121,13 @@ class GraphContract:
     def present_name(layer: int, kind: str) -> str:
         return f"present.{layer}.{kind}"
 
+    def kv_dim(self, kind: str) -> int:
+        """D of the cached keys ("key") or values ("value")."""
+        return self.value_head_dim if kind == "value" and self.value_head_dim is not None else self.head_dim
+
+    def cache_shape(self, kind: str, batch: Dim, length: Dim) -> tuple[Dim, ...]:
+        return (batch, self.num_kv_heads, length, self.kv_dim(kind))  # (B, Hkv, S, D)
+
     def cache_slots(self) -> Iterator[tuple[int, str]]:
         """(layer, "key"|"value") in graph order: layer 0 key, layer 0 value, layer 1 key, ..."""
         for layer in range(self.num_layers):
@@ -145,8 +158,8 @@ class GraphContract:
         ]
 
     def _cache(self, names: list[str], length: Dim) -> list[TensorSpec]:
-        shape = (BATCH, self.num_kv_heads, length, self.head_dim)  # (B, Hkv, S, D)
-        return [TensorSpec(name, self.dtype, shape) for name in names]
+        # names: one per cache slot, in cache_slots() order -> (B, Hkv, S, D) each (Dv for values)
+        return [TensorSpec(name, self.dtype, self.cache_shape(kind, BATCH, length)) for name, (_, kind) in zip(names, self.cache_slots())]
 
     def prefill_inputs(self) -> list[TensorSpec]:
         return self._token_inputs(SEQUENCE, SEQUENCE)
@@ -217,7 +230,7 @@ class GraphContract:
 
     def cache_bytes_per_token(self) -> int:
         itemsize = 4 if self.dtype == "float32" else 2
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        return self.num_layers * self.num_kv_heads * (self.kv_dim("key") + self.kv_dim("value")) * itemsize
 
 
 def io_mismatches(graph: str, expected: list[TensorSpec], actual: list[TensorSpec]) -> list[str]:

@@ -33,16 +33,22 @@ def prefill_from_extend(extend: onnx.ModelProto, contract: GraphContract) -> onn
     kept = [value for value in graph.value_info if value.name not in pasts]
     del graph.value_info[:]
     graph.value_info.extend(kept)
+    empty = {name: f"{EMPTY_PAST}.{kind}" for name, (_, kind) in zip(contract.past_names(), contract.cache_slots())}
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in pasts:
-                node.input[i] = EMPTY_PAST
-    dtype = helper.np_dtype_to_tensor_dtype(np.dtype(contract.dtype))
-    rest = numpy_helper.from_array(np.array([contract.num_kv_heads, 0, contract.head_dim], dtype=np.int64), f"{EMPTY_PAST}.rest")
-    graph.initializer.append(rest)
-    graph.node.insert(0, helper.make_node("ConstantOfShape", [f"{EMPTY_PAST}.shape"], [EMPTY_PAST], name=EMPTY_PAST,
-                                          value=helper.make_tensor("zero", dtype, [1], [0])))
-    graph.node.insert(0, helper.make_node("Concat", [f"{EMPTY_PAST}.batch", rest.name], [f"{EMPTY_PAST}.shape"], axis=0,
-                                          name=f"{EMPTY_PAST}.shape"))
+                node.input[i] = empty[name]
+    for kind in sorted(set(empty.values())):
+        _insert_empty_past(graph, kind, contract)
     graph.node.insert(0, helper.make_node("Shape", [INPUT_IDS], [f"{EMPTY_PAST}.batch"], start=0, end=1, name=f"{EMPTY_PAST}.batch"))
     return model
+
+
+def _insert_empty_past(graph: onnx.GraphProto, name: str, contract: GraphContract) -> None:
+    """name = zeros of shape (B, Hkv, 0, D) (Dv for values), B read from input_ids."""
+    dtype = helper.np_dtype_to_tensor_dtype(np.dtype(contract.dtype))
+    rest = numpy_helper.from_array(np.array(contract.cache_shape(name.rsplit(".", 1)[1], 0, 0)[1:], dtype=np.int64), f"{name}.rest")
+    graph.initializer.append(rest)
+    graph.node.insert(0, helper.make_node("ConstantOfShape", [f"{name}.shape"], [name], name=name,
+                                          value=helper.make_tensor("zero", dtype, [1], [0])))
+    graph.node.insert(0, helper.make_node("Concat", [f"{EMPTY_PAST}.batch", rest.name], [f"{name}.shape"], axis=0, name=f"{name}.shape"))

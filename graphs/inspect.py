@@ -34,7 +34,7 @@ def describe(manifest: Manifest, sizes: dict[str, int]) -> str:
     lines = [
         f"kvgraph export, format {manifest.format_version}",
         f"model        {m.family} ({m.architecture}) from {m.source}",
-        f"shape        {c.num_layers} layers, {c.num_kv_heads} KV heads, head dim {c.head_dim}, vocab {c.vocab_size}, {c.dtype}",
+        f"shape        {c.num_layers} layers, {c.num_kv_heads} KV heads, head dim {c.head_dim}{f' (values {c.value_head_dim})' if c.value_head_dim else ''}, vocab {c.vocab_size}, {c.dtype}",
         f"positions    max {m.max_positions}; cache {c.cache_bytes_per_token()} bytes per token per row",
         f"cache        {_cache_line(c)}",
         f"tokens       bos {t.bos_token_id}, eos {list(t.eos_token_ids)}, pad {t.pad_token_id}",

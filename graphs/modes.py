@@ -76,12 +76,13 @@ class StaticCacheMode:
     def write_feeds(self, batch: int, written: int) -> dict[str, np.ndarray]:
         return {WRITE_INDICES: np.full(batch, written, dtype=np.int64)}  # (B,)
 
-    def buffer_shape(self, contract: GraphContract, batch: int) -> tuple[int, int, int, int]:
-        return (batch, contract.num_kv_heads, contract.max_length, contract.head_dim)  # (B, Hkv, N, D)
+    def buffer_shapes(self, contract: GraphContract, batch: int) -> list[tuple[int, int, int, int]]:
+        """One per cache slot: (B, Hkv, N, D) (Dv for values)."""
+        return [contract.cache_shape(kind, batch, contract.max_length) for _, kind in contract.cache_slots()]
 
     def cache_feeds(self, contract: GraphContract, past: list[np.ndarray], batch: int) -> dict[str, np.ndarray]:
         # zeros, not uninitialised memory: masked positions are multiplied by zero weights, a NaN there would spread
-        buffers = [np.zeros(self.buffer_shape(contract, batch), dtype=contract.dtype) for _ in contract.cache_slots()]
+        buffers = [np.zeros(shape, dtype=contract.dtype) for shape in self.buffer_shapes(contract, batch)]
         for buffer, tensor in zip(buffers, past):
             buffer[:, :, : tensor.shape[2]] = tensor
         return dict(zip(contract.past_names(), buffers))

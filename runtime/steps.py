@@ -62,11 +62,10 @@ class StaticCache:
 
     def __init__(self, graphs: LoadedGraphs, batch: int) -> None:
         contract, device = graphs.contract, graphs.device
-        shape = graphs.steps.cache.buffer_shape(contract, batch)  # (B, Hkv, N, D)
         # zeros, not uninitialized memory: the attention reads every position (masked ones too),
         # and a NaN left in freed memory would turn the masked scores into NaN
         self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=contract.dtype), device.ort_type, device.index)
-                       for _ in contract.cache_slots()]
+                       for shape in graphs.steps.cache.buffer_shapes(contract, batch)]  # (B, Hkv, N, D) each
         self.device = device
         self.batch = batch
         self.length = 0

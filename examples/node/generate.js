@@ -64,7 +64,8 @@ class Driver {
   }
 
   staticFeeds(batch) { // zero (B, Hkv, N, D) buffers before the first call; write index = positions written so far
-    if (!this.length) for (const name of this.names('past')) this.past[name] = zeros(this.c.dtype || 'float32', [batch, this.c.num_kv_heads, this.c.max_length, this.c.head_dim]);
+    const dim = (name) => (name.endsWith('.value') && this.c.value_head_dim) || this.c.head_dim; // Dv for values when set
+    if (!this.length) for (const name of this.names('past')) this.past[name] = zeros(this.c.dtype || 'float32', [batch, this.c.num_kv_heads, this.c.max_length, dim(name)]);
     return { write_indices: column(Array(batch).fill(this.length)) };
   }
 
