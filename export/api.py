@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +78,14 @@ def export_model(
                              kind, dims.hidden_size if dims.encoder_decoder else None, dims.value_head_dim)
     mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
-    with staged(out, force) as staging:  # nothing half-written, also on KeyboardInterrupt
-        manifest, rows = _build(source, family, contract, staging, validate, log)
+    with staged(out, force) as staging, _remembered_interrupts() as interrupts:  # nothing half-written, also on Ctrl-C
+        manifest, rows = _build(source, family, contract, staging, validate, log, interrupts)
     return ExportResult(out, manifest, rows)
 
 
-def _build(source: Source, family, contract: GraphContract, staging: Path, validate: bool, log) -> tuple[Manifest, list[DiffRow]]:
-    phase = Phases(log, family.model_type)
+def _build(source: Source, family, contract: GraphContract, staging: Path, validate: bool, log,
+           interrupts: list[int]) -> tuple[Manifest, list[DiffRow]]:
+    phase = Phases(log, family.model_type, interrupts)
     with phase("trace"):
         programs = trace_graphs(source.model, family, contract)
     with phase("optimize"):
@@ -128,6 +131,27 @@ def _check_weights_once(model: torch.nn.Module, weights_bytes: int) -> int:
     return parameter_bytes
 
 
+@contextlib.contextmanager
+def _remembered_interrupts():
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: a KeyboardInterrupt raised while
+    Python runs an object finaliser is printed and dropped, and tracing runs thousands of them. The
+    next phase boundary raises it again, so an interrupted export always stops."""
+    interrupts: list[int] = []  # the signals seen
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield interrupts  # not ours to handle: another thread, or the application has its own handler
+        return
+
+    def interrupted(signum, frame):
+        interrupts.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield interrupts
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class Phases:
     """Times each phase of an export and logs it: `trace done in 12.3 s (12.3 s so far)`.
 
@@ -135,20 +159,25 @@ class Phases:
     (`kvgraph --debug export ...` shows the traceback); kvgraph's own errors already name more.
     """
 
-    def __init__(self, log: Callable[[str], None], model_type: str) -> None:
+    def __init__(self, log: Callable[[str], None], model_type: str, interrupts: list[int]) -> None:
         self.log, self.model_type, self.start = log, model_type, time.perf_counter()
+        self.interrupts = interrupts  # Ctrl-C seen during the export (_remembered_interrupts)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         begin = time.perf_counter()
         self.log(f"{name}...")
         try:
+            if self.interrupts:
+                raise KeyboardInterrupt
             yield
         except KvgraphError:
             raise
         except Exception as exc:
             raise KvgraphError(f"model type {self.model_type!r}: export failed during {name}: {type(exc).__name__}: "
                                f"{first_line(exc)}") from exc
+        if self.interrupts:
+            raise KeyboardInterrupt
         now = time.perf_counter()
         self.log(f"{name} done in {now - begin:.1f} s ({now - self.start:.1f} s so far)")
 

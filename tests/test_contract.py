@@ -41,7 +41,18 @@ def test_cache_names_and_shapes_follow_the_layout():
     assert c.cache_bytes_per_token() == 2 * 2 * 3 * 8 * 4
 
 
-@pytest.mark.parametrize("field,value", [("num_layers", 0), ("head_dim", -1), ("vocab_size", 2.5), ("num_kv_heads", True)])
+def test_values_may_be_narrower_than_keys():
+    """Latent attention: every *.value tensor (past, present, static buffers) is Dv wide, every *.key D wide."""
+    for c in (_contract(value_head_dim=4), _contract(value_head_dim=4, cache="static", max_length=32)):
+        for graph, (inputs, outputs) in c.graphs().items():
+            for spec in inputs + outputs:
+                if spec.name.endswith((".key", ".value")):
+                    assert spec.shape[-1] == (4 if spec.name.endswith(".value") else 8), (graph, spec)
+        assert c.cache_bytes_per_token() == 2 * 3 * (8 + 4) * 4
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 0), ("head_dim", -1), ("vocab_size", 2.5), ("num_kv_heads", True),
+                                         ("value_head_dim", 0), ("value_head_dim", "8")])
 def test_contract_rejects_bad_dimensions(field, value):
     with pytest.raises(ValueError, match=field):
         _contract(**{field: value})
@@ -86,6 +97,8 @@ def test_newer_major_format_is_refused(tmp_path):
         (lambda d: d.pop("contract"), "missing field contract"),
         (lambda d: d["contract"].update(num_layers="2"), "field contract is invalid"),
         (lambda d: d.update(opset="23"), "field opset has the wrong type"),
+        (lambda d: d["model"].update(attention_windows=[8, 0]), "field model is invalid: attention_windows"),
+        (lambda d: d["model"].update(attention_windows="8"), "field model is invalid: attention_windows"),
         (lambda d: d["special_tokens"].update(eos_token_ids=[2, "x"]), "eos_token_ids"),
         (lambda d: d["graphs"]["decode"]["inputs"].pop(), "graphs.decode.inputs disagrees"),
         (lambda d: d["graphs"]["prefill"].pop("outputs"), "missing field graphs.prefill.outputs"),

@@ -146,6 +146,26 @@ def test_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):
     assert _no_leftovers(tmp_path, "out") == []
 
 
+def test_interrupt_dropped_inside_a_finaliser_still_stops_the_export(tmp_path):
+    """A real SIGINT whose KeyboardInterrupt is raised inside an object's __del__ is printed and dropped by Python
+    (tracing runs thousands of finalisers); the export remembers it and stops at the next phase."""
+    import os
+    import signal
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside __del__
+
+    def log(line: str) -> None:
+        if line == "optimize...":
+            Finaliser()  # collected at once
+
+    with pytest.raises(KeyboardInterrupt):
+        export_model(tiny_model("llama"), tmp_path / "out", log=log)
+    assert _no_leftovers(tmp_path, "out") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_model_that_cannot_trace_names_type_and_step(tmp_path):
     model = tiny_model("llama")
     inner_forward = model.model.forward

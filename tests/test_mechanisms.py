@@ -103,3 +103,19 @@ def test_coverage_row_of_a_family_outside_the_suite():
     row = coverage.check("gpt_bigcode", seq2seq=False)
     assert (row["dynamic"], row["static"]) == (True, True), row
     assert row["vocab"] == 50257
+
+
+def test_latent_attention_caches_keys_and_values_of_different_widths(tmp_path):
+    """DeepSeek-V3's multi-head latent attention caches a compressed latent (kv_lora_rank wide) as the "key" and the
+    rotary part as the "value": the contract carries Dv beside D, and both cache modes give generate's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvgraph.export import export_model
+
+    config = AutoConfig.for_model("deepseek_v3", **coverage.shrink(AutoConfig.for_model("deepseek_v3").to_dict()))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    contract = export_model(model, tmp_path / "out").manifest.contract  # validated against PyTorch
+    assert (contract.num_kv_heads, contract.head_dim, contract.value_head_dim) == (1, config.kv_lora_rank, config.qk_rope_head_dim)
+    row = coverage.check("deepseek_v3", seq2seq=False)
+    assert (row["dynamic"], row["static"]) == (True, True), row
