@@ -164,8 +164,8 @@ def probe_cache(model) -> tuple[int, int, int, int]:
     cache = getattr(out, "past_key_values", None)
     layers = getattr(cache, "layers", None)
     if not layers:
-        raise KvgraphError(f"model type {family!r} returns no key/value cache (recurrent or state-space layers have no K/V "
-                           "for the contract to carry)")
+        raise KvgraphError(f"model type {family!r} returns no key/value cache from a forward pass with one (transformers gives "
+                           "it none: it recomputes every step, or its state is recurrent), so there is nothing for the contract to carry")
     shapes = [_layer_shape(layer) for layer in layers]
     if any(shape is None for shape in shapes):
         raise KvgraphError(f"model type {family!r} caches something other than keys and values in some layers "
