@@ -39,10 +39,16 @@ def test_kv_head_layout_is_the_cached_one(export_cache, family, kv_heads):
     K/V groups and expands them to all 4 heads before its cache, as transformers does."""
     exported = export_cache(family, "dynamic")
     assert exported.contract.num_kv_heads == kv_heads
+    nodes = _ops(exported.directory / "decode.onnx")
+    assert not [n.op_type for n in nodes if n.op_type in ("Tile", "Expand") and any("past" in i for i in n.input)], \
+        "a K/V head is copied per query head"
+
+
+def test_multi_query_attention_is_one_attention_op_per_layer_reading_one_head(export_cache):
+    """Falcon calls SDPA with one K/V head broadcast over 4 query heads; it becomes ONNX Attention with kv_num_heads 1."""
+    exported = export_cache("falcon", "dynamic")
     attention = [n for n in _ops(exported.directory / "decode.onnx") if n.op_type == "Attention"]
-    assert len(attention) == exported.contract.num_layers if family.startswith("falcon") else True
-    assert not [n.op_type for n in _ops(exported.directory / "decode.onnx") if n.op_type in ("Tile", "Expand")
-                and any("past" in i for i in n.input)], "a K/V head is copied per query head"
+    assert len(attention) == exported.contract.num_layers
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
