@@ -87,16 +87,17 @@ class ModelDims:
         family, top = config.model_type, config
         config = text_config(config, decoder=True)
         normalized = _normalized(config)
-        layers = _first(normalized, config, "decoder_num_layers", "num_decoder_layers", "decoder_layers", "num_layers")
-        heads = _first(normalized, config, "decoder_num_attention_heads", "decoder_attention_heads", "num_heads")
+        layers = _first(normalized, config, "decoder_num_layers", "num_decoder_layers", "decoder_layers", "num_layers", "num_hidden_layers")
+        heads = _first(normalized, config, "decoder_num_attention_heads", "decoder_attention_heads", "num_heads", "num_attention_heads")
         hidden = _first(normalized, config, "hidden_size", "d_model")
         vocab = _first(normalized, config, "vocab_size")
         if None in (layers, heads, hidden, vocab):
             raise KvgraphError(f"model type {family!r}: cannot read decoder layers, heads, hidden size or vocab from its config")
-        head_dim = getattr(config, "d_kv", None) or hidden // heads
+        kv_heads = _first(normalized, config, "num_key_value_heads", default=heads)  # T5Gemma's decoder groups its K/V heads
+        head_dim = getattr(config, "d_kv", None) or getattr(config, "head_dim", None) or hidden // heads
         max_positions = getattr(config, "max_position_embeddings", None)  # None for relative positions (T5)
         start = getattr(top, "decoder_start_token_id", None)
-        return cls(family, layers, heads, heads, head_dim, vocab, max_positions, (None,) * layers, False, True, hidden, start)
+        return cls(family, layers, heads, kv_heads, head_dim, vocab, max_positions, (None,) * layers, False, True, hidden, start)
 
 
 def text_config(config, decoder: bool = False):

@@ -169,7 +169,9 @@ def test_real_ctrl_c_during_export_leaves_nothing_and_exits_130(model_dir, tmp_p
 
     out = tmp_path / "new" / "out"
     kvgraph = str(Path(sys.executable).with_name("kvgraph"))
-    child = subprocess.Popen([kvgraph, "export", str(model_dir), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job inherits SIGINT ignored (and Python keeps it so): give the child the default, as a terminal does
+    child = subprocess.Popen([kvgraph, "export", str(model_dir), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not any(p.name.endswith(".partial") for p in out.parent.glob(".out.*")) and child.poll() is None:
         assert time.monotonic() < deadline, "the export never created its staging directory"
