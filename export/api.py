@@ -75,7 +75,7 @@ def export_model(
         _check_seq2seq_options(dims, cache, all_logits)
     kind = "encoder-decoder" if dims.encoder_decoder else "decoder"
     contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length,
-                             kind, dims.hidden_size if dims.encoder_decoder else None, dims.value_head_dim)
+                             kind, dims.hidden_size if dims.encoder_decoder else None, dims.value_head_dim, _rings(dims, cache, max_length))
     mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
     with staged(out, force) as staging, _remembered_interrupts() as interrupts:  # nothing half-written, also on Ctrl-C
@@ -267,6 +267,14 @@ def _check_seq2seq_options(dims: ModelDims, cache: str, all_logits: bool) -> Non
     if dims.decoder_start_token_id is None:
         raise KvgraphError(f"model type {dims.family!r}: the config has no decoder_start_token_id; the decoder cannot start "
                            "(set it in config.json)")
+
+
+def _rings(dims: ModelDims, cache: str, max_length: int | None) -> tuple[int | None, ...] | None:
+    """Static decoder cache: windowed layers whose window W < N keep a ring of W positions."""
+    if cache != "static" or dims.encoder_decoder or len(dims.windows) != dims.num_layers:
+        return None
+    rings = tuple(w if w is not None and w < max_length else None for w in dims.windows)
+    return rings if any(rings) else None
 
 
 def _check_static_fits(dims: ModelDims, max_length: int | None) -> None:

@@ -17,14 +17,18 @@ import torch
 DOMAIN = "kvgraph"
 SCATTER_OPSET = 24  # TensorScatter's first opset
 
-def tensor_scatter(cache: torch.Tensor, update: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
-    """cache (B, Hkv, N, D), update (B, Hkv, Q, D), write_indices (B,) -> the updated cache (a new tensor)."""
+def tensor_scatter(cache: torch.Tensor, update: torch.Tensor, write_indices: torch.Tensor, circular: bool = False) -> torch.Tensor:
+    """cache (B, Hkv, N, D), update (B, Hkv, Q, D), write_indices (B,) -> the updated cache (a new tensor).
+
+    circular: positions wrap around N (a ring buffer; Q <= N)."""
     if torch.onnx.is_in_onnx_export():
         return torch.onnx.ops.symbolic(
-            f"{DOMAIN}::TensorScatter", [cache, update, write_indices], {"axis": -2},
+            f"{DOMAIN}::TensorScatter", [cache, update, write_indices], {"axis": -2, "mode": "circular" if circular else "linear"},
             dtype=cache.dtype, shape=cache.shape, version=1,
         )
     positions = write_indices[:, None] + torch.arange(update.shape[2], device=update.device)  # (B, Q)
+    if circular:
+        positions = positions % cache.shape[2]
     index = positions[:, None, :, None].expand(update.shape)  # (B, Hkv, Q, D)
     return cache.scatter(2, index, update)
 

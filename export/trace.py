@@ -141,8 +141,8 @@ def _static_example(model: torch.nn.Module, contract: GraphContract):
     mask[1, 0] = 0  # a left-padded row
     positions = (mask.cumsum(-1) - 1)[:, 1 : 1 + _NEW]
     write_indices = torch.ones(_BATCH, dtype=torch.int64)
-    buffers = tuple(torch.randn(contract.cache_shape(kind, _BATCH, contract.max_length), generator=generator).to(dtype)
-                    for _, kind in contract.cache_slots())  # (B, Hkv, N, D) each
+    buffers = tuple(torch.randn(contract.cache_shape(kind, _BATCH, contract.buffer_length(layer)), generator=generator).to(dtype)
+                    for layer, kind in contract.cache_slots())  # (B, Hkv, N, D) each, (B, Hkv, W, D) for a ring
     return (ids, mask, positions, write_indices, *buffers)
 
 

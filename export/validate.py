@@ -72,7 +72,7 @@ def validate_decoder(directory: Path, model: torch.nn.Module, family: Family, co
         runner.step = step
         _, outputs = adapter.run(runner, role, tokens, mask, actual_past)
         actual, expected = adapter.step_outputs(outputs), reference.step(role, tokens, mask, expected_past)
-        return actual, expected, compare_step(adapter.graph(role), step, names, actual, expected, mask, contract.dtype)
+        return actual, expected, compare_step(adapter.graph(role), step, names, actual, expected, mask, contract.dtype, adapter.held())
 
     ids, mask = _sample_batch(contract.vocab_size)
     actual, expected, rows = both("prefill", 0, ids, mask, [], [])

@@ -75,22 +75,72 @@ class ScatterLayer(DynamicLayer):
         return self.keys, self.values
 
 
+class RingLayer(DynamicLayer):
+    """A sliding-window layer of a static cache: (B, Hkv, W, D) rings, position p at slot p mod W.
+
+    The step attends over [ring as it was (W), new keys (Q)] under ring_mask; the ring then takes the
+    last min(Q, W) new keys, circularly (ONNX TensorScatter, mode "circular").
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_indices: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.write_indices = keys, values, write_indices
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # key_states, value_states: (B, Hkv, Q, D) -> (B, Hkv, W + Q, D) to attend over
+        attended = torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
+        window = self.keys.shape[2]
+        keys, values = key_states[:, :, -window:], value_states[:, :, -window:]  # what the ring keeps of this step
+        start = self.write_indices + (key_states.shape[2] - keys.shape[2])  # (B,)
+        self.keys = tensor_scatter(self.keys, keys, start, circular=True)
+        self.values = tensor_scatter(self.values, values, start, circular=True)
+        return attended
+
+
 class StaticStep(_CausalLMStep):
     """Q tokens written into fixed-size buffers at each row's write index (prefill: 0; decode: P)."""
 
     def forward(self, input_ids, attention_mask, position_ids, write_indices, *buffers):
         # input_ids, position_ids: (B, Q); attention_mask: (B, N); write_indices: (B,); buffers: (B, Hkv, N, D)
-        layers = [ScatterLayer(buffers[2 * i], buffers[2 * i + 1], write_indices) for i in range(len(buffers) // 2)]
+        length = attention_mask.shape[1]  # N; a ring layer's buffers are shorter (W)
+        layers = [(RingLayer if buffers[2 * i].shape[2] < length else ScatterLayer)(buffers[2 * i], buffers[2 * i + 1], write_indices)
+                  for i in range(len(buffers) // 2)]
         windows, by_type = attention_layout(text_config(self.model.config), len(layers))
         window = max((w for w in windows if w is not None), default=None)  # the sliding layers' W
-        full, sliding = (static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype, w)
-                         for w in (None, window))  # the same mask twice when no layer slides
+        full = static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype)
+        if any(isinstance(layer, RingLayer) for layer in layers):
+            sliding = ring_mask(attention_mask, write_indices, input_ids.shape[1], window, self.model.config, buffers[0].dtype)
+        else:
+            sliding = static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype, window)
         if by_type:  # as the model's own forward builds them: one mask per layer type
             mask = {"full_attention": full, "sliding_attention": sliding}
         else:  # every layer attends alike
             mask = sliding if all(w is not None for w in windows) else full
         with self.family.static_step(self.model, attention_mask):
             return self._run(input_ids, mask, position_ids, Cache(layers=layers))
+
+
+def ring_mask(attention_mask, write_indices, new: int, window: int, config, dtype) -> torch.Tensor:
+    """(B, N) padding mask -> (B, 1, Q, W + Q) mask over [ring slots as they were, new keys] of a RingLayer.
+
+    Slot s holds the latest position j_s < w_b with j_s = s (mod W) (none while j_s < 0); new key t
+    is position w_b + t. Query q (position w_b + q) sees key position p when p <= w_b + q,
+    p > w_b + q - W and the padding mask is 1 at p; and always itself.
+    """
+    last = write_indices[:, None] - 1  # (B, 1): the last position written before this step
+    slots = torch.arange(window, device=attention_mask.device)  # (W,)
+    held = last - torch.remainder(last - slots, window)  # (B, W): position in each slot, < 0 when none
+    query = write_indices[:, None] + torch.arange(new, device=attention_mask.device)  # (B, Q)
+    key = torch.cat([held, query], dim=1)  # (B, W + Q)
+    real = torch.gather(attention_mask, 1, key.clamp(min=0)).bool() & (key >= 0)  # (B, W + Q)
+    seen = (key[:, None, :] <= query[:, :, None]) & (key[:, None, :] > query[:, :, None] - window) & real[:, None, :]  # (B, Q, W + Q)
+    itself = torch.arange(window + new, device=attention_mask.device)[None, :] == (window + torch.arange(new, device=attention_mask.device))[:, None]
+    allowed = (seen | itself[None])[:, None]  # (B, 1, Q, W + Q)
+    if config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def static_mask(attention_mask, write_indices, new: int, config, dtype, window: int | None = None) -> torch.Tensor:

@@ -71,6 +71,9 @@ class GraphContract:
     # Dv, when the cached values are narrower or wider than the keys (latent attention caches a
     # compressed latent as "key" and the rotary part as "value"); None: Dv = D
     value_head_dim: int | None = None
+    # decoder-only static cache: per layer, the ring length W of a sliding-window layer whose window is
+    # shorter than N (its buffers are (B, Hkv, W, D); position p lives at slot p mod W), else None
+    ring_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
@@ -92,6 +95,8 @@ class GraphContract:
                                  f"for a static cache, got {self.max_length!r}")
         elif self.max_length is not None:
             raise ValueError(f"GraphContract.max_length is only for a static cache, got {self.max_length!r} with cache {self.cache!r}")
+        if self.ring_windows is not None:
+            self._check_ring_windows()
         if self.kind not in KINDS:
             raise ValueError(f"GraphContract.kind must be one of {KINDS}, got {self.kind!r}")
         if self.seq2seq:
@@ -102,6 +107,24 @@ class GraphContract:
                 raise ValueError("GraphContract: an encoder-decoder export does not support all_logits yet")
         elif self.hidden_size is not None:
             raise ValueError(f"GraphContract.hidden_size is only for an encoder-decoder, got {self.hidden_size!r}")
+
+    def _check_ring_windows(self) -> None:
+        windows = self.ring_windows
+        if not self.static or self.kind != "decoder":
+            raise ValueError("GraphContract.ring_windows is only for a decoder-only static cache")
+        if not isinstance(windows, (tuple, list)) or len(windows) != self.num_layers or not all(
+                w is None or (isinstance(w, int) and not isinstance(w, bool) and 0 < w < self.max_length) for w in windows):
+            raise ValueError(f"GraphContract.ring_windows must give each of the {self.num_layers} layers null or an integer "
+                             f"in [1, {self.max_length - 1}], got {windows!r}")
+        object.__setattr__(self, "ring_windows", tuple(windows))  # JSON gives a list
+
+    def ring(self, layer: int) -> int | None:
+        """Static cache: W when the layer's buffers are a ring of W positions, else None."""
+        return self.ring_windows[layer] if self.ring_windows else None
+
+    def buffer_length(self, layer: int) -> int:
+        """Static cache: positions a layer's buffers hold (W for a ring, else N)."""
+        return self.ring(layer) or self.max_length
 
     @property
     def seq2seq(self) -> bool:
@@ -161,6 +184,16 @@ class GraphContract:
         # names: one per cache slot, in cache_slots() order -> (B, Hkv, S, D) each (Dv for values)
         return [TensorSpec(name, self.dtype, self.cache_shape(kind, BATCH, length)) for name, (_, kind) in zip(names, self.cache_slots())]
 
+    def _buffers(self, names: list[str]) -> list[TensorSpec]:
+        # static cache: (B, Hkv, N, D) each, (B, Hkv, W, D) for a ring layer
+        return [TensorSpec(name, self.dtype, self.cache_shape(kind, BATCH, self.buffer_length(layer)))
+                for name, (layer, kind) in zip(names, self.cache_slots())]
+
+    def buffer_bytes_per_row(self) -> int:
+        """Static cache: bytes of one row's buffers over all layers (rings count W positions)."""
+        itemsize = 4 if self.dtype == "float32" else 2
+        return sum(self.num_kv_heads * self.buffer_length(layer) * self.kv_dim(kind) * itemsize for layer, kind in self.cache_slots())
+
     def prefill_inputs(self) -> list[TensorSpec]:
         return self._token_inputs(SEQUENCE, SEQUENCE)
 
@@ -187,9 +220,9 @@ class GraphContract:
     # tokens written at write_indices (0 for a prompt, P to extend a conversation); decode takes 1.
     def _static_graph(self, length: Dim, logits_length: Dim) -> tuple[list[TensorSpec], list[TensorSpec]]:
         inputs = [*self._token_inputs(length, self.max_length), TensorSpec(WRITE_INDICES, "int64", (BATCH,)),
-                  *self._cache(self.past_names(), self.max_length)]
+                  *self._buffers(self.past_names())]
         logits = TensorSpec(LOGITS, self.dtype, (BATCH, logits_length, self.vocab_size))
-        return inputs, [logits, *self._cache(self.present_names(), self.max_length)]
+        return inputs, [logits, *self._buffers(self.present_names())]
 
     def _seq2seq_graphs(self) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
         source = [TensorSpec(INPUT_IDS, "int64", (BATCH, ENCODER_SEQUENCE)), TensorSpec(ATTENTION_MASK, "int64", (BATCH, ENCODER_SEQUENCE))]
@@ -199,7 +232,7 @@ class GraphContract:
         cross = self._cache(self.cross_names(), ENCODER_SEQUENCE)
         if self.static:  # the self-attention cache is (B, Hkv, N, D) buffers written at write_indices
             write = TensorSpec(WRITE_INDICES, "int64", (BATCH,))
-            past, present = self._cache(self.past_names(), self.max_length), self._cache(self.present_names(), self.max_length)
+            past, present = self._buffers(self.past_names()), self._buffers(self.present_names())
             return {
                 "encoder": (source, [hidden]),
                 "prefill": ([TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)), hidden, encoder_mask, write, *past], [logits, *present, *cross]),

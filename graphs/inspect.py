@@ -54,7 +54,8 @@ def describe(manifest: Manifest, sizes: dict[str, int]) -> str:
 def _cache_line(c) -> str:
     kind = "encoder-decoder: self-attention " if c.seq2seq else ""
     if c.static:
-        return f"{kind}static, buffers of {c.max_length} positions per row ({c.max_length * c.cache_bytes_per_token() / 1e6:.1f} MB per row)"
+        rings = f", windowed layers in rings of {sorted({w for w in c.ring_windows if w})}" if c.ring_windows else ""
+        return f"{kind}static, buffers of {c.max_length} positions per row{rings} ({c.buffer_bytes_per_row() / 1e6:.1f} MB per row)"
     cross = "; cross-attention K/V computed once per source by prefill, decode inputs only" if c.seq2seq else ""
     return f"{kind}dynamic, grows by one position per decode step{cross}"
 

@@ -19,7 +19,7 @@ from .safety import check_inside
 
 MANIFEST_NAME = "kvgraph.json"
 FORMAT_VERSION = "1.2"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
-# 1.2: model.attention_windows (informational: the graphs apply the windows themselves), contract.value_head_dim
+# 1.2: model.attention_windows (informational: the graphs apply the windows themselves), contract.value_head_dim, contract.ring_windows
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
 WEIGHTS_FILE = "model.onnx.data"
 WEIGHTS_INDEX = "weights.json"  # which bytes of WEIGHTS_FILE each graph's initializers read

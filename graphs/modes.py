@@ -46,7 +46,7 @@ class DynamicCacheMode:
     def cache_feeds(self, contract: GraphContract, past: list[np.ndarray], batch: int) -> dict[str, np.ndarray]:
         return dict(zip(contract.past_names(), past))
 
-    def visible(self, present: np.ndarray, length: int) -> np.ndarray:
+    def visible(self, contract: GraphContract, layer: int, present: np.ndarray, length: int) -> np.ndarray:
         return present
 
     def room(self, contract: GraphContract, written: int, new: int) -> str | None:
@@ -77,18 +77,23 @@ class StaticCacheMode:
         return {WRITE_INDICES: np.full(batch, written, dtype=np.int64)}  # (B,)
 
     def buffer_shapes(self, contract: GraphContract, batch: int) -> list[tuple[int, int, int, int]]:
-        """One per cache slot: (B, Hkv, N, D) (Dv for values)."""
-        return [contract.cache_shape(kind, batch, contract.max_length) for _, kind in contract.cache_slots()]
+        """One per cache slot: (B, Hkv, N, D) (Dv for values; W positions for a ring)."""
+        return [contract.cache_shape(kind, batch, contract.buffer_length(layer)) for layer, kind in contract.cache_slots()]
 
     def cache_feeds(self, contract: GraphContract, past: list[np.ndarray], batch: int) -> dict[str, np.ndarray]:
         # zeros, not uninitialised memory: masked positions are multiplied by zero weights, a NaN there would spread
         buffers = [np.zeros(shape, dtype=contract.dtype) for shape in self.buffer_shapes(contract, batch)]
-        for buffer, tensor in zip(buffers, past):
-            buffer[:, :, : tensor.shape[2]] = tensor
+        for buffer, tensor, (layer, _) in zip(buffers, past, contract.cache_slots()):
+            positions = _held(contract, layer, tensor.shape[2])
+            buffer[:, :, positions % buffer.shape[2]] = tensor[:, :, positions]
         return dict(zip(contract.past_names(), buffers))
 
-    def visible(self, present: np.ndarray, length: int) -> np.ndarray:
-        return present[:, :, :length]
+    def visible(self, contract: GraphContract, layer: int, present: np.ndarray, length: int) -> np.ndarray:
+        """The first `length` positions (B, Hkv, length, D); a ring holds only the last W: earlier ones are 0."""
+        out = np.zeros((*present.shape[:2], length, present.shape[3]), dtype=present.dtype)
+        positions = _held(contract, layer, length)
+        out[:, :, positions] = present[:, :, positions % present.shape[2]]
+        return out
 
     def room(self, contract: GraphContract, written: int, new: int) -> str | None:
         if written + new <= contract.max_length:
@@ -100,6 +105,11 @@ class StaticCacheMode:
 
     def capacity(self, contract: GraphContract) -> int | None:
         return contract.max_length
+
+
+def _held(contract: GraphContract, layer: int, length: int) -> np.ndarray:
+    """Positions of the first `length` a layer's buffers hold: all of them, or a ring's last W."""
+    return np.arange(max(0, length - (contract.ring(layer) or length)), length)
 
 
 @dataclass(frozen=True)
@@ -196,9 +206,14 @@ class StepAdapter:
         feeds = {spec.name: feeds[spec.name] for spec in inputs}  # the graph's order
         outputs = dict(run(graph, feeds))
         length = written + tokens.shape[1]
-        for name in self.contract.present_names():
-            outputs[name] = self.cache.visible(outputs[name], length)
+        for name, (layer, _) in zip(self.contract.present_names(), self.contract.cache_slots()):
+            outputs[name] = self.cache.visible(self.contract, layer, outputs[name], length)
         return feeds, outputs
+
+    def held(self) -> dict[str, int]:
+        """Cache tensors that hold only their last W positions (static rings), by past and present name."""
+        return {name: self.contract.ring(layer) for names in (self.contract.past_names(), self.contract.present_names())
+                for name, (layer, _) in zip(names, self.contract.cache_slots()) if self.contract.ring(layer)}
 
     def presents(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [outputs[name] for name in self.contract.present_names()]

@@ -69,16 +69,20 @@ def failures(rows: list[DiffRow]) -> list[DiffRow]:
     return [row for row in rows if not row.ok]
 
 
-def compare_step(graph: str, step: int, names: list[str], actual: list[np.ndarray], expected: list[np.ndarray], attention_mask: np.ndarray, dtype: str) -> list[DiffRow]:
+def compare_step(graph: str, step: int, names: list[str], actual: list[np.ndarray], expected: list[np.ndarray], attention_mask: np.ndarray,
+                 dtype: str, held: dict[str, int] | None = None) -> list[DiffRow]:
     """Compare one step's outputs (logits first, then cache tensors) by name.
 
     Cache tensors (B, Hkv, T, D) are compared only at columns where attention_mask (B, T) is 1:
-    the contract leaves entries at padded columns unspecified.
+    the contract leaves entries at padded columns unspecified. `held` names the tensors that keep only
+    their last W columns (a static cache's rings): those are compared there.
     """
     rows = []
     for name, a, e in zip(names, actual, expected):
         if a.ndim == 4 and a.shape == e.shape and a.shape[2] == attention_mask.shape[1]:
-            a, e = _real_columns(a, attention_mask), _real_columns(e, attention_mask)
+            window = (held or {}).get(name, a.shape[2])
+            a, e, mask = a[:, :, -window:], e[:, :, -window:], attention_mask[:, -window:]
+            a, e = _real_columns(a, mask), _real_columns(e, mask)
         rows.append(compare(graph, step, name, a, e, dtype))
     return rows
 

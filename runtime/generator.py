@@ -298,6 +298,7 @@ class Conversation:
     def _resume(self, ids: list[int]):
         """Reuse the cache for the longest common prefix; run only the new tokens through the graphs."""
         common = _common_prefix(self.cached_ids, ids[:-1])
+        common = self.cache.reusable(common) if self.cache is not None else 0
         graphs = self.generator.graphs
         if common == 0 or self.cache is None:
             stepper = _CachedSteps(graphs)

@@ -40,6 +40,10 @@ class KVCache:
     def length(self) -> int:
         return self.values[0].shape()[2] if self.values else 0
 
+    def reusable(self, length: int) -> int:
+        """How many of the first `length` positions stay usable after rewinding to them: all."""
+        return length
+
     def truncated(self, length: int) -> KVCache:
         """The first `length` positions only (a copy), e.g. to rewind a conversation."""
         if length == self.length:
@@ -69,7 +73,14 @@ class StaticCache:
         self.device = device
         self.batch = batch
         self.length = 0
+        self.rings = bool(contract.ring_windows)
         self._decode: _BoundDecode | None = None
+
+    def reusable(self, length: int) -> int:
+        """How many of the first `length` positions stay usable after rewinding to them. A ring of W has
+        written position p over p - W: after a rewind of k positions the next query needs p - W + 1 ... p - 1
+        again, intact only for k <= 1; a longer rewind of a cache with rings starts over (0)."""
+        return length if not self.rings or self.length - length <= 1 else 0
 
     def truncated(self, length: int) -> StaticCache:
         """Keep the first `length` positions: the rest is overwritten by later steps (no copy)."""

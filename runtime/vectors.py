@@ -66,7 +66,7 @@ def write_vectors(manifest: Manifest, cases: dict[str, Trace], out: Path, force:
 
 
 def _contract_json(contract: GraphContract) -> dict:
-    return asdict(contract)
+    return json.loads(json.dumps(asdict(contract)))  # as a file holds it (tuples become lists)
 
 
 def _case_json(name: str, trace: Trace, root: Path) -> dict:

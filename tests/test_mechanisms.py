@@ -29,7 +29,28 @@ def test_sliding_window_layers_are_recorded_and_the_static_cache_outgrows_the_wi
     exported = export_cache("gemma2", mode)
     assert exported.manifest.model.attention_windows == [8, None]  # gemma2 alternates sliding and global layers
     if mode == "static":
-        assert exported.contract.max_length == 48 > 8  # the buffers hold 6 windows; parity runs 23 tokens through them
+        assert exported.contract.max_length == 48 > 8  # parity runs 23 tokens through a window of 8
+
+
+def test_a_static_window_layer_is_a_ring_of_w_positions(export_cache):
+    """The windowed layer's buffers hold W = 8 positions, the global layer's N = 48; the runtime allocates them so."""
+    from kvgraph.runtime.generator import Generator
+    from kvgraph.runtime.steps import StaticCache
+
+    exported = export_cache("gemma2", "static")
+    contract = exported.contract
+    assert contract.ring_windows == (8, None)
+    inputs = {spec.name: spec.shape for spec in contract.graphs()["decode"][0]}
+    assert inputs["past.0.key"] == ("batch", 2, 8, 16) and inputs["past.1.value"] == ("batch", 2, 48, 16)
+    graph = onnx.load(str(exported.directory / "decode.onnx"), load_external_data=False)
+    declared = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
+    assert declared["past.0.key"][2] == 8 and declared["past.1.key"][2] == 48
+    assert any(n.op_type == "TensorScatter" and any(a.s == b"circular" for a in n.attribute) for n in graph.graph.node)
+    cache = StaticCache(Generator.load(exported.directory).graphs, batch=3)
+    assert [v.shape()[2] for v in cache.values] == [8, 8, 48, 48]
+    assert contract.buffer_bytes_per_row() == 2 * 2 * 16 * 4 * (8 + 48)
+    cache.length = 20  # as after 20 positions: continuing keeps them all, and so does a rewind of one position;
+    assert (cache.reusable(20), cache.reusable(19), cache.reusable(18), cache.reusable(12)) == (20, 19, 0, 0)  # 2+: overwritten
 
 
 @pytest.mark.parametrize("family, kv_heads", [("falcon", 1), ("falcon-new", 4), ("mixtral", 2), ("bloom", 4)])
@@ -125,3 +146,22 @@ def test_latent_attention_caches_keys_and_values_of_different_widths(tmp_path):
     assert (contract.num_kv_heads, contract.head_dim, contract.value_head_dim) == (1, config.kv_lora_rank, config.qk_rope_head_dim)
     row = coverage.check("deepseek_v3", seq2seq=False)
     assert (row["dynamic"], row["static"]) == (True, True), row
+
+
+def test_a_conversation_on_a_ring_cache_equals_one_shot(tmp_path):
+    """A two-turn chat on a static cache with a ring equals generating the whole conversation at once, past the
+    window of 8 (turn two reuses the cache as far as StaticCache.reusable allows)."""
+    from families import text_model_dir
+
+    from kvgraph.export import export_model
+    from kvgraph.runtime import Generator
+
+    export_model(text_model_dir(tmp_path / "hf", family="gemma2"), tmp_path / "out", cache="static", max_length=96)
+    gen = Generator.load(tmp_path / "out")
+    assert gen.graphs.contract.ring_windows == (8, None)
+    conversation = gen.chat()
+    first = conversation.send("hi there", max_new_tokens=10)
+    second = conversation.send("and then?", max_new_tokens=10)
+    messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": first.text},
+                {"role": "user", "content": "and then?"}]
+    assert second.token_ids == gen.generate(gen.codec.encode_chat(messages), max_new_tokens=10).token_ids

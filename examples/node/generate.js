@@ -65,7 +65,8 @@ class Driver {
 
   staticFeeds(batch) { // zero (B, Hkv, N, D) buffers before the first call; write index = positions written so far
     const dim = (name) => (name.endsWith('.value') && this.c.value_head_dim) || this.c.head_dim; // Dv for values when set
-    if (!this.length) for (const name of this.names('past')) this.past[name] = zeros(this.c.dtype || 'float32', [batch, this.c.num_kv_heads, this.c.max_length, dim(name)]);
+    const length = (name) => (this.c.ring_windows && this.c.ring_windows[Number(name.split('.')[1])]) || this.c.max_length; // W for a ring
+    if (!this.length) for (const name of this.names('past')) this.past[name] = zeros(this.c.dtype || 'float32', [batch, this.c.num_kv_heads, length(name), dim(name)]);
     return { write_indices: column(Array(batch).fill(this.length)) };
   }
 
