@@ -75,18 +75,12 @@ class ScatterLayer(DynamicLayer):
         return self.keys, self.values
 
 
-class RingLayer(DynamicLayer):
+class RingLayer(ScatterLayer):
     """A sliding-window layer of a static cache: (B, Hkv, W, D) rings, position p at slot p mod W.
 
     The step attends over [ring as it was (W), new keys (Q)] under ring_mask; the ring then takes the
     last min(Q, W) new keys, circularly (ONNX TensorScatter, mode "circular").
     """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_indices: torch.Tensor) -> None:
-        super().__init__()
-        self.keys, self.values, self.write_indices = keys, values, write_indices
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         # key_states, value_states: (B, Hkv, Q, D) -> (B, Hkv, W + Q, D) to attend over
