@@ -210,6 +210,10 @@ def cache_need(contract: GraphContract, prompt_lengths: list[int], max_new_token
     held, copies = steps.cache.cache_positions(contract, need.decoder)  # a dynamic step holds its past and its present at once
     total = rows * per_position * (held * copies + need.source)  # + the cross K/V over the source (encoder-decoder)
     twice = ", x 2 while a step holds past and present" if copies == 2 else ""
+    if contract.ring_windows:  # a static cache's windowed layers hold W positions, not N
+        rings = [w for w in contract.ring_windows if w]
+        return rows * contract.buffer_bytes_per_row(), (f"{rows} rows x {held} positions x {layout}, but {len(rings)} windowed "
+                                                        f"layers hold rings of {max(rings)}")
     if need.source:
         return total, f"{rows} rows x ({held} decoder{' x 2' if copies == 2 else ''} + {need.source} source positions) x {layout}"
     return total, f"{rows} rows x {held} positions x {layout}{twice}"

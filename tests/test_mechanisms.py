@@ -34,7 +34,7 @@ def test_sliding_window_layers_are_recorded_and_the_static_cache_outgrows_the_wi
 
 def test_a_static_window_layer_is_a_ring_of_w_positions(export_cache):
     """The windowed layer's buffers hold W = 8 positions, the global layer's N = 48; the runtime allocates them so."""
-    from kvgraph.runtime.generator import Generator
+    from kvgraph.runtime.generator import Generator, cache_need
     from kvgraph.runtime.steps import StaticCache
 
     exported = export_cache("gemma2", "static")
@@ -49,6 +49,8 @@ def test_a_static_window_layer_is_a_ring_of_w_positions(export_cache):
     cache = StaticCache(Generator.load(exported.directory).graphs, batch=3)
     assert [v.shape()[2] for v in cache.values] == [8, 8, 48, 48]
     assert contract.buffer_bytes_per_row() == 2 * 2 * 16 * 4 * (8 + 48)
+    need, how = cache_need(contract, [5, 9], 10)
+    assert need == 2 * contract.buffer_bytes_per_row() and "1 windowed layers hold rings of 8" in how  # the budget counts W
     cache.length = 20  # as after 20 positions: continuing keeps them all, and so does a rewind of one position;
     assert (cache.reusable(20), cache.reusable(19), cache.reusable(18), cache.reusable(12)) == (20, 19, 0, 0)  # 2+: overwritten
 
