@@ -25,7 +25,6 @@ class ModelDims:
     vocab_size: int
     max_positions: int | None
     windows: tuple[int | None, ...] = ()  # per decoder layer: its sliding window W, or None (attends to everything)
-    masks_by_layer_type: bool = False  # the model takes {"full_attention": m, "sliding_attention": m} masks
     encoder_decoder: bool = False  # then the layer and head counts are the decoder's
     hidden_size: int | None = None
     decoder_start_token_id: int | None = None
@@ -58,14 +57,8 @@ class ModelDims:
         kv_heads = _first(normalized, config, "num_key_value_heads", default=num_heads)
         head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        windows, by_type = attention_layout(config, num_layers)
-        return cls(family, num_layers, num_heads, kv_heads, head_dim, vocab, max_positions, windows, by_type)
-
-    @property
-    def sliding_window(self) -> int | None:
-        """The largest window of any layer, or None when every layer attends to the whole sequence."""
-        return max((w for w in self.windows if w is not None), default=None)
-
+        windows, _ = attention_layout(config, num_layers)
+        return cls(family, num_layers, num_heads, kv_heads, head_dim, vocab, max_positions, windows)
 
     @classmethod
     def from_model(cls, model) -> ModelDims:
@@ -97,7 +90,8 @@ class ModelDims:
         head_dim = getattr(config, "d_kv", None) or getattr(config, "head_dim", None) or hidden // heads
         max_positions = getattr(config, "max_position_embeddings", None)  # None for relative positions (T5)
         start = getattr(top, "decoder_start_token_id", None)
-        return cls(family, layers, heads, kv_heads, head_dim, vocab, max_positions, (None,) * layers, False, True, hidden, start)
+        return cls(family, layers, heads, kv_heads, head_dim, vocab, max_positions, (None,) * layers, encoder_decoder=True,
+                   hidden_size=hidden, decoder_start_token_id=start)
 
 
 def text_config(config, decoder: bool = False):

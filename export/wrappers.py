@@ -104,7 +104,9 @@ class StaticStep(_CausalLMStep):
         windows, by_type = attention_layout(text_config(self.model.config), len(layers))
         window = max((w for w in windows if w is not None), default=None)  # the sliding layers' W
         full = static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype)
-        if any(isinstance(layer, RingLayer) for layer in layers):
+        if window is None:
+            sliding = full  # no layer slides: one mask
+        elif any(isinstance(layer, RingLayer) for layer in layers):
             sliding = ring_mask(attention_mask, write_indices, input_ids.shape[1], window, self.model.config, buffers[0].dtype)
         else:
             sliding = static_mask(attention_mask, write_indices, input_ids.shape[1], self.model.config, buffers[0].dtype, window)

@@ -56,6 +56,11 @@ class DynamicCacheMode:
         """(positions held per row, copies held while a step runs): past and present both."""
         return positions, 2
 
+    def row_bytes(self, contract: GraphContract, positions: int) -> int:
+        """Self-attention cache bytes of one row at its longest, while a step runs."""
+        held, copies = self.cache_positions(contract, positions)
+        return held * copies * contract.cache_bytes_per_token()
+
     def capacity(self, contract: GraphContract) -> int | None:
         return None
 
@@ -102,6 +107,9 @@ class StaticCacheMode:
 
     def cache_positions(self, contract: GraphContract, positions: int) -> tuple[int, int]:
         return contract.max_length, 1
+
+    def row_bytes(self, contract: GraphContract, positions: int) -> int:
+        return contract.buffer_bytes_per_row()  # N per layer, W for a ring
 
     def capacity(self, contract: GraphContract) -> int | None:
         return contract.max_length

@@ -208,15 +208,14 @@ def cache_need(contract: GraphContract, prompt_lengths: list[int], max_new_token
     layout = f"{contract.num_layers} layers x 2 x {contract.num_kv_heads} KV heads x {contract.head_dim} x {np.dtype(contract.dtype).itemsize} bytes"
     need = steps.kind.positions(max(prompt_lengths), max_new_tokens)
     held, copies = steps.cache.cache_positions(contract, need.decoder)  # a dynamic step holds its past and its present at once
-    total = rows * per_position * (held * copies + need.source)  # + the cross K/V over the source (encoder-decoder)
-    twice = ", x 2 while a step holds past and present" if copies == 2 else ""
+    total = rows * (steps.cache.row_bytes(contract, need.decoder) + per_position * need.source)  # + cross K/V over the source
+    note = ", x 2 while a step holds past and present" if copies == 2 else ""
     if contract.ring_windows:  # a static cache's windowed layers hold W positions, not N
         rings = [w for w in contract.ring_windows if w]
-        return rows * contract.buffer_bytes_per_row(), (f"{rows} rows x {held} positions x {layout}, but {len(rings)} windowed "
-                                                        f"layers hold rings of {max(rings)}")
+        note = f", but {len(rings)} windowed layers hold rings of {max(rings)}"
     if need.source:
         return total, f"{rows} rows x ({held} decoder{' x 2' if copies == 2 else ''} + {need.source} source positions) x {layout}"
-    return total, f"{rows} rows x {held} positions x {layout}{twice}"
+    return total, f"{rows} rows x {held} positions x {layout}{note}"
 
 
 def default_cache_budget() -> int | None:
