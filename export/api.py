@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ..graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTo
 from ..graphs.contract import CACHE_MODES, MIN_STATIC_LENGTH
 from ..graphs.manifest import METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, graph_file
 from ..graphs.onnx_files import embed_metadata, write_graphs
+from ..graphs.quantize import QuantScheme, thresholds
 from ..graphs.staging import check_destination, staged
 from ..graphs.report import DiffRow, TOLERANCES, failures, format_table
 from .config import ModelDims
@@ -53,6 +55,9 @@ def export_model(
     trust_remote_code: bool = False,
     task: str | None = None,
     tokenizer: Any | None = None,
+    quantize: QuantScheme | None = None,
+    min_top1: float | None = None,
+    max_ppl_ratio: float | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> ExportResult:
     """Export prefill.onnx, decode.onnx and extend.onnx (+ weights, manifest, tokenizer files) into `out_dir`.
@@ -60,27 +65,62 @@ def export_model(
     cache="static" writes prefill.onnx and decode.onnx over fixed (B, Hkv, max_length, D) buffers
     instead (no extend.onnx: prefill at a write index past 0 is the extend step).
 
+    quantize: also quantize the weights (graphs/quantize.py) after a float export to a temporary
+    directory, and publish only if the quality report against that float export passes
+    (min_top1 / max_ppl_ratio; defaults by bit width).
+
     The directory appears only when everything succeeded: output is assembled in a temporary
     directory beside it and renamed at the end. Raises KvgraphError for user errors and
     ValidationError when the graphs disagree with PyTorch beyond the dtype's tolerance.
     """
     out = check_destination(Path(out_dir), force)
     _check_cache_options(cache, max_length)
+    if quantize is not None:
+        quantize.check()
+        thresholds(quantize.bits, min_top1, max_ppl_ratio)
     source = load_source(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     family = family_for(source.model.config.model_type)
     dims = ModelDims.from_model(source.model)
     _check_task(dims, task, source.description)
     _check_static_fits(dims, max_length)
     if dims.encoder_decoder:
-        _check_seq2seq_options(dims, cache, all_logits)
+        _check_seq2seq_options(dims, cache, all_logits, quantize)
     kind = "encoder-decoder" if dims.encoder_decoder else "decoder"
     contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length,
                              kind, dims.hidden_size if dims.encoder_decoder else None, dims.value_head_dim, _rings(dims, cache, max_length))
     mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
+    if quantize is not None:
+        _check_blocks(source.model, quantize)
+        return _export_quantized(source, family, contract, out, validate, force, quantize, min_top1, max_ppl_ratio, log)
     with staged(out, force) as staging, _remembered_interrupts() as interrupts:  # nothing half-written, also on Ctrl-C
         manifest, rows = _build(source, family, contract, staging, validate, log, interrupts)
     return ExportResult(out, manifest, rows)
+
+
+def _export_quantized(source: Source, family, contract: GraphContract, out: Path, validate: bool, force: bool, scheme: QuantScheme,
+                      min_top1: float | None, max_ppl_ratio: float | None, log) -> ExportResult:
+    """The float export into a temporary directory, then `kvgraph quantize` of it into `out`."""
+    from ..runtime.quantize_cli import quantize_export
+
+    with tempfile.TemporaryDirectory(prefix="kvgraph-float-") as scratch:
+        with staged(Path(scratch) / "float", False) as staging, _remembered_interrupts() as interrupts:
+            _, rows = _build(source, family, contract, staging, validate, log, interrupts)
+        del source
+        quantize_export(Path(scratch) / "float", out, scheme, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio, force=force, log=log)
+    return ExportResult(out, Manifest.load(out), rows)
+
+
+def _check_blocks(model: torch.nn.Module, scheme: QuantScheme) -> None:
+    """Before tracing: every linear layer's input width (and the embedding width) is a whole number of blocks."""
+    widths = {f"{name} (in_features {module.in_features})": module.in_features for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    widths.update({f"{name} (embedding_dim {module.embedding_dim})": module.embedding_dim for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Embedding)})
+    bad = [name for name, width in widths.items() if width % scheme.block_size]
+    if bad:
+        raise KvgraphError(f"block size {scheme.block_size} does not divide the input dimension of {bad[0]}"
+                           f"{f' and {len(bad) - 1} more layers' if len(bad) > 1 else ''}; choose a block size that does")
 
 
 def _build(source: Source, family, contract: GraphContract, staging: Path, validate: bool, log,
@@ -261,7 +301,9 @@ def _check_task(dims: ModelDims, task: str | None, description: str) -> None:
         raise KvgraphError(f"{description}: --task {task} was asked for, but model type {dims.family!r} is {kind}")
 
 
-def _check_seq2seq_options(dims: ModelDims, cache: str, all_logits: bool) -> None:
+def _check_seq2seq_options(dims: ModelDims, cache: str, all_logits: bool, quantize: QuantScheme | None) -> None:
+    if quantize is not None:
+        raise KvgraphError("--quantize covers decoder-only models for now; export this encoder-decoder in float")
     if all_logits:
         raise KvgraphError(f"model type {dims.family!r} is an encoder-decoder: --all-logits is not available for it yet")
     if dims.decoder_start_token_id is None:

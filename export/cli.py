@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..graphs.manifest import MANIFEST_NAME
+from ..graphs.quantize import QuantScheme, add_scheme_arguments
 
 
 HELP = "export a Hugging Face causal LM to prefill + decode ONNX graphs"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)
@@ -25,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
+    parser.add_argument("--quantize", choices=("int4", "int8"), default=None,
+                        help="quantize the weights (blocked DequantizeLinear + MatMul, standard ONNX) and publish only if the "
+                             "quality report against the float export passes")
+    add_scheme_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         trust_remote_code=args.trust_remote_code,
         task=args.task,
+        quantize=QuantScheme(int(args.quantize[3:]), args.block_size, args.symmetric) if args.quantize else None,
+        min_top1=args.min_top1,
+        max_ppl_ratio=args.max_ppl_ratio,
         log=lambda message: print(message, file=sys.stderr),
     )
     print(f"exported to {result.directory} (see {result.directory / MANIFEST_NAME})")

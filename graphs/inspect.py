@@ -47,8 +47,30 @@ def describe(manifest: Manifest, sizes: dict[str, int]) -> str:
             lines += [f"  {role} {spec.name:20} {spec.dtype:8} {format_shape(spec.shape)}" for spec in _folded(specs)]
     lines += ["", "files"] + [f"  {file:28} {size / 1e6:10.2f} MB" for file, size in sorted(sizes.items())]
     lines.append("")
-    lines.append(_validation_line(manifest.validation))
+    lines.append(_validation_line(manifest.validation).replace("validation  ", "validation   (float graphs, before quantization)"
+                                                                 if manifest.quantization else "validation  ", 1))
+    lines += _quantization_lines(manifest.quantization, c.dtype)
     return "\n".join(lines)
+
+
+def _quantization_lines(record, dtype: str) -> list[str]:
+    if not record:
+        return []
+    scheme, tensors = record.get("scheme", {}), record.get("tensors", {})
+    weights = tensors.get("float_bytes", 0) / (2 if dtype == "float16" else 4)
+    per_weight = tensors.get("quantized_bytes", 0) / weights if weights else 0.0
+    lines = [f"quantized    int{scheme.get('bits')} weights, block {scheme.get('block_size')}, "
+             f"{'symmetric' if scheme.get('symmetric') else 'asymmetric'} ({scheme.get('format')}); gathered matrices "
+             f"int{scheme.get('embedding_bits')}: {len(tensors.get('matmul', []))} + {len(tensors.get('gathered', []))} matrices, "
+             f"{tensors.get('float_bytes', 0) / 1e6:.1f} MB {dtype} -> {tensors.get('quantized_bytes', 0) / 1e6:.1f} MB "
+             f"({per_weight:.3f} bytes per weight, scales and zero points included)"]
+    quality = record.get("quality")
+    if quality:
+        lines.append(f"quality      vs the float export: top-1 {100 * quality['top1_agreement']:.2f} %, mean KL {quality['mean_kl']:.5f}, "
+                     f"perplexity {quality['perplexity_float']:.3f} -> {quality['perplexity_quantized']:.3f} "
+                     f"({quality['perplexity_ratio']:.4f}x), greedy {quality['greedy_identical']}/{quality['greedy_prompts']} "
+                     f"identical over {quality['greedy_new_tokens']} tokens")
+    return lines
 
 
 def _cache_line(c) -> str:

@@ -18,8 +18,9 @@ from .errors import ManifestError
 from .safety import check_inside
 
 MANIFEST_NAME = "kvgraph.json"
-FORMAT_VERSION = "1.2"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
+FORMAT_VERSION = "1.3"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
 # 1.2: model.attention_windows (informational: the graphs apply the windows themselves), contract.value_head_dim, contract.ring_windows
+# 1.3: quantization (weight-only int4/int8 exports: the scheme, the tensors, the quality report); absent or null: float weights
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
 WEIGHTS_FILE = "model.onnx.data"
 WEIGHTS_INDEX = "weights.json"  # which bytes of WEIGHTS_FILE each graph's initializers read
@@ -77,6 +78,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # role -> file name
     validation: dict[str, Any] | None = None
     format_version: str = FORMAT_VERSION
+    quantization: dict[str, Any] | None = None  # graphs/quantize.py's scheme, tensors and quality report
 
     # -- JSON ----------------------------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class Manifest:
             "files": dict(self.files),
             "versions": dict(self.versions),
             "validation": self.validation,
+            "quantization": self.quantization,
         }
 
     def dumps(self) -> str:
@@ -129,6 +132,7 @@ class Manifest:
             files=_files(reader),
             validation=reader.get((dict, type(None)), "validation"),
             format_version=reader.get(str, "format_version"),
+            quantization=reader.optional((dict, type(None)), "quantization"),
         )
         reader.check_graphs(contract)
         return manifest
@@ -189,6 +193,10 @@ class _Reader:
         if not isinstance(node, kinds) or (isinstance(node, bool) and bool not in kinds):
             raise ManifestError(f"{self.origin}: field {'.'.join(path)} has the wrong type ({type(node).__name__})")
         return node
+
+    def optional(self, kind: type | tuple[type, ...], key: str) -> Any:
+        """A top-level field that older formats do not have: None when absent."""
+        return self.get(kind, key) if key in self.data else None
 
     def build(self, cls: type, key: str) -> Any:
         fields = self.get(dict, key)

@@ -33,6 +33,7 @@ class DynamicCacheMode:
     """K/V grow by Q positions a step: present (B, Hkv, P + Q, D) is the next step's past."""
 
     aliased = False  # present is a new tensor
+    one_graph = "extend"  # serves every step: prefill is extend after an empty past, decode is extend of one token
 
     def graph(self, role: str) -> str:
         return role
@@ -69,6 +70,7 @@ class StaticCacheMode:
     """Fixed (B, Hkv, N, D) buffers; a step writes its Q positions at write_indices, in place."""
 
     aliased = True  # past and present are one buffer, bound as both
+    one_graph = "prefill"  # serves every step: Q tokens written at write_indices P (decode: Q = 1)
 
     def graph(self, role: str) -> str:
         return "prefill" if role == "extend" else role  # extend = prefill at write index P
@@ -133,6 +135,8 @@ class Positions:
 class DecoderFeeds:
     """Decoder-only: tokens, the attention mask so far and position ids from it (left padding)."""
 
+    one_graph = True  # every step has the same inputs: one graph can run them all
+
     def host(self, contract: GraphContract, cache, tokens: np.ndarray, mask: np.ndarray, written: int) -> dict[str, np.ndarray]:
         # tokens (B, Q), mask (B, P + Q) -> positions (B, Q): real tokens before each new one
         if mask.shape != (tokens.shape[0], written + tokens.shape[1]):
@@ -153,6 +157,8 @@ class DecoderFeeds:
 
 class Seq2SeqFeeds:
     """Encoder-decoder: decoder tokens and the source mask; prefill emits the cross K/V once."""
+
+    one_graph = False  # prefill emits the cross K/V, decode reads them: two graphs
 
     def host(self, contract: GraphContract, cache, tokens: np.ndarray, mask: np.ndarray, written: int) -> dict[str, np.ndarray]:
         return {INPUT_IDS: tokens, ENCODER_MASK: mask}  # mask: the source's (B, Se)
@@ -186,6 +192,10 @@ class StepAdapter:
         if role not in ROLES:
             raise ValueError(f"unknown step role {role!r}; one of {ROLES}")
         return self.cache.graph(role)
+
+    def one_graph(self) -> str | None:
+        """The graph that can run every step of this export (prefill, decode, extend), or None."""
+        return self.cache.one_graph if self.kind.one_graph else None
 
     def host_feeds(self, role: str, tokens: np.ndarray, mask: np.ndarray, written: int) -> dict[str, np.ndarray]:
         """The graph's int64 inputs for Q = tokens.shape[1] new tokens after `written` cached positions."""

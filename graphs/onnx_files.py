@@ -285,6 +285,34 @@ def attend_grouped_heads_directly(model: onnx.ModelProto) -> int:
     return rewired
 
 
+# Scoring a text needs the next-token logits of every position, while prefill returns the last
+# position's only (the traced model slices its hidden states before the lm_head):
+#
+#   before:  h (B, S, H) ──Slice(starts -1, axes 1)──▶ (B, 1, H) ──MatMul(lm_head)──…──▶ logits (B, 1, V)
+#   after:   h (B, S, H) ─────────────────────────────────────────▶ MatMul(lm_head)──…──▶ logits (B, S, V)
+def logits_at_every_position(model: onnx.ModelProto, logits: str = "logits") -> None:
+    """Bypass the last-position Slice on the way to `logits`, in place (for scoring; never written to an export)."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.external_data and len(t.dims) <= 1}
+    name, node = logits, producers.get(logits)
+    while node is not None and not _last_position_slice(node, constants):
+        name, node = node.input[0], producers.get(node.input[0])
+    if node is None:
+        raise ValueError(f"{logits} is not computed from a last-position Slice: this graph cannot score every position")
+    _rename_input(graph, node.output[0], node.input[0])
+    _drop_unused(graph)
+    output = next(o for o in graph.output if o.name == logits)
+    output.type.tensor_type.shape.dim[1].dim_param = "sequence"
+
+
+def _last_position_slice(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return False
+    starts, axes = constants.get(node.input[1]), constants.get(node.input[3])
+    return starts is not None and axes is not None and starts.tolist() == [-1] and axes.tolist() == [1]
+
+
 def _drop_unused(graph: onnx.GraphProto) -> None:
     """Remove nodes whose outputs nothing reads (repeatedly), then unread initializers."""
     while True:

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
     parser.add_argument("--no-recompute", action="store_true", help="skip the no-cache rows")
     parser.add_argument("--compare-sharing", action="store_true",
-                        help="also measure each mode with one weights copy per session (prepacked, not shared)")
+                        help="also measure each mode with the weights mapped once (unpacked) and with one copy per session (prepacked)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per configuration instead of a table")
 
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         modes = [contract.cache] + ([] if args.no_recompute else ["no-cache"])
         configs += [(directory, mode) for mode in modes]
         if args.compare_sharing:
-            configs += [(directory, f"{mode}, unshared") for mode in modes]
+            configs += [(directory, f"{mode}, {policy}") for mode in modes for policy in _COMPARED if _allows(directory, policy)]
     samples: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
     for round_ in range(args.rounds):
         for directory, mode in configs:
@@ -72,6 +72,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows))
     return 0
+
+
+_COMPARED = {"mapped": "mapped", "unshared": "per-session"}  # mode suffix -> weights policy (no suffix: "auto")
+
+
+def _allows(directory: str, policy: str) -> bool:
+    from ..graphs import Manifest
+
+    return policy != "mapped" or Manifest.load(directory).quantization is None  # integer weights cannot be mapped
 
 
 def _spawn(directory: str, mode: str, args: argparse.Namespace) -> dict:
@@ -151,15 +160,13 @@ def measure(directory: str, mode: str, prompt_tokens: int, new_tokens: int, thre
     from .generator import Generator
 
     baseline_rss, _ = _rss_mb()  # interpreter, numpy, onnxruntime, kvgraph.runtime
-    shared = not mode.endswith(", unshared")
-    mode = mode.removesuffix(", unshared")
-    gen = Generator.load(directory, threads=threads, share_weights=shared)
+    mode, _, suffix = mode.partition(", ")
+    gen = Generator.load(directory, threads=threads, weights=_COMPARED.get(suffix, "auto"))
     load_rss, _ = _rss_mb()
     ids = prompt_ids(gen.codec, gen.graphs.contract.vocab_size, prompt_tokens)
     use_cache = mode != "no-cache"
     gen.generate(ids, max_new_tokens=4, min_new_tokens=4, use_cache=use_cache)  # warm-up: first runs allocate and tune
-    step_graph = "decode" if use_cache else "prefill"
-    timer = _RunTimer(gen.graphs.session(step_graph))
+    timer = _RunTimer(gen.graphs.session(gen.graphs.graph_for("decode" if use_cache else "prefill")))
     start = time.perf_counter()
     result = gen.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=use_cache)  # exactly new_tokens
     total = time.perf_counter() - start

@@ -14,7 +14,7 @@ from ..graphs import GraphContract, KvgraphError, Manifest, TensorSpec, io_misma
 from ..graphs.manifest import graph_file
 from ..graphs.modes import StepAdapter, step_adapter
 from ..graphs.safety import check_graph_file
-from .weights import SharedWeights
+from .weights import SharedWeights, check_weights_size
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -47,6 +47,14 @@ def resolve_provider(provider: str) -> str:
 
 LAZY = ("extend",)  # opens on first use (a chat's next turn; without shared weights it holds its own copy)
 
+# How the sessions of an export hold its weights:
+#   one-session  one session runs every step (decoder-only: the graph that serves prefill, decode and
+#                extend), and onnxruntime loads and prepacks the weights once: one copy, prepacked speed
+#   mapped       model.onnx.data mapped once, every session reads that memory (unpacked: slower steps)
+#   per-session  each session loads and prepacks its own copy
+#   auto         one-session where the export allows it, else mapped, else per-session
+WEIGHT_POLICIES = ("auto", "one-session", "mapped", "per-session")
+
 
 @dataclass
 class LoadedGraphs:
@@ -57,6 +65,7 @@ class LoadedGraphs:
     provider_name: str
     weights: SharedWeights | None = None  # None: each session loads the weights file itself
     cuda_graph: bool = False  # static decode captured as a CUDA graph: requests take turns on pooled buffers
+    one_graph: str | None = None  # one-session: the graph that runs every step
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     pool: dict[int, object] = field(default_factory=dict)  # cuda_graph: batch size -> its StaticCache, reused
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -74,6 +83,10 @@ class LoadedGraphs:
     def steps(self) -> StepAdapter:
         """The contract's step adapter: which graph a step runs and what it is fed (built once)."""
         return step_adapter(self.manifest.contract)
+
+    def graph_for(self, role: str) -> str:
+        """The graph a step of this role runs: the contract's, or under one-session the one graph."""
+        return self.one_graph or self.steps.graph(role)
 
     def session(self, graph: str) -> ort.InferenceSession:
         """The graph's session, opened and checked against the manifest on first use."""
@@ -115,11 +128,11 @@ class LoadedGraphs:
 
 
 def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,
-                cuda_graph: bool = False) -> LoadedGraphs:
-    """Read the manifest, open prefill and decode on the provider, and check them against the manifest.
+                cuda_graph: bool = False, weights: str | None = None) -> LoadedGraphs:
+    """Read the manifest, open the sessions on the provider, and check them against the manifest.
 
-    share_weights: map model.onnx.data once and give every session the same memory (needs the
-    export's weights.json; exports without one load the weights per session).
+    weights: one of WEIGHT_POLICIES (default "auto": one copy of the weights, prepacked where the
+    export allows one session for every step); share_weights=False means "per-session".
     cuda_graph: capture the static-cache decode step as a CUDA graph (provider "cuda" only).
     """
     directory = Path(directory)
@@ -127,11 +140,37 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     if cuda_graph and (provider != "cuda" or not manifest.contract.static):
         raise KvgraphError("cuda_graph needs provider 'cuda' and a static-cache export (kvgraph export --cache static)")
     provider_name = resolve_provider(provider)
+    for name in manifest.contract.graphs():  # every graph, opened now or later: nothing reads outside the directory
+        check_graph_file(directory, graph_file(name))
+    policy = _policy(manifest, weights or ("auto" if share_weights else "per-session"), cuda_graph)
     index = manifest.files.get("weights_index")
-    weights = SharedWeights(directory, index) if share_weights and index else None
-    graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, weights, cuda_graph)
-    graphs.sessions.update(graphs._open_checked([name for name in manifest.contract.graphs() if name not in LAZY]))
+    mapped = SharedWeights(directory, index) if index and policy == "mapped" else None
+    if index and mapped is None:
+        check_weights_size(directory, index)
+    graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, mapped, cuda_graph,
+                          step_adapter(manifest.contract).one_graph() if policy == "one-session" else None)
+    first = [graphs.one_graph] if graphs.one_graph else [name for name in manifest.contract.graphs() if name not in LAZY]
+    graphs.sessions.update(graphs._open_checked(first))
     return graphs
+
+
+def _policy(manifest: Manifest, policy: str, cuda_graph: bool) -> str:
+    """The weights policy to use: the one asked for, or what "auto" picks, or a KvgraphError saying why not."""
+    if policy not in WEIGHT_POLICIES:
+        raise KvgraphError(f"unknown weights policy {policy!r}; choose one of {list(WEIGHT_POLICIES)}")
+    one_graph = step_adapter(manifest.contract).one_graph()
+    mappable = manifest.files.get("weights_index") is not None and manifest.quantization is None
+    if policy == "one-session" and (one_graph is None or cuda_graph):
+        why = "cuda_graph captures the decode graph alone" if cuda_graph else "an encoder-decoder runs several graphs"
+        raise KvgraphError(f"weights policy 'one-session' is not available here: {why}")
+    if policy == "mapped" and not mappable:
+        why = "its integer weights are repacked by each session" if manifest.quantization else "the export has no weights index"
+        raise KvgraphError(f"weights policy 'mapped' is not available for this export: {why}")
+    if policy != "auto":
+        return policy
+    if one_graph is not None and not cuda_graph:
+        return "one-session"
+    return "mapped" if mappable else "per-session"
 
 
 def _open(directory: Path, name: str, options: ort.SessionOptions, provider: str, provider_options: dict[str, str]) -> ort.InferenceSession:

@@ -51,14 +51,24 @@ class KVCache:
         kept = [np.ascontiguousarray(v.numpy()[:, :, :length]) for v in self.values]
         return KVCache([ort.OrtValue.ortvalue_from_numpy(a, self.device.ort_type, self.device.index) for a in kept], self.device)
 
-    def run(self, graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], other: Kept) -> tuple[np.ndarray, KVCache, Kept]:
-        contract = graphs.contract
+    def run(self, graphs: LoadedGraphs, role: str, host: dict[str, np.ndarray], other: Kept) -> tuple[np.ndarray, KVCache, Kept]:
+        contract, graph = graphs.contract, graphs.graph_for(role)
         names = graphs.steps.device_outputs(graph)
-        on_device = {**dict(zip(contract.past_names(), self.values)), **other}
+        values = self.values or self._empty(graphs, graph, host[INPUT_IDS].shape[0])
+        on_device = {**dict(zip(contract.past_names(), values)), **other}
         logits, values = run_graph(graphs, graph, host, on_device, names)
         outputs = dict(zip(names, values))
         presents = [outputs.pop(name) for name in contract.present_names()]
         return logits, KVCache(presents, self.device), outputs
+
+
+    def _empty(self, graphs: LoadedGraphs, graph: str, batch: int) -> list[ort.OrtValue]:
+        """A prompt's past when its graph takes one (one-session: extend after nothing): (B, Hkv, 0, D) each."""
+        inputs, _ = graphs.contract.graphs()[graph]
+        if not any(spec.name == graphs.contract.past_names()[0] for spec in inputs):
+            return []
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(graphs.contract.cache_shape(kind, batch, 0), dtype=graphs.contract.dtype),
+                                                 self.device.ort_type, self.device.index) for _, kind in graphs.contract.cache_slots()]
 
 
 class StaticCache:
@@ -91,11 +101,12 @@ class StaticCache:
         """(past name, present name, buffer) for every buffer: bound as input and output both."""
         return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), self.values))
 
-    def run(self, graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], other: Kept) -> tuple[np.ndarray, StaticCache, Kept]:
+    def run(self, graphs: LoadedGraphs, role: str, host: dict[str, np.ndarray], other: Kept) -> tuple[np.ndarray, StaticCache, Kept]:
+        graph = graphs.graph_for(role)
         names = graphs.steps.device_outputs(graph)
-        if graph == "decode" and not names:
+        if role == "decode" and not names:
             if self._decode is None:
-                self._decode = _BoundDecode(graphs, self, host, other)
+                self._decode = _BoundDecode(graphs, graph, self, host, other)
             logits, kept = self._decode.run(host), {}
         else:
             logits, values = run_graph(graphs, graph, host, other, names, self.aliased(graphs))
@@ -119,7 +130,7 @@ def run_step(graphs: LoadedGraphs, cache, role: str, tokens: np.ndarray, mask: n
              other: Kept | None = None) -> tuple[np.ndarray, KVCache | StaticCache, Kept]:
     # tokens (B, Q); mask: the decoder's (B, P + Q) or an encoder-decoder's source mask (B, Se)
     host = graphs.steps.host_feeds(role, tokens, mask, cache.length)
-    return cache.run(graphs, graphs.steps.graph(role), host, other or {})
+    return cache.run(graphs, role, host, other or {})
 
 
 def prefill(graphs: LoadedGraphs, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, KVCache | StaticCache]:
@@ -165,9 +176,9 @@ def run_graph(graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], on_
 class _BoundDecode:
     """The decode step's binding for one StaticCache: built once, its host inputs updated in place each step."""
 
-    def __init__(self, graphs: LoadedGraphs, cache: StaticCache, host: dict[str, np.ndarray], other: Kept) -> None:
+    def __init__(self, graphs: LoadedGraphs, graph: str, cache: StaticCache, host: dict[str, np.ndarray], other: Kept) -> None:
         contract, device = graphs.contract, graphs.device
-        self.session = graphs.session("decode")
+        self.session = graphs.session(graph)  # decode, or under one-session prefill at Q = 1
         self.binding = self.session.io_binding()
         self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.int64), device.ort_type, device.index)
                        for name, array in host.items()}

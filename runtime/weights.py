@@ -35,10 +35,7 @@ class SharedWeights:
             tensors, graphs, size = index["tensors"], index["graphs"], index["size"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise KvgraphError(f"{path}: cannot read the weights index: {exc}") from exc
-        if not weights.is_file():
-            raise KvgraphError(f"{weights}: weights file missing")
-        if weights.stat().st_size != size:
-            raise KvgraphError(f"{weights}: {weights.stat().st_size} bytes, but {path.name} says {size} (truncated or replaced?)")
+        _check_size(weights, size, path)
         self._map = np.memmap(weights, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
         self._values = [self._value(i, entry, path) for i, entry in enumerate(tensors)]
         self._graphs = graphs
@@ -69,6 +66,25 @@ class SharedWeights:
         for name, value in self.initializers(graph).items():
             options.add_initializer(name, value)
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked = a per-session copy
+
+
+def check_weights_size(directory: Path, index_name: str) -> None:
+    """The weights file is there and as long as the index says (sessions loading it themselves read it later)."""
+    path = check_inside(directory, _name(index_name, Path(directory) / "kvgraph.json"), str(Path(directory) / "kvgraph.json"))
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        _check_version(index, path)
+        weights, size = check_inside(directory, _name(index["file"], path), str(path)), int(index["size"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise KvgraphError(f"{path}: cannot read the weights index: {exc}") from exc
+    _check_size(weights, size, path)
+
+
+def _check_size(weights: Path, size: int, index: Path) -> None:
+    if not weights.is_file():
+        raise KvgraphError(f"{weights}: weights file missing")
+    if weights.stat().st_size != size:
+        raise KvgraphError(f"{weights}: {weights.stat().st_size} bytes, but {index.name} says {size} (truncated or replaced?)")
 
 
 def _check_version(index, path: Path) -> None:
