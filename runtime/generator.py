@@ -70,9 +70,11 @@ class Generator:
 
     @classmethod
     def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,
-             cuda_graph: bool = False, max_cache_bytes: int | None | str = "auto", weights: str | None = None) -> Generator:
-        """weights: how sessions hold the weights, one of session.WEIGHT_POLICIES (default: one copy, prepacked where possible)."""
-        graphs = load_graphs(directory, provider, threads, share_weights, cuda_graph, weights)
+             cuda_graph: bool = False, max_cache_bytes: int | None | str = "auto", weights: str | None = None,
+             exact: bool = False) -> Generator:
+        """weights: how sessions hold the weights, one of session.WEIGHT_POLICIES (default: one copy, prepacked where possible).
+        exact: quantized exports without onnxruntime's int8-activation kernel (see session.load_graphs)."""
+        graphs = load_graphs(directory, provider, threads, share_weights, cuda_graph, weights, exact)
         has_tokenizer = (Path(directory) / "tokenizer.json").is_file()
         budget = default_cache_budget() if max_cache_bytes == "auto" else max_cache_bytes
         return cls(graphs, TextCodec(Path(directory)) if has_tokenizer else None, budget)

@@ -66,6 +66,10 @@ class LoadedGraphs:
     weights: SharedWeights | None = None  # None: each session loads the weights file itself
     cuda_graph: bool = False  # static decode captured as a CUDA graph: requests take turns on pooled buffers
     one_graph: str | None = None  # one-session: the graph that runs every step
+    # Quantized exports: onnxruntime fuses DequantizeLinear + MatMul into a kernel that also rounds the
+    # activations to int8 (its accuracy_level 4), an approximation the quality report measures. exact
+    # keeps the graphs' own float semantics (no fusion), as golden vectors and other runtimes define them.
+    exact: bool = False
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     pool: dict[int, object] = field(default_factory=dict)  # cuda_graph: batch size -> its StaticCache, reused
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -102,6 +106,8 @@ class LoadedGraphs:
             options.intra_op_num_threads = self.threads
         if self.weights is not None:
             self.weights.add_to(options, graph)
+        if self.exact and self.manifest.quantization is not None:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         return options
 
     def provider_options(self, graph: str) -> dict[str, str]:
@@ -128,12 +134,14 @@ class LoadedGraphs:
 
 
 def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,
-                cuda_graph: bool = False, weights: str | None = None) -> LoadedGraphs:
+                cuda_graph: bool = False, weights: str | None = None, exact: bool = False) -> LoadedGraphs:
     """Read the manifest, open the sessions on the provider, and check them against the manifest.
 
     weights: one of WEIGHT_POLICIES (default "auto": one copy of the weights, prepacked where the
     export allows one session for every step); share_weights=False means "per-session".
     cuda_graph: capture the static-cache decode step as a CUDA graph (provider "cuda" only).
+    exact: quantized exports run their DequantizeLinear + MatMul as written, without onnxruntime's
+    int8-activation kernel (slower; golden vectors are made and checked this way).
     """
     directory = Path(directory)
     manifest = Manifest.load(directory)
@@ -148,7 +156,7 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     if index and mapped is None:
         check_weights_size(directory, index)
     graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, mapped, cuda_graph,
-                          step_adapter(manifest.contract).one_graph() if policy == "one-session" else None)
+                          step_adapter(manifest.contract).one_graph() if policy == "one-session" else None, exact)
     first = [graphs.one_graph] if graphs.one_graph else [name for name in manifest.contract.graphs() if name not in LAZY]
     graphs.sessions.update(graphs._open_checked(first))
     return graphs

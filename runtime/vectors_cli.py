@@ -45,7 +45,7 @@ def make_vectors(directory: str | Path, out: str | Path, max_new_tokens: int = D
     check_destination(Path(out), force)  # before any slow work
     if max_new_tokens < 1:
         raise KvgraphError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    generator = Generator.load(directory, provider, max_cache_bytes=None)
+    generator = Generator.load(directory, provider, max_cache_bytes=None, exact=True)
     graphs, codec = generator.graphs, generator.codec
     prompts = default_prompts(graphs.contract.vocab_size, codec.encode if codec else None)
     generator.check([Request(row, max_new_tokens) for rows in prompts.values() for row in rows])  # the runtime's own limits
@@ -56,7 +56,7 @@ def make_vectors(directory: str | Path, out: str | Path, max_new_tokens: int = D
 def check_vectors(directory: str | Path, vectors_dir: str | Path, provider: str = "cpu") -> Vectors:
     """Re-run the vectors' prompts through the export; VectorsMismatch names the first differing step and tensor."""
     vectors = read_vectors(Path(vectors_dir))
-    graphs = load_graphs(directory, provider)
+    graphs = load_graphs(directory, provider, exact=True)
     reason = contract_mismatch(vectors, graphs.contract)
     if reason:
         raise VectorsMismatch(f"{vectors_dir} vs {directory}: {reason}")

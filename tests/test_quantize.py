@@ -1,0 +1,227 @@
+"""Weight-only quantized exports (int4 / int8): standard ops, fusion, one copy of the weights, the quality
+report and its gate, golden vectors in three runtimes, and bad input.
+
+The tiny model stands for SmolLM2-135M: llama layout, 49,152-token vocabulary, tied embedding/lm_head,
+grouped KV heads. Its tied matrix is most of its bytes, as the real one's is 21 %.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from kvgraph.graphs import KvgraphError, Manifest
+from kvgraph.graphs.quantize import QuantScheme, dequantize, quantize_blocks
+from kvgraph.runtime import Generator
+from kvgraph.runtime.cli import main
+from kvgraph.runtime.quantize_cli import quantize_export
+from kvgraph.runtime.trace import greedy_trace
+from kvgraph.runtime.vectors import first_mismatch, read_vectors
+from kvgraph.runtime.vectors_cli import check_vectors, make_vectors
+
+SMOLLM2_LIKE = dict(vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M: 49152 tied, GQA
+ANY_QUALITY = dict(min_top1=0.0, max_ppl_ratio=1e9)  # random-init logits are nearly flat: top-1 agreement means little there
+
+
+@pytest.fixture(scope="module")
+def float_exports(tmp_path_factory):
+    """The SmolLM2-like tiny model exported in float, dynamic and static: {mode: directory}."""
+    from families import tiny_model
+
+    from kvgraph.export import export_model
+
+    model = tiny_model("llama", **SMOLLM2_LIKE)
+    root = tmp_path_factory.mktemp("float")
+    return {"dynamic": export_model(model, root / "dynamic").directory,
+            "static": export_model(model, root / "static", cache="static", max_length=64).directory}
+
+
+@pytest.fixture(scope="module")
+def quantized(float_exports, tmp_path_factory):
+    """(mode, bits) -> quantized export directory, made on first use."""
+    made = {}
+
+    def get(mode: str, bits: int):
+        if (mode, bits) not in made:
+            out = tmp_path_factory.mktemp("quantized") / f"{mode}-int{bits}"
+            made[mode, bits] = quantize_export(float_exports[mode], out, QuantScheme(bits), **ANY_QUALITY)
+        return made[mode, bits]
+
+    return get
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_graphs_are_standard_onnx_and_onnxruntime_fuses_every_matmul(quantized, tmp_path, bits):
+    directory = quantized("dynamic", bits)
+    record = Manifest.load(directory).quantization
+    model = onnx.load(str(directory / "decode.onnx"), load_external_data=False)
+    assert {opset.domain for opset in model.opset_import} <= {"", "ai.onnx"}
+    assert {node.domain for node in model.graph.node} <= {""}
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    weights = {"matmul": onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8, "gathered": onnx.TensorProto.UINT8}
+    for role, want in weights.items():
+        assert record["tensors"][role], role
+        for name in record["tensors"][role]:
+            assert types[f"{name}.q{bits if role == 'matmul' else 8}"] == want, name
+    dequantize_nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(onnx.helper.get_attribute_value(a) == 32 for n in dequantize_nodes for a in n.attribute if a.name == "block_size")
+    assert not [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+                and t.dims[0] >= 64 and "scales" not in t.name]  # no float weight matrix left
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(directory / "decode.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    ops = [n.op_type for n in optimized.graph.node]
+    assert ops.count("MatMulNBits") == len([n for n in model.graph.node if n.op_type == "MatMul"]) == 15  # 2 layers x 7, and the lm_head
+    assert "MatMul" not in ops and ops.count("DequantizeLinear") == 1  # the gathered embedding rows only
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_weights_are_stored_once_and_scales_shared_across_graphs(float_exports, quantized, bits):
+    directory = quantized("dynamic", bits)
+    record = Manifest.load(directory).quantization["tensors"]
+    index = json.loads((directory / "weights.json").read_text())
+    size = (directory / "model.onnx.data").stat().st_size
+    assert size <= record["quantized_bytes"] * 1.02 + 64 * len(index["tensors"])  # each quantized tensor once (plus alignment)
+    assert size < (float_exports["dynamic"] / "model.onnx.data").stat().st_size / (2.5 if bits == 8 else 3.3)
+    slots = {graph: set(names.values()) for graph, names in index["graphs"].items()}
+    assert slots["prefill"] == slots["extend"] == slots["decode"] == set(range(len(index["tensors"])))  # scales and zero points too
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False), (8, True)])
+def test_blocks_are_round_to_nearest_within_half_a_step(bits, symmetric):
+    """onnxruntime's kernels, unpacked by kvgraph: every weight within half a quantization step of its float value."""
+    rng = np.random.default_rng(0)
+    matrix = (rng.standard_normal((128, 48)) * rng.uniform(0.01, 2.0, size=(1, 48))).astype(np.float32)
+    blocks = quantize_blocks(matrix, bits, 32, symmetric)
+    error = np.abs(dequantize(blocks, 32) - matrix)
+    step = np.abs(np.repeat(blocks.scales, 32, axis=0))  # symmetric int4 scales carry the sign of the block's extreme
+    # symmetric int4 puts the block's largest magnitude at -8: the other side can reach +8 and is clipped to 7
+    within = 1.0 if (bits, symmetric) == (4, True) else 0.5
+    assert (error <= step * within + 1e-6).all()
+    assert (error <= step * 0.5 + 1e-6).mean() > 0.99
+    assert error.max() > 0  # really quantized
+    assert (blocks.zero_points is None) == symmetric
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_quantized_cache_equals_recompute_and_one_session_equals_named_graphs(quantized, mode):
+    """Both cache modes run quantized; the cache is exact for the quantized graphs too, whichever sessions run them."""
+    directory = quantized(mode, 4)
+    prompt = [1, 523, 8891, 31000, 77, 4012]
+    exact = Generator.load(directory, exact=True)
+    cached = exact.generate(prompt, max_new_tokens=12, min_new_tokens=12).token_ids
+    assert exact.generate(prompt, max_new_tokens=12, min_new_tokens=12, use_cache=False).token_ids == cached
+    fast = Generator.load(directory)
+    assert list(fast.graphs.sessions) == [fast.graphs.one_graph] == ["extend" if mode == "dynamic" else "prefill"]
+    per_session = Generator.load(directory, weights="per-session")
+    assert fast.generate(prompt, max_new_tokens=12).token_ids == per_session.generate(prompt, max_new_tokens=12).token_ids
+    with pytest.raises(KvgraphError, match="weights policy 'mapped' is not available for this export: its integer weights"):
+        Generator.load(directory, weights="mapped")
+
+
+def test_quality_report_is_in_the_manifest_and_inspect(quantized, capsys):
+    directory = quantized("dynamic", 8)
+    record = Manifest.load(directory).quantization
+    assert record["scheme"] == {"bits": 8, "block_size": 32, "symmetric": False, "embedding_bits": 8, "format": "qdq"}
+    quality = record["quality"]
+    assert quality["tokens"] >= 2000 and quality["greedy_prompts"] == 8 and quality["greedy_new_tokens"] == 64
+    assert quality["mean_kl"] > 0 and quality["perplexity_ratio"] == pytest.approx(quality["perplexity_quantized"] / quality["perplexity_float"])
+    assert main(["inspect", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "quantized    int8 weights, block 32, asymmetric (qdq)" in out and "bytes per weight" in out
+    assert f"top-1 {100 * quality['top1_agreement']:.2f} %" in out
+
+
+def test_quality_text_is_real_text_when_the_export_has_a_tokenizer(text_export, tmp_path):
+    out = quantize_export(text_export[1], tmp_path / "q8", QuantScheme(8), **ANY_QUALITY)
+    quality = Manifest.load(out).quantization["quality"]
+    assert quality["text"].startswith("quality_text.txt") and quality["tokens"] >= 2000
+    assert (out / "tokenizer.json").read_bytes() == (text_export[1] / "tokenizer.json").read_bytes()
+    assert Generator.load(out).generate("Hello", max_new_tokens=4).text is not None
+
+
+def test_quality_gate_refuses_and_writes_nothing(float_exports, tmp_path, capsys):
+    out = tmp_path / "refused"
+    assert main(["quantize", str(float_exports["dynamic"]), str(out), "--bits", "4", "--min-top1", "1.0"]) == 1
+    err = capsys.readouterr().err
+    assert "quantized export refused: top-1 agreement" in err and "is below 100.00 %" in err and "nothing was written" in err
+    assert "top-1 agreement" in err.split("kvgraph quantize: error")[0]  # the figures were printed first
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_quantize_input_is_refused_and_writes_nothing(float_exports, quantized, tmp_path, capsys):
+    source = str(float_exports["dynamic"])
+    cases = [
+        (["--bits", "3"], "unsupported bit width 3; choose one of [4, 8]"),
+        (["--bits", "4", "--block-size", "48"], "unsupported block size 48; choose one of [16, 32, 64, 128, 256]"),
+        (["--bits", "4", "--block-size", "128"], "block size 128 does not divide the input dimension 64 of"),
+        (["--bits", "8", "--min-top1", "1.5"], "--min-top1 must be a fraction between 0 and 1, got 1.5"),
+        (["--bits", "8", "--max-ppl-ratio", "0.5"], "--max-ppl-ratio must be at least 1, got 0.5"),
+    ]
+    for options, message in cases:
+        assert main(["quantize", source, str(tmp_path / "out"), *options]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+    assert main(["quantize", str(quantized("dynamic", 8)), str(tmp_path / "out"), "--bits", "4"]) == 1
+    assert "is already quantized (int8, block 32); quantize its float export instead" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_quantize_end_to_end_and_block_size_refused_before_tracing(tmp_path, capsys):
+    from families import text_model_dir
+
+    model_dir = text_model_dir(tmp_path / "hf")
+    assert main(["export", str(model_dir), str(tmp_path / "bad"), "--quantize", "int4", "--block-size", "128"]) == 1
+    err = capsys.readouterr().err
+    assert "block size 128 does not divide the input dimension of" in err and "trace" not in err
+    assert not (tmp_path / "bad").exists()
+    assert main(["export", str(model_dir), str(tmp_path / "q"), "--quantize", "int8", "--symmetric", "--cache", "static",
+                 "--max-length", "64", "--min-top1", "0", "--max-ppl-ratio", "1e9"]) == 0
+    manifest = Manifest.load(tmp_path / "q")
+    assert manifest.quantization["scheme"]["symmetric"] and manifest.contract.static and manifest.validation["passed"]
+    model = onnx.load(str(tmp_path / "q" / "prefill.onnx"), load_external_data=False)
+    assert {t.data_type for t in model.graph.initializer if t.name.endswith(".q8")} == {onnx.TensorProto.INT8}
+    assert Generator.load(tmp_path / "q").generate("Hi", max_new_tokens=5, min_new_tokens=5).token_ids
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "q"]  # the float export was temporary
+
+
+@pytest.mark.parametrize("mode,bits", [("dynamic", 4), ("static", 8)])
+def test_quantized_golden_vectors_reproduce_in_node_and_the_reference_evaluator(quantized, tmp_path, mode, bits):
+    from test_vectors import node, reference_runner
+
+    directory = quantized(mode, bits)
+    vectors = make_vectors(directory, tmp_path / "vectors")
+    check_vectors(directory, vectors)
+    result = node(str(directory), str(vectors))
+    assert result.returncode == 0, result.stderr
+    golden = read_vectors(vectors)
+    manifest = Manifest.load(directory)
+    run = reference_runner(directory)
+    traces = {name: greedy_trace(manifest, run, t.prompts, t.max_new_tokens) for name, t in golden.cases.items()}
+    assert first_mismatch(golden, manifest.contract, traces) is None
+    for name, trace in golden.cases.items():
+        assert f"case '{name}': {len(trace.steps)} graph calls match" in result.stdout
+
+
+def test_quantized_vectors_catch_a_changed_scale(quantized, tmp_path):
+    """The vectors pin the quantized numbers: one scale changed in the weights file is a named mismatch."""
+    directory = quantized("dynamic", 8)
+    vectors = make_vectors(directory, tmp_path / "vectors")
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    index = json.loads((copy / "weights.json").read_text())
+    names = index["graphs"]["decode"]
+    scales = next(index["tensors"][slot] for name, slot in names.items() if name.endswith("lm_head.weight.T.scales"))
+    data = np.fromfile(copy / "model.onnx.data", dtype=np.uint8)
+    data[scales["offset"]: scales["offset"] + scales["length"]].view(np.float32)[:] *= 1.5
+    data.tofile(copy / "model.onnx.data")
+    with pytest.raises(KvgraphError, match=r"case 'single', step 0 \(prefill\): output logits differs"):
+        check_vectors(copy, vectors)
