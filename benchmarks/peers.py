@@ -97,7 +97,24 @@ def _worker_genai(model: str, ids: list[int]) -> None:
     _serve(generate)
 
 
-WORKERS = {"kvgraph": _worker_kvgraph, "torch": _worker_torch, "optimum": _worker_optimum, "genai": _worker_genai}
+def _worker_llamacpp(model: str, ids: list[int]) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, n_threads=2, n_ctx=256, verbose=False)
+
+    def generate():
+        tokens = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):  # greedy; eos does not stop it
+            tokens.append(int(token))
+            if len(tokens) == NEW_TOKENS:
+                return tokens
+        return tokens
+
+    _serve(generate)
+
+
+WORKERS = {"kvgraph": _worker_kvgraph, "torch": _worker_torch, "optimum": _worker_optimum, "genai": _worker_genai,
+           "llamacpp": _worker_llamacpp}
 
 
 # -- the driver --------------------------------------------------------------------------------------
@@ -130,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf", required=True, help="the Hugging Face model directory (PyTorch eager, tokenizer)")
     parser.add_argument("--kvgraph", action="append", default=[], help="a kvgraph export directory (repeatable)")
     parser.add_argument("--optimum", nargs=2, metavar=("PYTHON", "MODEL_DIR"), help="optimum-onnx venv python and export")
-    parser.add_argument("--genai", nargs=2, metavar=("PYTHON", "MODEL_DIR"), help="onnxruntime-genai venv python and model")
+    parser.add_argument("--genai", nargs=2, action="append", default=[], metavar=("PYTHON", "MODEL_DIR"),
+                        help="onnxruntime-genai venv python and model (repeatable: its fp32 and int4 builds)")
+    parser.add_argument("--llamacpp", nargs=2, metavar=("PYTHON", "GGUF"), help="llama-cpp-python venv python and GGUF file")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
@@ -141,14 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     assert len(ids) == PROMPT_TOKENS, f"the prompt has only {len(ids)} tokens"
     specs = []
     for directory in args.kvgraph:
-        mode = json.loads((Path(directory) / "kvgraph.json").read_text())["contract"].get("cache", "dynamic")
-        specs.append((f"kvgraph {mode}", "kvgraph", sys.executable, directory))
+        manifest = json.loads((Path(directory) / "kvgraph.json").read_text())
+        scheme = (manifest.get("quantization") or {}).get("scheme")
+        weights = f"int{scheme['bits']}" if scheme else manifest["contract"].get("dtype", "float32").replace("float", "fp")
+        specs.append((f"kvgraph {weights} {manifest['contract'].get('cache', 'dynamic')}", "kvgraph", sys.executable, directory))
     if not args.no_torch:
         specs.append(("PyTorch eager", "torch", sys.executable, args.hf))
     if args.optimum:
         specs.append(("optimum-onnx", "optimum", *args.optimum))
-    if args.genai:
-        specs.append(("onnxruntime-genai", "genai", *args.genai))
+    for python, model in args.genai:
+        specs.append((f"onnxruntime-genai {_genai_precision(Path(model))}", "genai", python, model))
+    if args.llamacpp:
+        specs.append(("llama.cpp Q4_1 (llama-cpp-python)", "llamacpp", *args.llamacpp))
     workers = []
     for label, kind, python, model in specs:  # one at a time: loading in parallel would skew nothing but RAM
         worker = Worker(label, kind, python, model, ids)
@@ -165,13 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _genai_precision(model: Path) -> str:
+    """int4 when the model builder stored 4-bit weights (MatMulNBits), else fp32."""
+    import onnx
+
+    graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
+    return "int4" if any(node.op_type == "MatMulNBits" for node in graph.node) else "fp32"
+
+
 def format_table(workers: list[Worker], ids: list[int]) -> str:
     rates = {w.label: statistics.median(NEW_TOKENS / s["seconds"] for s in w.samples) for w in workers}
     reference = next((w for w in workers if w.label.startswith("kvgraph")), workers[0])
     best = max((rates[w.label] for w in workers if w.label.startswith("kvgraph")), default=None)
-    lines = [f"workload A: {len(ids)}-token prompt, {NEW_TOKENS} greedy tokens, batch 1, fp32, CPU; "
+    lines = [f"workload A: {len(ids)}-token prompt, {NEW_TOKENS} greedy tokens, batch 1, CPU; "
              f"median of {len(workers[0].samples)} alternating rounds",
-             "| system | tok/s (median) | runs (tok/s) | best kvgraph / system | tokens = kvgraph's |", "|---|---|---|---|---|"]
+             "| system | tok/s (median) | runs (tok/s) | best kvgraph / system | tokens = first kvgraph's |", "|---|---|---|---|---|"]
     for w in workers:
         runs = ", ".join(f"{NEW_TOKENS / s['seconds']:.1f}" for s in w.samples)
         ratio = f"{best / rates[w.label]:.2f}×" if best else "-"

@@ -1,6 +1,6 @@
 """Graph files on disk: contract shapes on the I/O, one shared weights file, embedded metadata.
 
-Needs the `onnx` package (export extra). Runtime code does not import this module.
+Needs the `onnx` package. The runtime uses only read_io, on the headers it checks before loading.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ _DTYPE_NAMES = {
     onnx.TensorProto.INT64: "int64",
     onnx.TensorProto.INT32: "int32",
     onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT4: "int4",
+    onnx.TensorProto.UINT4: "uint4",
 }
 
 

@@ -26,8 +26,10 @@ def check_inside(directory: Path, name: str, referrer: str) -> Path:
     return full
 
 
-def check_graph_file(directory: Path, file_name: str) -> None:
-    """Refuse a graph that is a link out of `directory`, is not ONNX, or whose external data lies outside."""
+def check_graph_file(directory: Path, file_name: str):
+    """Refuse a graph that is a link out of `directory`, is not ONNX, or whose external data lies outside.
+
+    Returns the graph's header (the ModelProto without its external weights)."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -50,6 +52,7 @@ def check_graph_file(directory: Path, file_name: str) -> None:
         target = check_inside(directory, location, f"{path}: tensor {tensor.name!r}")
         if not target.is_file():
             raise KvgraphError(f"{path}: tensor {tensor.name!r} reads {location!r}, which is missing")
+    return model
 
 
 def _tensors(model) -> Iterator:

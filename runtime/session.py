@@ -14,7 +14,7 @@ from ..graphs import GraphContract, KvgraphError, Manifest, TensorSpec, io_misma
 from ..graphs.manifest import graph_file
 from ..graphs.modes import StepAdapter, step_adapter
 from ..graphs.safety import check_graph_file
-from .weights import SharedWeights, check_weights_size
+from .weights import SharedWeights, WeightsIndex
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -148,13 +148,10 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     if cuda_graph and (provider != "cuda" or not manifest.contract.static):
         raise KvgraphError("cuda_graph needs provider 'cuda' and a static-cache export (kvgraph export --cache static)")
     provider_name = resolve_provider(provider)
-    for name in manifest.contract.graphs():  # every graph, opened now or later: nothing reads outside the directory
-        check_graph_file(directory, graph_file(name))
-    policy = _policy(manifest, weights or ("auto" if share_weights else "per-session"), cuda_graph)
-    index = manifest.files.get("weights_index")
-    mapped = SharedWeights(directory, index) if index and policy == "mapped" else None
-    if index and mapped is None:
-        check_weights_size(directory, index)
+    _check_graph_files(directory, manifest)
+    index = WeightsIndex(directory, manifest.files["weights_index"]) if manifest.files.get("weights_index") else None
+    policy = _policy(manifest, weights or ("auto" if share_weights else "per-session"), cuda_graph, index)
+    mapped = SharedWeights(index) if policy == "mapped" else None
     graphs = LoadedGraphs(directory, manifest, Device.for_provider(provider), threads, provider_name, mapped, cuda_graph,
                           step_adapter(manifest.contract).one_graph() if policy == "one-session" else None, exact)
     first = [graphs.one_graph] if graphs.one_graph else [name for name in manifest.contract.graphs() if name not in LAZY]
@@ -162,12 +159,25 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     return graphs
 
 
-def _policy(manifest: Manifest, policy: str, cuda_graph: bool) -> str:
+def _check_graph_files(directory: Path, manifest: Manifest) -> None:
+    """Every graph, opened now or later: nothing read outside the directory, I/O as the manifest says."""
+    from ..graphs.onnx_files import read_io
+
+    reasons = []
+    for name, (inputs, outputs) in manifest.contract.graphs().items():
+        declared_inputs, declared_outputs = read_io(check_graph_file(directory, graph_file(name)))
+        reasons += io_mismatches(graph_file(name), inputs, declared_inputs) + io_mismatches(graph_file(name), outputs, declared_outputs)
+    if reasons:
+        more = f"; and {len(reasons) - 4} more" if len(reasons) > 4 else ""
+        raise KvgraphError(f"{directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons[:4]) + more)
+
+
+def _policy(manifest: Manifest, policy: str, cuda_graph: bool, index: WeightsIndex | None) -> str:
     """The weights policy to use: the one asked for, or what "auto" picks, or a KvgraphError saying why not."""
     if policy not in WEIGHT_POLICIES:
         raise KvgraphError(f"unknown weights policy {policy!r}; choose one of {list(WEIGHT_POLICIES)}")
     one_graph = step_adapter(manifest.contract).one_graph()
-    mappable = manifest.files.get("weights_index") is not None and manifest.quantization is None
+    mappable = index is not None and index.mappable and manifest.quantization is None
     if policy == "one-session" and (one_graph is None or cuda_graph):
         why = "cuda_graph captures the decode graph alone" if cuda_graph else "an encoder-decoder runs several graphs"
         raise KvgraphError(f"weights policy 'one-session' is not available here: {why}")

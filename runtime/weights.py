@@ -1,9 +1,8 @@
-"""One copy of the weights for every session of an export.
+"""weights.json, checked at every load, and the "mapped" weights policy built on it.
 
-Each onnxruntime session would otherwise load (and prepack) its own copy of model.onnx.data:
-two sessions, twice the memory. Instead the weights file is memory-mapped once, read-only,
-and every initializer of every graph is handed to its session as an OrtValue over that map
-(`SessionOptions.add_initializer`). Prepacking is turned off for those sessions: a prepacked
+Under the "mapped" policy (session.WEIGHT_POLICIES) the weights file is memory-mapped once,
+read-only, and every initializer of every graph is handed to its session as an OrtValue over that
+map (`SessionOptions.add_initializer`). Prepacking is turned off for those sessions: a prepacked
 weight is a per-session copy. weights.json, written by export, says which bytes each graph's
 initializers read, so this needs neither the onnx package nor a protobuf parser.
 """
@@ -11,6 +10,7 @@ initializers read, so this needs neither the onnx package nor a protobuf parser.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,21 @@ from ..graphs import KvgraphError
 from ..graphs.manifest import WEIGHTS_FORMAT, WEIGHTS_VERSION
 from ..graphs.safety import check_inside
 
-_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
+           "int8": np.int8, "uint8": np.uint8}
+_PACKED = {"int4": 0.5, "uint4": 0.5}  # bytes per element of types numpy cannot map (quantized exports): checked, not mapped
 
 
-class SharedWeights:
-    """model.onnx.data mapped once; `initializers(graph)` gives that graph's name -> OrtValue."""
+@dataclass(frozen=True)
+class _Entry:
+    offset: int
+    length: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class WeightsIndex:
+    """weights.json read and checked: the weights file exists, has the stated size, and every tensor fits in it."""
 
     def __init__(self, directory: Path, index_name: str) -> None:
         path = check_inside(directory, _name(index_name, Path(directory) / "kvgraph.json"), str(Path(directory) / "kvgraph.json"))
@@ -32,25 +42,44 @@ class SharedWeights:
             index = json.loads(path.read_text(encoding="utf-8"))
             _check_version(index, path)
             weights = check_inside(directory, _name(index["file"], path), str(path))
-            tensors, graphs, size = index["tensors"], index["graphs"], index["size"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            tensors, graphs, size = index["tensors"], index["graphs"], int(index["size"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise KvgraphError(f"{path}: cannot read the weights index: {exc}") from exc
-        _check_size(weights, size, path)
-        self._map = np.memmap(weights, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
-        self._values = [self._value(i, entry, path) for i, entry in enumerate(tensors)]
-        self._graphs = graphs
-        self.path = path
+        if not weights.is_file():
+            raise KvgraphError(f"{weights}: weights file missing")
+        if weights.stat().st_size != size:
+            raise KvgraphError(f"{weights}: {weights.stat().st_size} bytes, but {path.name} says {size} (truncated or replaced?)")
+        self.path, self.weights, self.size, self.graphs = path, weights, size, graphs
+        self.entries = [self._entry(i, entry) for i, entry in enumerate(tensors)]
 
-    def _value(self, i: int, entry, path: Path) -> ort.OrtValue:
+    def _entry(self, i: int, entry) -> _Entry:
         try:
-            offset, length, dtype, shape = int(entry["offset"]), int(entry["length"]), _DTYPES[entry["dtype"]], tuple(entry["shape"])
+            item = _Entry(int(entry["offset"]), int(entry["length"]), str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            width = _PACKED.get(item.dtype) or np.dtype(_DTYPES[item.dtype]).itemsize
         except (KeyError, TypeError, ValueError) as exc:
-            raise KvgraphError(f"{path}: tensors[{i}] is malformed: {exc!r}") from exc
-        count = int(np.prod(shape, dtype=np.int64))
-        if offset < 0 or length != count * np.dtype(dtype).itemsize or offset + length > self._map.size:
-            raise KvgraphError(f"{path}: tensors[{i}] (offset {offset}, {length} bytes, shape {list(shape)}) "
-                               f"does not fit the {self._map.size}-byte weights file")
-        array = self._map[offset: offset + length].view(dtype).reshape(shape)
+            raise KvgraphError(f"{self.path}: tensors[{i}] is malformed: {exc!r}") from exc
+        count = int(np.prod(item.shape, dtype=np.int64))
+        if item.offset < 0 or item.length != int(np.ceil(count * width)) or item.offset + item.length > self.size:
+            raise KvgraphError(f"{self.path}: tensors[{i}] (offset {item.offset}, {item.length} bytes, shape {list(item.shape)}) "
+                               f"does not fit the {self.size}-byte weights file")
+        return item
+
+    @property
+    def mappable(self) -> bool:
+        return all(entry.dtype in _DTYPES for entry in self.entries)
+
+
+class SharedWeights:
+    """model.onnx.data mapped once; `initializers(graph)` gives that graph's name -> OrtValue."""
+
+    def __init__(self, index: WeightsIndex) -> None:
+        self._map = np.memmap(index.weights, dtype=np.uint8, mode="r") if index.size else np.zeros(0, dtype=np.uint8)
+        self._values = [self._value(entry) for entry in index.entries]
+        self._graphs = index.graphs
+        self.path = index.path
+
+    def _value(self, entry: _Entry) -> ort.OrtValue:
+        array = self._map[entry.offset: entry.offset + entry.length].view(_DTYPES[entry.dtype]).reshape(entry.shape)
         return ort.OrtValue.ortvalue_from_numpy(array)  # no copy: the OrtValue points into the map
 
     def initializers(self, graph: str) -> dict[str, ort.OrtValue]:
@@ -66,25 +95,6 @@ class SharedWeights:
         for name, value in self.initializers(graph).items():
             options.add_initializer(name, value)
         options.add_session_config_entry("session.disable_prepacking", "1")  # prepacked = a per-session copy
-
-
-def check_weights_size(directory: Path, index_name: str) -> None:
-    """The weights file is there and as long as the index says (sessions loading it themselves read it later)."""
-    path = check_inside(directory, _name(index_name, Path(directory) / "kvgraph.json"), str(Path(directory) / "kvgraph.json"))
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-        _check_version(index, path)
-        weights, size = check_inside(directory, _name(index["file"], path), str(path)), int(index["size"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise KvgraphError(f"{path}: cannot read the weights index: {exc}") from exc
-    _check_size(weights, size, path)
-
-
-def _check_size(weights: Path, size: int, index: Path) -> None:
-    if not weights.is_file():
-        raise KvgraphError(f"{weights}: weights file missing")
-    if weights.stat().st_size != size:
-        raise KvgraphError(f"{weights}: {weights.stat().st_size} bytes, but {index.name} says {size} (truncated or replaced?)")
 
 
 def _check_version(index, path: Path) -> None:

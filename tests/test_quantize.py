@@ -128,6 +128,9 @@ def test_quantized_cache_equals_recompute_and_one_session_equals_named_graphs(qu
 
 def test_quality_report_is_in_the_manifest_and_inspect(quantized, capsys):
     directory = quantized("dynamic", 8)
+    from test_vectors import schema_errors
+
+    assert schema_errors(json.loads((directory / "kvgraph.json").read_text())) == []
     record = Manifest.load(directory).quantization
     assert record["scheme"] == {"bits": 8, "block_size": 32, "symmetric": False, "embedding_bits": 8, "format": "qdq"}
     quality = record["quality"]

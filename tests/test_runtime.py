@@ -163,7 +163,7 @@ def test_graphs_that_do_not_match_the_manifest(text_export, tmp_path):
     directory = _copy_export(text_export[1], tmp_path / "copy")
     manifest = Manifest.load(directory)
     replace(manifest, contract=replace(manifest.contract, head_dim=32)).write(directory)
-    with pytest.raises(KvgraphError, match=r"do not match kvgraph.json: prefill.onnx: present.0.key has shape \(batch, 2, sequence, 16\), expected \(batch, 2, sequence, 32\).*and \d+ more"):
+    with pytest.raises(KvgraphError, match=r"do not match kvgraph.json: (prefill|extend).onnx: present.0.key has shape \(batch, 2, sequence, 16\), expected \(batch, 2, sequence, 32\).*and \d+ more"):
         Generator.load(directory)
 
 
@@ -218,9 +218,23 @@ def test_runtime_works_with_torch_and_transformers_unimportable(gen, text_export
 
 
 
+def test_one_session_serves_every_step_by_default(text_export, text_export_static):
+    """Default weights policy: the one graph that can run prefill, decode and extend, loaded and prepacked once."""
+    for directory, graph in ((text_export[1], "extend"), (text_export_static[1], "prefill")):
+        gen = Generator.load(directory)
+        assert list(gen.graphs.sessions) == [graph] and gen.graphs.weights is None
+        conversation = gen.chat()
+        first = conversation.send("hi", max_new_tokens=3)
+        second = conversation.send("more", max_new_tokens=3)
+        assert list(gen.graphs.sessions) == [graph]
+        named = Generator.load(directory, weights="per-session").chat()  # prefill, decode and extend graphs by name
+        assert [named.send("hi", max_new_tokens=3).token_ids, named.send("more", max_new_tokens=3).token_ids] == [
+            first.token_ids, second.token_ids]
+
+
 def test_extend_session_opens_only_when_a_conversation_continues(text_export):
-    fresh = Generator.load(text_export[1])
-    assert sorted(fresh.graphs.sessions) == ["decode", "prefill"]  # each session holds its own weights
+    fresh = Generator.load(text_export[1], weights="mapped")
+    assert sorted(fresh.graphs.sessions) == ["decode", "prefill"]
     fresh.generate("abc", max_new_tokens=3)
     conversation = fresh.chat()
     conversation.send("hi", max_new_tokens=3)
@@ -232,7 +246,7 @@ def test_extend_session_opens_only_when_a_conversation_continues(text_export):
 def test_static_and_dynamic_exports_generate_the_same_tokens(text_export, text_export_static):
     dynamic, static = Generator.load(text_export[1]), Generator.load(text_export_static[1])
     assert static.graphs.contract.static and not dynamic.graphs.contract.static
-    assert sorted(static.graphs.sessions) == ["decode", "prefill"]
+    assert sorted(static.graphs.sessions) == ["prefill"]  # one session serves every step
     for prompts in (PROMPTS, PROMPTS[1]):
         a, b = dynamic.generate(prompts, max_new_tokens=20), static.generate(prompts, max_new_tokens=20)
         assert [r.token_ids for r in a] == [r.token_ids for r in b] if isinstance(a, list) else a.token_ids == b.token_ids
@@ -289,7 +303,7 @@ def test_shared_weights_are_what_the_sessions_read(text_export, tmp_path):
     prompt = [1, 40, 41, 42, 43]
     original = Generator.load(text_export[1]).generate(prompt, max_new_tokens=8).token_ids
     assert Generator.load(directory, share_weights=False).generate(prompt, max_new_tokens=8).token_ids == original
-    shared = Generator.load(directory)
+    shared = Generator.load(directory, weights="mapped")
     assert shared.graphs.weights is not None
     assert shared.generate(prompt, max_new_tokens=8).token_ids != original
 
