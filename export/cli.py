@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..graphs.manifest import MANIFEST_NAME
-from ..graphs.quantize import QuantScheme, add_scheme_arguments
+from ..graphs.quantize import add_scheme_arguments, scheme_from_arguments
 
 
 HELP = "export a Hugging Face causal LM to prefill + decode ONNX graphs"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         trust_remote_code=args.trust_remote_code,
         task=args.task,
-        quantize=QuantScheme(int(args.quantize[3:]), args.block_size, args.symmetric) if args.quantize else None,
+        quantize=scheme_from_arguments(args, int(args.quantize[3:]) if args.quantize else None),
         min_top1=args.min_top1,
         max_ppl_ratio=args.max_ppl_ratio,
         log=lambda message: print(message, file=sys.stderr),

@@ -71,7 +71,7 @@ class QuantScheme:
 
 def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `kvgraph quantize` and `kvgraph export --quantize` share (besides the bit width)."""
-    parser.add_argument("--block-size", type=int, default=32,
+    parser.add_argument("--block-size", type=int, default=None,
                         help=f"weights per scale along the input dimension, one of {list(BLOCK_SIZES)} (default 32)")
     parser.add_argument("--symmetric", action="store_true", help="no zero points (signed integers around 0)")
     parser.add_argument("--min-top1", type=float, default=None, metavar="FRACTION",
@@ -80,6 +80,17 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-ppl-ratio", type=float, default=None, metavar="RATIO",
                         help=f"refuse above this perplexity ratio to the float export (default {THRESHOLDS[8][1]} for int8, "
                              f"{THRESHOLDS[4][1]} for int4)")
+
+
+def scheme_from_arguments(args: argparse.Namespace, bits: int | None) -> QuantScheme | None:
+    """The scheme of `kvgraph quantize` / `export --quantize`; None when not quantizing (then no scheme option may be given)."""
+    given = [flag for flag, value in (("--block-size", args.block_size), ("--symmetric", args.symmetric or None),
+                                      ("--min-top1", args.min_top1), ("--max-ppl-ratio", args.max_ppl_ratio)) if value is not None]
+    if bits is None:
+        if given:
+            raise KvgraphError(f"{given[0]} applies to quantized exports only; add --quantize int4 or int8")
+        return None
+    return QuantScheme(bits, args.block_size or 32, args.symmetric)
 
 
 def thresholds(bits: int, min_top1: float | None, max_ppl_ratio: float | None) -> tuple[float, float]:

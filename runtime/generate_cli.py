@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from .session import WEIGHT_POLICIES
 from .generator import GenerationInterrupted, GenerationResult, Generator
 
 
@@ -33,13 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cache-memory", type=parse_size, default="auto", metavar="SIZE",
                         help="refuse requests whose KV cache needs more, e.g. 2GB or 512MB; 'none' for no limit "
                              "(default: half of physical memory)")
-    parser.add_argument("--no-share-weights", action="store_true",
-                        help="let each session load and prepack its own weights: faster decode, about twice the memory")
+    parser.add_argument("--weights", choices=WEIGHT_POLICIES, default="auto",
+                        help="how sessions hold the weights: one-session (one prepacked copy; the default for decoder-only "
+                             "exports), mapped (one mapped copy read unpacked by every session), per-session (a prepacked copy each)")
+    parser.add_argument("--no-share-weights", action="store_true", help="the same as --weights per-session")
 
 
 def run(args: argparse.Namespace) -> int:
-    generator = Generator.load(args.directory, provider=args.provider, threads=args.threads, share_weights=not args.no_share_weights,
-                               max_cache_bytes=args.max_cache_memory)
+    generator = Generator.load(args.directory, provider=args.provider, threads=args.threads, max_cache_bytes=args.max_cache_memory,
+                               weights="per-session" if args.no_share_weights else args.weights)
     options = dict(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, chat=args.chat, stop=args.stop, use_cache=not args.no_cache,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

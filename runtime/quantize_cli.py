@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..graphs.errors import KvgraphError
 from ..graphs.manifest import MANIFEST_NAME, METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, Manifest, graph_file
-from ..graphs.quantize import BITS, QuantScheme, add_scheme_arguments, thresholds
+from ..graphs.quantize import BITS, QuantScheme, add_scheme_arguments, scheme_from_arguments, thresholds
 from ..graphs.staging import check_destination, staged
 
 HELP = "quantize an export's weights to int4 or int8 (standard ONNX), with a quality report"  # registered in pyproject.toml
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    scheme = QuantScheme(args.bits, args.block_size, args.symmetric)
+    scheme = scheme_from_arguments(args, args.bits)
     out = quantize_export(args.source, args.out, scheme, min_top1=args.min_top1, max_ppl_ratio=args.max_ppl_ratio,
                           threads=args.threads, force=args.force, log=lambda message: print(message, file=sys.stderr))
     print(f"quantized export in {out} (see {out / MANIFEST_NAME})")

@@ -182,6 +182,8 @@ def test_export_quantize_end_to_end_and_block_size_refused_before_tracing(tmp_pa
     from families import text_model_dir
 
     model_dir = text_model_dir(tmp_path / "hf")
+    assert main(["export", str(model_dir), str(tmp_path / "bad"), "--block-size", "64"]) == 1
+    assert "--block-size applies to quantized exports only; add --quantize int4 or int8" in capsys.readouterr().err
     assert main(["export", str(model_dir), str(tmp_path / "bad"), "--quantize", "int4", "--block-size", "128"]) == 1
     err = capsys.readouterr().err
     assert "block size 128 does not divide the input dimension of" in err and "trace" not in err
