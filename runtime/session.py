@@ -127,9 +127,7 @@ class LoadedGraphs:
             inputs, outputs = self.contract.graphs()[name]
             reasons += io_mismatches(graph_file(name), inputs, [_spec(i) for i in session.get_inputs()])
             reasons += io_mismatches(graph_file(name), outputs, [_spec(o) for o in session.get_outputs()])
-        if reasons:
-            more = f"; and {len(reasons) - 4} more" if len(reasons) > 4 else ""
-            raise KvgraphError(f"{self.directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons[:4]) + more)
+        _refuse_mismatches(self.directory, reasons)
         return sessions
 
 
@@ -167,6 +165,10 @@ def _check_graph_files(directory: Path, manifest: Manifest) -> None:
     for name, (inputs, outputs) in manifest.contract.graphs().items():
         declared_inputs, declared_outputs = read_io(check_graph_file(directory, graph_file(name)))
         reasons += io_mismatches(graph_file(name), inputs, declared_inputs) + io_mismatches(graph_file(name), outputs, declared_outputs)
+    _refuse_mismatches(directory, reasons)
+
+
+def _refuse_mismatches(directory: Path, reasons: list[str]) -> None:
     if reasons:
         more = f"; and {len(reasons) - 4} more" if len(reasons) > 4 else ""
         raise KvgraphError(f"{directory}: the graphs do not match kvgraph.json: " + "; ".join(reasons[:4]) + more)
