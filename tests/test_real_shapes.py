@@ -64,10 +64,10 @@ def test_real_shape_exports_validates_and_generates_like_transformers(name, tmp_
     assert parameter_bytes == 4 * PARAMETERS[name]
     # the tied embedding once: only alignment padding and small buffers (T5's none; Marian's sinusoids) on top
     assert weights <= parameter_bytes * 1.02, f"{name}: {weights} bytes of weights for {parameter_bytes} parameter bytes"
-    generator = Generator.load(tmp_path / name)
-    # loading keeps one copy: every graph's initializers point into the one mapping, one OrtValue per stored tensor
+    generator = Generator.load(tmp_path / name)  # decoder-only: one session for every step; encoder-decoder: mapped
+    # mapped, the weights are one copy: every graph's initializers point into the one mapping, one OrtValue per stored tensor
     index = json.loads((tmp_path / name / "weights.json").read_text())
-    shared = generator.graphs.weights
+    shared = generator.graphs.weights or Generator.load(tmp_path / name, weights="mapped").graphs.weights
     pointers = {value.data_ptr() for graph in index["graphs"] for value in shared.initializers(graph).values()}
     assert len(pointers) == len(index["tensors"])
     ours = [r.token_ids for r in generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
