@@ -202,9 +202,10 @@ class Quantizer:
         """(bits, axis holding the blocks, readers) for a matrix every reader of which is a MatMul weight or a Gather, else None."""
         matmuls = [n for n in readers if n.op_type == "MatMul" and list(n.input).index(tensor.name) == 1]
         gathers = [n for n in readers if n.op_type == "Gather" and n.input[0] == tensor.name]
-        if not readers or len(matmuls) + len(gathers) != len(readers):
+        others = sorted({f"{n.op_type} ({n.name})" for n in readers if n not in matmuls and n not in gathers})
+        if not readers or others:
             if matmuls or gathers:
-                self.report.kept.append(f"{tensor.name}: also read by {sorted({n.op_type for n in readers} - {'MatMul', 'Gather'})}")
+                self.report.kept.append(f"{tensor.name}: also read by {', '.join(others)}")
             return None
         axes = {0} if matmuls else set()
         axes |= {1 - _attr(n, "axis", 0) for n in gathers}  # blocks run along the gathered rows' features
@@ -237,11 +238,13 @@ class Quantizer:
         parts = [f"{tensor.name}.q{bits}", f"{tensor.name}.scales"] + ([f"{tensor.name}.zero_points"] if blocks.zero_points is not None else [])
         arrays = [blocks.q, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
         graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in zip(parts, arrays))
+        matmuls = [node for node in readers if node.op_type == "MatMul"]
+        rows = _twins(graph, parts, "rows") if matmuls else parts  # a tied matrix: the Gathers read their own twins
         for i, node in enumerate(readers):
             if node.op_type == "MatMul":
                 _dequantize_for_matmul(graph, node, tensor.name, parts, axis, self.scheme.block_size, i)
             else:
-                _gather_then_dequantize(graph, node, _twins(graph, parts, "rows"), axis, self.scheme.block_size)
+                _gather_then_dequantize(graph, node, rows, axis, self.scheme.block_size)
         graph.initializer.remove(tensor)
 
 
