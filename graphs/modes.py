@@ -83,6 +83,14 @@ class StaticCacheMode:
     def write_feeds(self, batch: int, written: int) -> dict[str, np.ndarray]:
         return {WRITE_INDICES: np.full(batch, written, dtype=np.int64)}  # (B,)
 
+    def row_feeds(self, contract: GraphContract, tokens: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """A decode step whose rows stand at their own lengths (continuous batching), each row unpadded from
+        position 0: tokens (B, 1), lengths (B,) positions written -> the graph's int64 inputs."""
+        # row b's new token is written at position lengths[b] and attends to positions 0 .. lengths[b]
+        mask = (np.arange(contract.max_length)[None, :] <= lengths[:, None]).astype(np.int64)  # (B, N)
+        positions = lengths.astype(np.int64)
+        return {INPUT_IDS: tokens.astype(np.int64), ATTENTION_MASK: mask, POSITION_IDS: positions[:, None], WRITE_INDICES: positions}
+
     def buffer_shapes(self, contract: GraphContract, batch: int) -> list[tuple[int, int, int, int]]:
         """One per cache slot: (B, Hkv, N, D) (Dv for values; W positions for a ring)."""
         return [contract.cache_shape(kind, batch, contract.buffer_length(layer)) for layer, kind in contract.cache_slots()]

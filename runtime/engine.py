@@ -1,0 +1,245 @@
+"""Continuous batching over one static-cache export: B row slots, one decode step for every active row.
+
+    engine = BatchEngine(Generator.load("out-static/"), max_batch=8)
+    result = engine.generate(prompt, max_new_tokens=64)       # from any number of threads at once
+    for piece in engine.stream(prompt): ...
+    engine.close()
+
+The static cache already gives every row its own write index, so rows at different lengths share a
+decode step. Each request runs the runtime's own token loop (loop.BatchRun: sampling, stops,
+min_new_tokens, text) in its caller's thread; where that loop would run a decode step, it hands its
+token to the engine and waits. The engine's thread owns the onnxruntime calls and the buffers:
+
+- admission: a waiting request takes a free row; its prompt is prefilled alone (batch 1, the same
+  graph call as Generator.generate) into a one-row cache, which is copied into the row's slot of the
+  (B, Hkv, N, D) buffers. The copy (the row's N positions) is cheaper than a prefill over the batch;
+- decode: once every active row has handed in its token, one call of the decode graph runs them all,
+  each row at its own write index (modes.StaticCacheMode.row_feeds); free rows ride along on a
+  harmless 1-token step and are overwritten when a request takes them;
+- a finished or abandoned request frees its row before the next step.
+
+Admissions run between decode steps, so a new prompt makes the running rows wait one prefill.
+Dynamic-cache exports are refused: their caches grow per row and cannot share a step's buffers.
+The buffers are host memory (numpy arrays under the OrtValues), so the engine runs on the CPU
+provider; a device engine needs a row copy on the device, not written yet.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..graphs import KvgraphError
+from .generator import GenerationResult, Generator
+from .loop import BatchRun, Request
+from .sampling import Sampling
+from .steps import StaticCache, _BoundDecode, prefill
+from .text import IncrementalText
+
+
+@dataclass
+class _Row:
+    """One request's slot: its position count, its next token once handed in, and the logits handed back."""
+
+    slot: int
+    length: int
+    token: int | None = None
+    logits: np.ndarray | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    prefill_s: float = 0.0
+
+
+@dataclass
+class _Job:
+    request: Request
+    row: _Row
+    run: BatchRun
+
+
+class _Slots:
+    """(B, Hkv, N, D) host buffers, bound once as the decode step's pasts and presents."""
+
+    def __init__(self, generator: Generator, batch: int) -> None:
+        graphs = generator.graphs
+        contract = graphs.contract
+        self.arrays = [np.zeros(shape, dtype=contract.dtype) for shape in graphs.steps.cache.buffer_shapes(contract, batch)]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # CPU: the OrtValues share the arrays' memory
+        self.batch = batch
+
+    def aliased(self, graphs) -> list[tuple[str, str, ort.OrtValue]]:
+        return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), self.values))
+
+    def put(self, slot: int, row: StaticCache) -> None:
+        """Row `slot` of every buffer := the one-row cache's buffers (all N positions)."""
+        for array, value in zip(self.arrays, row.values):
+            array[slot] = value.numpy()[0]
+
+
+class BatchEngine:
+    """Requests from many threads, decoded together over one static-cache export."""
+
+    def __init__(self, generator: Generator, max_batch: int = 8) -> None:
+        graphs = generator.graphs
+        if not graphs.contract.static or graphs.contract.seq2seq:
+            raise KvgraphError(f"{graphs.directory}: continuous batching needs a decoder-only static-cache export "
+                               "(kvgraph export --cache static --max-length N): a dynamic cache grows per row and cannot share a step")
+        if graphs.device.ort_type != "cpu":
+            raise KvgraphError("the batching engine keeps its buffers in host memory: load the export with provider 'cpu'")
+        if max_batch < 1:
+            raise KvgraphError(f"max_batch must be >= 1, got {max_batch}")
+        self.generator, self.graphs, self.max_batch = generator, graphs, max_batch
+        self.slots = _Slots(generator, max_batch)
+        self._free = list(range(max_batch))
+        self._rows: dict[int, _Row] = {}  # slot -> active row
+        self._waiting: list[tuple[Request, _Row, threading.Event]] = []  # admissions, in arrival order
+        self._lock = threading.Condition()
+        self._decode: _BoundDecode | None = None
+        self.steps_run = 0  # decode steps, and the rows each carried (for tests and benchmarks)
+        self.rows_per_step: list[int] = []
+        self._closed = False
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._serve, name="kvgraph-engine", daemon=True)
+        self._thread.start()
+
+    # -- the callers' side ----------------------------------------------------------------------
+
+    def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
+                 min_new_tokens: int = 0, **sampling) -> GenerationResult:
+        job = self._start(prompt, max_new_tokens, chat, stop, min_new_tokens, sampling)
+        try:
+            job.run.run()
+        finally:
+            self._leave(job.row)
+        return self.generator.result(job.request, job.run.rows[0], job.row.prefill_s, job.run)
+
+    def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
+               min_new_tokens: int = 0, **sampling) -> Iterator[str]:
+        """Text pieces as tokens arrive; closing the iterator early frees the row at once."""
+        text = IncrementalText(self.generator.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
+        job = self._start(prompt, max_new_tokens, chat, stop, min_new_tokens, sampling)
+        try:
+            for _, token in job.run:
+                if job.run.rows[0].finish_reason != "stop":
+                    piece = text.push(token)
+                    if piece:
+                        yield piece
+            yield text.finish(job.run.rows[0].text)
+        finally:
+            self._leave(job.row)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join()
+
+    def _start(self, prompt, max_new_tokens, chat, stop, min_new_tokens, sampling) -> _Job:
+        """Check the request, wait for a row and its prefill; the job's run generates when iterated."""
+        request = self.generator._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
+        self.generator.check([request])
+        settings = Sampling(**sampling)
+        row, admitted = _Row(-1, 0), threading.Event()
+        with self._lock:
+            if self._closed:
+                raise KvgraphError(f"the engine is closed{self._why()}")
+            self._waiting.append((request, row, admitted))
+            self._lock.notify_all()
+        admitted.wait()
+        if row.logits is None:
+            raise KvgraphError(f"the engine stopped before the request ran{self._why()}")
+        run = BatchRun([request], row.logits, np.ones((1, row.length), dtype=np.int64), lambda feed, mask: self._step(row, feed),
+                       settings, self.generator)
+        return _Job(request, row, run)
+
+    def _step(self, row: _Row, feed: np.ndarray) -> np.ndarray:
+        """The row's next token in, its logits (1, V) out, once the engine has run the step."""
+        with self._lock:
+            row.ready.clear()
+            row.token = int(feed[0, 0])
+            self._lock.notify_all()
+        row.ready.wait()
+        if row.logits is None:
+            raise KvgraphError(f"the engine stopped while the request ran{self._why()}")
+        return row.logits
+
+    def _why(self) -> str:
+        return f": {type(self._error).__name__}: {str(self._error).splitlines()[0][:200]}" if self._error else ""
+
+    def _leave(self, row: _Row) -> None:
+        with self._lock:
+            if self._rows.get(row.slot) is row:
+                del self._rows[row.slot]
+                self._free.append(row.slot)
+            self._lock.notify_all()
+
+    # -- the engine's thread ----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # an onnxruntime failure: every waiting caller gets it, nobody hangs
+            with self._lock:
+                self._error, self._closed = exc, True
+                self._fail_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._due():
+                    self._lock.wait()
+                if self._closed:
+                    self._fail_all()
+                    return
+                admit = [self._waiting.pop(0) for _ in range(min(len(self._waiting), len(self._free)))]
+                slots = [self._free.pop(0) for _ in admit]
+                stepping = [r for r in self._rows.values() if r.token is not None]
+            for (request, row, admitted), slot in zip(admit, slots):
+                self._admit(request, row, slot)
+                with self._lock:
+                    self._rows[slot] = row
+                admitted.set()
+            if stepping and not admit:
+                self._decode_step(stepping)
+
+    def _due(self) -> bool:
+        """Work to do: a waiting request and a free row, or every active row has handed in its token."""
+        if self._waiting and self._free:
+            return True
+        return bool(self._rows) and all(r.token is not None for r in self._rows.values())
+
+    def _admit(self, request: Request, row: _Row, slot: int) -> None:
+        start = time.perf_counter()
+        ids = np.array([request.prompt_ids], dtype=np.int64)
+        logits, cache = prefill(self.graphs, ids, np.ones_like(ids))  # alone: the same call as Generator.generate
+        self.slots.put(slot, cache)
+        row.slot, row.length, row.logits = slot, len(request.prompt_ids), logits[:, -1]
+        row.prefill_s = time.perf_counter() - start
+
+    def _decode_step(self, stepping: list[_Row]) -> None:
+        tokens = np.full((self.max_batch, 1), self.generator.pad_id, dtype=np.int64)
+        lengths = np.zeros(self.max_batch, dtype=np.int64)  # a free row: a 1-token step at position 0, overwritten later
+        for row in stepping:
+            tokens[row.slot, 0], lengths[row.slot] = row.token, row.length
+        host = self.graphs.steps.cache.row_feeds(self.graphs.contract, tokens, lengths)
+        if self._decode is None:
+            self._decode = _BoundDecode(self.graphs, self.graphs.graph_for("decode"), self.slots, host, {})
+        logits = self._decode.run(host)  # (B, 1, V)
+        self.steps_run += 1
+        self.rows_per_step.append(len(stepping))
+        with self._lock:
+            for row in stepping:
+                row.length += 1
+                row.token, row.logits = None, logits[row.slot:row.slot + 1, -1].copy()
+                row.ready.set()
+
+    def _fail_all(self) -> None:
+        for _, row, admitted in self._waiting:
+            admitted.set()
+        for row in self._rows.values():
+            row.logits = None
+            row.ready.set()
