@@ -14,9 +14,9 @@ token to the engine and waits. The engine's thread owns the onnxruntime calls an
   graph call as Generator.generate) into a one-row cache, which is copied into the row's slot of the
   (B, Hkv, N, D) buffers. The copy (the row's N positions) is cheaper than a prefill over the batch;
 - decode: once every active row has handed in its token, one call of the decode graph runs them all,
-  each row at its own write index (modes.StaticCacheMode.row_feeds); free rows ride along on a
-  harmless 1-token step and are overwritten when a request takes them;
-- a finished or abandoned request frees its row before the next step.
+  each row at its own write index (modes.StaticCacheMode.row_feeds). The active rows are kept in
+  slots 0 .. k-1 and the step binds views of the first k rows, so it costs what k rows cost;
+- a finished or abandoned request frees its row before the next step (the last row moves into the hole).
 
 Admissions run between decode steps, so a new prompt makes the running rows wait one prefill.
 Dynamic-cache exports are refused: their caches grow per row and cannot share a step's buffers.
@@ -62,22 +62,42 @@ class _Job:
 
 
 class _Slots:
-    """(B, Hkv, N, D) host buffers, bound once as the decode step's pasts and presents."""
+    """(B, Hkv, N, D) host buffers. The active rows are kept in slots 0 .. k-1, so a step binds the first
+    k rows of every buffer (views: the same memory) and costs what k rows cost, not B."""
 
     def __init__(self, generator: Generator, batch: int) -> None:
         graphs = generator.graphs
         contract = graphs.contract
+        self.graphs = graphs
         self.arrays = [np.zeros(shape, dtype=contract.dtype) for shape in graphs.steps.cache.buffer_shapes(contract, batch)]
-        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # CPU: the OrtValues share the arrays' memory
-        self.batch = batch
-
-    def aliased(self, graphs) -> list[tuple[str, str, ort.OrtValue]]:
-        return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), self.values))
+        self._steps: dict[int, _BoundDecode] = {}  # k -> the decode binding over the first k rows
 
     def put(self, slot: int, row: StaticCache) -> None:
         """Row `slot` of every buffer := the one-row cache's buffers (all N positions)."""
         for array, value in zip(self.arrays, row.values):
             array[slot] = value.numpy()[0]
+
+    def move(self, source: int, target: int) -> None:
+        for array in self.arrays:
+            array[target] = array[source]
+
+    def decode(self, host: dict[str, np.ndarray]) -> np.ndarray:
+        """One decode step over the first k = len(tokens) rows; logits (k, 1, V)."""
+        k = host["input_ids"].shape[0]
+        if k not in self._steps:
+            self._steps[k] = _BoundDecode(self.graphs, self.graphs.graph_for("decode"), _FirstRows(self.graphs, self.arrays, k), host, {})
+        return self._steps[k].run(host)
+
+
+class _FirstRows:
+    """The first k rows of every buffer, as OrtValues over views of the same memory (CPU)."""
+
+    def __init__(self, graphs, arrays: list[np.ndarray], k: int) -> None:
+        self.values = [ort.OrtValue.ortvalue_from_numpy(array[:k]) for array in arrays]
+        self.batch = k
+
+    def aliased(self, graphs) -> list[tuple[str, str, ort.OrtValue]]:
+        return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), self.values))
 
 
 class BatchEngine:
@@ -94,11 +114,9 @@ class BatchEngine:
             raise KvgraphError(f"max_batch must be >= 1, got {max_batch}")
         self.generator, self.graphs, self.max_batch = generator, graphs, max_batch
         self.slots = _Slots(generator, max_batch)
-        self._free = list(range(max_batch))
-        self._rows: dict[int, _Row] = {}  # slot -> active row
+        self._rows: dict[int, _Row] = {}  # slot -> active row; compacted into slots 0 .. k-1 before each step
         self._waiting: list[tuple[Request, _Row, threading.Event]] = []  # admissions, in arrival order
         self._lock = threading.Condition()
-        self._decode: _BoundDecode | None = None
         self.steps_run = 0  # decode steps, and the rows each carried (for tests and benchmarks)
         self.rows_per_step: list[int] = []
         self._closed = False
@@ -173,9 +191,13 @@ class BatchEngine:
     def _leave(self, row: _Row) -> None:
         with self._lock:
             if self._rows.get(row.slot) is row:
-                del self._rows[row.slot]
-                self._free.append(row.slot)
+                del self._rows[row.slot]  # the engine's thread closes the hole before its next step
             self._lock.notify_all()
+
+    @property
+    def free_rows(self) -> int:
+        with self._lock:
+            return self.max_batch - len(self._rows)
 
     # -- the engine's thread ----------------------------------------------------------------------
 
@@ -195,22 +217,33 @@ class BatchEngine:
                 if self._closed:
                     self._fail_all()
                     return
-                admit = [self._waiting.pop(0) for _ in range(min(len(self._waiting), len(self._free)))]
-                slots = [self._free.pop(0) for _ in admit]
-                stepping = [r for r in self._rows.values() if r.token is not None]
-            for (request, row, admitted), slot in zip(admit, slots):
+                self._compact()
+                admit = [self._waiting.pop(0) for _ in range(min(len(self._waiting), self.max_batch - len(self._rows)))]
+                first = len(self._rows)
+                stepping = sorted(self._rows.values(), key=lambda r: r.slot) if not admit else []
+            for slot, (request, row, admitted) in enumerate(admit, start=first):
                 self._admit(request, row, slot)
                 with self._lock:
                     self._rows[slot] = row
                 admitted.set()
-            if stepping and not admit:
+            if stepping:
                 self._decode_step(stepping)
 
     def _due(self) -> bool:
         """Work to do: a waiting request and a free row, or every active row has handed in its token."""
-        if self._waiting and self._free:
+        if self._waiting and len(self._rows) < self.max_batch:
             return True
         return bool(self._rows) and all(r.token is not None for r in self._rows.values())
+
+    def _compact(self) -> None:
+        """Move the last rows into the holes left by finished ones: the active rows are slots 0 .. k-1 (under the lock)."""
+        for hole in range(len(self._rows)):
+            if hole not in self._rows:
+                last = max(self._rows)
+                row = self._rows.pop(last)
+                self.slots.move(last, hole)
+                row.slot = hole
+                self._rows[hole] = row
 
     def _admit(self, request: Request, row: _Row, slot: int) -> None:
         start = time.perf_counter()
@@ -221,14 +254,10 @@ class BatchEngine:
         row.prefill_s = time.perf_counter() - start
 
     def _decode_step(self, stepping: list[_Row]) -> None:
-        tokens = np.full((self.max_batch, 1), self.generator.pad_id, dtype=np.int64)
-        lengths = np.zeros(self.max_batch, dtype=np.int64)  # a free row: a 1-token step at position 0, overwritten later
-        for row in stepping:
-            tokens[row.slot, 0], lengths[row.slot] = row.token, row.length
-        host = self.graphs.steps.cache.row_feeds(self.graphs.contract, tokens, lengths)
-        if self._decode is None:
-            self._decode = _BoundDecode(self.graphs, self.graphs.graph_for("decode"), self.slots, host, {})
-        logits = self._decode.run(host)  # (B, 1, V)
+        """One decode call over slots 0 .. k-1, every row at its own write index."""
+        tokens = np.array([[row.token] for row in stepping], dtype=np.int64)  # (k, 1)
+        lengths = np.array([row.length for row in stepping], dtype=np.int64)  # (k,)
+        logits = self.slots.decode(self.graphs.steps.cache.row_feeds(self.graphs.contract, tokens, lengths))  # (k, 1, V)
         self.steps_run += 1
         self.rows_per_step.append(len(stepping))
         with self._lock:

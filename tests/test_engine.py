@@ -51,7 +51,7 @@ def test_batched_tokens_equal_each_request_alone(static_export):
     assert got == want
     assert max(engine.rows_per_step) >= 2 and max(engine.rows_per_step) <= 4  # steps really were shared, never over max_batch
     assert engine.steps_run < sum(new - 1 for _, _, new in REQUESTS)  # fewer graph calls than one request at a time
-    assert sorted(engine._free) == [0, 1, 2, 3] and not engine._rows  # every row given back
+    assert engine.free_rows == 4  # every row given back
 
 
 def test_an_abandoned_stream_frees_its_row(text_export_static):
