@@ -26,6 +26,7 @@ provider; a device engine needs a row copy on the device, not written yet.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -138,17 +139,59 @@ class BatchEngine:
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
                min_new_tokens: int = 0, **sampling) -> Iterator[str]:
         """Text pieces as tokens arrive; closing the iterator early frees the row at once."""
-        text = IncrementalText(self.generator.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
+        for piece in self.events(prompt, max_new_tokens, chat=chat, stop=stop, min_new_tokens=min_new_tokens, **sampling):
+            if isinstance(piece, str):
+                yield piece
+
+    def events(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
+               min_new_tokens: int = 0, cancel: threading.Event | None = None, **sampling) -> Iterator[str | GenerationResult]:
+        """Text pieces as tokens arrive, then the GenerationResult (finish reason, token counts).
+
+        The request's token loop runs in its own thread, so a consumer that stops reading (a client gone
+        silent) never holds up the other rows' steps. Setting `cancel`, or closing this iterator, ends the
+        request at its next token and frees its row."""
+        cancel = cancel or threading.Event()
         job = self._start(prompt, max_new_tokens, chat, stop, min_new_tokens, sampling)
+        tokens: queue.Queue = queue.Queue()
+        threading.Thread(target=self._work, args=(job, tokens, cancel), name="kvgraph-request", daemon=True).start()
+        text = IncrementalText(self.generator.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
         try:
-            for _, token in job.run:
-                if job.run.rows[0].finish_reason != "stop":
-                    piece = text.push(token)
+            while True:
+                kind, value = tokens.get()
+                if kind == "token" and job.run.rows[0].finish_reason != "stop":
+                    piece = text.push(value)
                     if piece:
                         yield piece
-            yield text.finish(job.run.rows[0].text)
+                elif kind == "done":
+                    last = text.finish(value.text)
+                    if last:
+                        yield last
+                    yield value
+                    return
+                elif kind == "error":
+                    raise value
+        finally:
+            cancel.set()
+
+    def _work(self, job: _Job, tokens: queue.Queue, cancel: threading.Event) -> None:
+        """The request's token loop, handing each token to the consumer's queue; stops when cancelled."""
+        try:
+            for _, token in job.run:
+                tokens.put(("token", token))
+                if cancel.is_set():
+                    break
+            else:
+                tokens.put(("done", self.generator.result(job.request, job.run.rows[0], job.row.prefill_s, job.run)))
+        except Exception as exc:  # the engine stopped: the consumer raises it
+            tokens.put(("error", exc))
         finally:
             self._leave(job.row)
+
+    @property
+    def load(self) -> int:
+        """Requests running or waiting for a row."""
+        with self._lock:
+            return len(self._rows) + len(self._waiting)
 
     def close(self) -> None:
         with self._lock:

@@ -192,4 +192,4 @@ def test_runtime_and_graphs_name_no_export_module():
             text = source.read_text()
             assert "kvgraph.export" not in text and "..export" not in text, f"{source} names the export package"
     names = {point.name for point in __import__("importlib.metadata").metadata.entry_points(group="kvgraph.commands")}
-    assert names == {"export", "quantize", "inspect", "generate", "vectors", "bench"}
+    assert names == {"export", "quantize", "inspect", "generate", "vectors", "bench", "serve"}
