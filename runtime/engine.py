@@ -193,6 +193,16 @@ class BatchEngine:
         with self._lock:
             return len(self._rows) + len(self._waiting)
 
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def rows_in_use(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

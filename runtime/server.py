@@ -2,7 +2,7 @@
 
     app = create_app(BatchEngine(Generator.load("out-static/"), max_batch=8), model="smollm2", max_queue=64)
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
+Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
 `stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`).
 Bad input is answered 400 with an OpenAI-shaped error body naming the field; a full queue 429 with
 Retry-After; nothing a client sends is a 500.
@@ -29,12 +29,57 @@ class BadRequest(Exception):
         self.param = param
 
 
+class Metrics:
+    """Prometheus metrics of one app (its own registry): requests by endpoint and status, tokens in and
+    out, time to first token and inter-token latency, queue depth and rows in use."""
+
+    def __init__(self, engine: BatchEngine) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kvgraph_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("kvgraph_prompt_tokens", "prompt tokens of finished requests", registry=self.registry)
+        self.completion_tokens = Counter("kvgraph_completion_tokens", "generated tokens of finished requests", registry=self.registry)
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+        self.ttft = Histogram("kvgraph_time_to_first_token_seconds", "request arrival to its first text", buckets=latency,
+                              registry=self.registry)
+        self.itl = Histogram("kvgraph_inter_token_latency_seconds", "between a request's text pieces", buckets=latency,
+                             registry=self.registry)
+        Gauge("kvgraph_queue_depth", "requests waiting for a row", registry=self.registry).set_function(lambda: engine.waiting)
+        Gauge("kvgraph_rows_in_use", "rows of the batch decoding a request", registry=self.registry).set_function(lambda: engine.rows_in_use)
+
+    def timed(self, events: Iterator, start: float) -> Iterator:
+        """The events, unchanged; their timing and token counts recorded on the way."""
+        last = None
+        for event in events:
+            now = time.perf_counter()
+            if isinstance(event, GenerationResult):
+                self.prompt_tokens.inc(event.stats.prompt_tokens)
+                self.completion_tokens.inc(event.stats.new_tokens)
+            elif event:
+                (self.ttft.observe(now - start) if last is None else self.itl.observe(now - last))
+                last = now
+            yield event
+
+
 def create_app(engine: BatchEngine, model: str, max_queue: int = 64):
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = FastAPI(title="kvgraph")
+    metrics = Metrics(engine)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
@@ -55,11 +100,11 @@ def create_app(engine: BatchEngine, model: str, max_queue: int = 64):
     # plain `def` endpoints: FastAPI runs them in its thread pool, where waiting on the engine blocks no one else
     @app.post("/v1/completions")
     def completions(body: dict[str, Any] = Body(...)):
-        return _respond(engine, model, max_queue, body, chat=False, streaming=StreamingResponse, json_response=JSONResponse)
+        return _respond(engine, metrics, model, max_queue, body, chat=False, streaming=StreamingResponse, json_response=JSONResponse)
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: dict[str, Any] = Body(...)):
-        return _respond(engine, model, max_queue, body, chat=True, streaming=StreamingResponse, json_response=JSONResponse)
+        return _respond(engine, metrics, model, max_queue, body, chat=True, streaming=StreamingResponse, json_response=JSONResponse)
 
     return app
 
@@ -71,7 +116,8 @@ def _error(status: int, message: str, param: str | None, headers: dict | None = 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status, headers=headers)
 
 
-def _respond(engine: BatchEngine, model: str, max_queue: int, body: dict, chat: bool, streaming, json_response):
+def _respond(engine: BatchEngine, metrics: Metrics, model: str, max_queue: int, body: dict, chat: bool, streaming, json_response):
+    start = time.perf_counter()
     prompt, options = _parse(engine, body, chat)
     if engine.load >= engine.max_batch + max_queue:
         return _error(429, f"the server is full ({engine.max_batch} rows busy, {max_queue} requests waiting); retry later", None,
@@ -79,7 +125,7 @@ def _respond(engine: BatchEngine, model: str, max_queue: int, body: dict, chat: 
     created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     cancel = threading.Event()
     try:
-        events = engine.events(prompt, chat=chat, cancel=cancel, **options)
+        events = metrics.timed(engine.events(prompt, chat=chat, cancel=cancel, **options), start)
         first = next(events)  # admission and the request's own checks happen here: errors are still a 400
     except KvgraphError as exc:
         raise BadRequest(str(exc)) from exc

@@ -172,6 +172,20 @@ def test_a_client_that_goes_away_frees_its_row(text_export_static):
         small.close()
 
 
-def test_health(server):
+def test_health_and_metrics(server, client):
     assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
     assert json.loads(httpx.get(f"{server.url}/v1/models", timeout=10).text)["object"] == "list"
+    before = _metric(server, "kvgraph_completion_tokens_total")
+    client.completions.create(model="tiny", prompt="abc", max_tokens=7, temperature=0, extra_body={"min_tokens": 7})
+    httpx.post(f"{server.url}/v1/completions", json={"prompt": "abc", "temperature": -1}, timeout=10)
+    assert _metric(server, "kvgraph_completion_tokens_total") == before + 7
+    assert _metric(server, 'kvgraph_requests_total{endpoint="/v1/completions",status="400"}') >= 1
+    assert _metric(server, "kvgraph_time_to_first_token_seconds_count") >= 1 and _metric(server, "kvgraph_inter_token_latency_seconds_count") >= 1
+    assert _metric(server, "kvgraph_rows_in_use") == 0 and _metric(server, "kvgraph_queue_depth") == 0
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if not line.startswith("#") and line.rsplit(" ", 1)[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
