@@ -37,6 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import KvgraphError
+from .onnx_files import _attr
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two from 16: what onnxruntime's MatMulNBits kernel takes
@@ -291,9 +292,3 @@ def _set_opset(model: onnx.ModelProto) -> None:
         if opset.domain in ("", "ai.onnx") and opset.version < QUANTIZED_OPSET:
             opset.version = QUANTIZED_OPSET
 
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default

@@ -66,8 +66,7 @@ class _Slots:
     """(B, Hkv, N, D) host buffers. The active rows are kept in slots 0 .. k-1, so a step binds the first
     k rows of every buffer (views: the same memory) and costs what k rows cost, not B."""
 
-    def __init__(self, generator: Generator, batch: int) -> None:
-        graphs = generator.graphs
+    def __init__(self, graphs, batch: int) -> None:
         contract = graphs.contract
         self.graphs = graphs
         self.arrays = [np.zeros(shape, dtype=contract.dtype) for shape in graphs.steps.cache.buffer_shapes(contract, batch)]
@@ -86,14 +85,14 @@ class _Slots:
         """One decode step over the first k = len(tokens) rows; logits (k, 1, V)."""
         k = host["input_ids"].shape[0]
         if k not in self._steps:
-            self._steps[k] = _BoundDecode(self.graphs, self.graphs.graph_for("decode"), _FirstRows(self.graphs, self.arrays, k), host, {})
+            self._steps[k] = _BoundDecode(self.graphs, self.graphs.graph_for("decode"), _FirstRows(self.arrays, k), host, {})
         return self._steps[k].run(host)
 
 
 class _FirstRows:
     """The first k rows of every buffer, as OrtValues over views of the same memory (CPU)."""
 
-    def __init__(self, graphs, arrays: list[np.ndarray], k: int) -> None:
+    def __init__(self, arrays: list[np.ndarray], k: int) -> None:
         self.values = [ort.OrtValue.ortvalue_from_numpy(array[:k]) for array in arrays]
         self.batch = k
 
@@ -114,7 +113,7 @@ class BatchEngine:
         if max_batch < 1:
             raise KvgraphError(f"max_batch must be >= 1, got {max_batch}")
         self.generator, self.graphs, self.max_batch = generator, graphs, max_batch
-        self.slots = _Slots(generator, max_batch)
+        self.slots = _Slots(graphs, max_batch)
         self._rows: dict[int, _Row] = {}  # slot -> active row; compacted into slots 0 .. k-1 before each step
         self._waiting: list[tuple[Request, _Row, threading.Event]] = []  # admissions, in arrival order
         self._lock = threading.Condition()
@@ -129,12 +128,10 @@ class BatchEngine:
 
     def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
                  min_new_tokens: int = 0, **sampling) -> GenerationResult:
-        job = self._start(prompt, max_new_tokens, chat, stop, min_new_tokens, sampling)
-        try:
-            job.run.run()
-        finally:
-            self._leave(job.row)
-        return self.generator.result(job.request, job.run.rows[0], job.row.prefill_s, job.run)
+        for event in self.events(prompt, max_new_tokens, chat=chat, stop=stop, min_new_tokens=min_new_tokens, **sampling):
+            if isinstance(event, GenerationResult):
+                return event
+        raise KvgraphError(f"the request ended without a result{self._why()}")
 
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
                min_new_tokens: int = 0, **sampling) -> Iterator[str]:
@@ -151,19 +148,20 @@ class BatchEngine:
         silent) never holds up the other rows' steps. Setting `cancel`, or closing this iterator, ends the
         request at its next token and frees its row."""
         cancel = cancel or threading.Event()
+        codec = self.generator.codec  # without a tokenizer: no text pieces, the result only
+        text = IncrementalText(codec, hold=max((len(s) for s in stop), default=1) - 1) if codec else None
         job = self._start(prompt, max_new_tokens, chat, stop, min_new_tokens, sampling)
         tokens: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, args=(job, tokens, cancel), name="kvgraph-request", daemon=True).start()
-        text = IncrementalText(self.generator.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
         try:
             while True:
                 kind, value = tokens.get()
-                if kind == "token" and job.run.rows[0].finish_reason != "stop":
+                if kind == "token" and text is not None:
                     piece = text.push(value)
                     if piece:
                         yield piece
                 elif kind == "done":
-                    last = text.finish(value.text)
+                    last = text.finish(value.text) if text is not None else ""
                     if last:
                         yield last
                     yield value
@@ -177,7 +175,8 @@ class BatchEngine:
         """The request's token loop, handing each token to the consumer's queue; stops when cancelled."""
         try:
             for _, token in job.run:
-                tokens.put(("token", token))
+                if job.run.rows[0].finish_reason != "stop":  # the stop string's token: its text is cut at the end
+                    tokens.put(("token", token))
                 if cancel.is_set():
                     break
             else:
@@ -249,8 +248,7 @@ class BatchEngine:
 
     @property
     def free_rows(self) -> int:
-        with self._lock:
-            return self.max_batch - len(self._rows)
+        return self.max_batch - self.rows_in_use
 
     # -- the engine's thread ----------------------------------------------------------------------
 

@@ -131,15 +131,12 @@ class _Scorer:
     """The export's prefill graph, changed in memory to return logits at every position."""
 
     def __init__(self, directory: Path, threads: int | None) -> None:
-        import onnx
-
         from ..graphs.onnx_files import logits_at_every_position
 
         manifest = Manifest.load(directory)
         self.steps = step_adapter(manifest.contract)
         name = graph_file(self.steps.graph("prefill"))
-        check_graph_file(directory, name)
-        model = onnx.load_model(str(directory / name), load_external_data=False)
+        model = check_graph_file(directory, name)  # the header, without the weights
         if not manifest.contract.all_logits:
             try:
                 logits_at_every_position(model)

@@ -10,6 +10,7 @@ Retry-After; nothing a client sends is a 500.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -65,7 +66,7 @@ class Metrics:
 def create_app(engine: BatchEngine, model: str, max_queue: int = 64):
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = FastAPI(title="kvgraph")
@@ -100,11 +101,11 @@ def create_app(engine: BatchEngine, model: str, max_queue: int = 64):
     # plain `def` endpoints: FastAPI runs them in its thread pool, where waiting on the engine blocks no one else
     @app.post("/v1/completions")
     def completions(body: dict[str, Any] = Body(...)):
-        return _respond(engine, metrics, model, max_queue, body, chat=False, streaming=StreamingResponse, json_response=JSONResponse)
+        return _respond(engine, metrics, model, max_queue, body, chat=False)
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: dict[str, Any] = Body(...)):
-        return _respond(engine, metrics, model, max_queue, body, chat=True, streaming=StreamingResponse, json_response=JSONResponse)
+        return _respond(engine, metrics, model, max_queue, body, chat=True)
 
     return app
 
@@ -116,7 +117,9 @@ def _error(status: int, message: str, param: str | None, headers: dict | None = 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status, headers=headers)
 
 
-def _respond(engine: BatchEngine, metrics: Metrics, model: str, max_queue: int, body: dict, chat: bool, streaming, json_response):
+def _respond(engine: BatchEngine, metrics: Metrics, model: str, max_queue: int, body: dict, chat: bool):
+    from fastapi.responses import JSONResponse, StreamingResponse
+
     start = time.perf_counter()
     prompt, options = _parse(engine, body, chat)
     if engine.load >= engine.max_batch + max_queue:
@@ -131,9 +134,9 @@ def _respond(engine: BatchEngine, metrics: Metrics, model: str, max_queue: int, 
         raise BadRequest(str(exc)) from exc
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return streaming(_sse(_chunks(first, events, ident, created, model, chat, usage), cancel), media_type="text/event-stream")
+        return StreamingResponse(_sse(_chunks(first, events, ident, created, model, chat, usage), cancel), media_type="text/event-stream")
     text, result = _collect(first, events)
-    return json_response(_completion(text, result, ident, created, model, chat))
+    return JSONResponse(_completion(text, result, ident, created, model, chat))
 
 
 def _parse(engine: BatchEngine, body: dict, chat: bool) -> tuple[Any, dict]:
@@ -178,16 +181,11 @@ def _number(body: dict, name: str, kind, default, low, high):
 
 def _collect(first, events) -> tuple[str, GenerationResult]:
     pieces = []
-    for event in _chain(first, events):
+    for event in itertools.chain([first], events):
         if isinstance(event, GenerationResult):
             return "".join(pieces), event
         pieces.append(event)
     raise KvgraphError("the generation ended without a result")
-
-
-def _chain(first, events) -> Iterator:
-    yield first
-    yield from events
 
 
 def _usage(result: GenerationResult) -> dict:
@@ -208,7 +206,7 @@ def _chunks(first, events, ident: str, created: int, model: str, chat: bool, usa
     head = {"id": ident, "object": kind, "created": created, "model": model}
     if chat:
         yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    for event in _chain(first, events):
+    for event in itertools.chain([first], events):
         if isinstance(event, GenerationResult):
             finish = FINISH.get(event.finish_reason, "stop")
             last = {"index": 0, "delta": {}, "finish_reason": finish} if chat else {"index": 0, "text": "", "finish_reason": finish}

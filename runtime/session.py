@@ -194,8 +194,7 @@ def _policy(manifest: Manifest, policy: str, cuda_graph: bool, index: WeightsInd
 
 
 def _open(directory: Path, name: str, options: ort.SessionOptions, provider: str, provider_options: dict[str, str]) -> ort.InferenceSession:
-    check_graph_file(directory, name)  # before onnxruntime reads anything: no links or external data out of the directory
-    path = directory / name
+    path = directory / name  # load_graphs checked every graph file before any session opens (_check_graph_files)
     try:
         return ort.InferenceSession(str(path), options, providers=[(provider, provider_options)])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for unreadable files
