@@ -19,9 +19,16 @@ token to the engine and waits. The engine's thread owns the onnxruntime calls an
 - a finished or abandoned request frees its row before the next step (the last row moves into the hole).
 
 Admissions run between decode steps, so a new prompt makes the running rows wait one prefill.
-Dynamic-cache exports are refused: their caches grow per row and cannot share a step's buffers.
-The buffers are host memory (numpy arrays under the OrtValues), so the engine runs on the CPU
+The buffers are host memory (numpy arrays under the OrtValues), so the batch engine runs on the CPU
 provider; a device engine needs a row copy on the device, not written yet.
+
+Exports whose steps cannot be shared -- a dynamic cache grows per row, an encoder-decoder carries
+cross K/V per source, a device export keeps its buffers on the device -- are served by RequestEngine:
+each request on its own cache in its own thread, at most max_batch at once, the rest waiting in
+order. Same interface, no shared step. `make_engine` picks the engine and says why.
+
+Both take a timeout per request (waiting for a row included): past it, the request ends at its next
+token, frees its row and raises RequestTimeout.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -58,8 +65,22 @@ class _Row:
 @dataclass
 class _Job:
     request: Request
-    row: _Row
     run: BatchRun
+    prefill_s: float
+    leave: Callable[[], None]  # gives the row back (once the request's thread is done with it)
+
+
+class RequestTimeout(KvgraphError):
+    """A request ran past its timeout. queued: it never got a row; new_tokens: what it had generated."""
+
+    def __init__(self, seconds: float, queued: bool, new_tokens: int = 0) -> None:
+        where = "waiting for a free row" if queued else f"after {new_tokens} new tokens"
+        super().__init__(f"the request timed out ({seconds:g} s) {where}")
+        self.seconds, self.queued, self.new_tokens = seconds, queued, new_tokens
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class _Slots:
@@ -100,29 +121,17 @@ class _FirstRows:
         return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), self.values))
 
 
-class BatchEngine:
-    """Requests from many threads, decoded together over one static-cache export."""
+class _Engine:
+    """What both engines share: the callers' side (generate, stream, events) and each request's thread."""
 
-    def __init__(self, generator: Generator, max_batch: int = 8) -> None:
-        graphs = generator.graphs
-        if not graphs.contract.static or graphs.contract.seq2seq:
-            raise KvgraphError(f"{graphs.directory}: continuous batching needs a decoder-only static-cache export "
-                               "(kvgraph export --cache static --max-length N): a dynamic cache grows per row and cannot share a step")
-        if graphs.device.ort_type != "cpu":
-            raise KvgraphError("the batching engine keeps its buffers in host memory: load the export with provider 'cpu'")
+    kind = ""  # named in /health
+
+    def __init__(self, generator: Generator, max_batch: int) -> None:
         if max_batch < 1:
             raise KvgraphError(f"max_batch must be >= 1, got {max_batch}")
-        self.generator, self.graphs, self.max_batch = generator, graphs, max_batch
-        self.slots = _Slots(graphs, max_batch)
-        self._rows: dict[int, _Row] = {}  # slot -> active row; compacted into slots 0 .. k-1 before each step
-        self._waiting: list[tuple[Request, _Row, threading.Event]] = []  # admissions, in arrival order
+        self.generator, self.graphs, self.max_batch = generator, generator.graphs, max_batch
         self._lock = threading.Condition()
-        self.steps_run = 0  # decode steps, and the rows each carried (for tests and benchmarks)
-        self.rows_per_step: list[int] = []
         self._closed = False
-        self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._serve, name="kvgraph-engine", daemon=True)
-        self._thread.start()
 
     # -- the callers' side ----------------------------------------------------------------------
 
@@ -141,18 +150,24 @@ class BatchEngine:
                 yield piece
 
     def events(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-               min_new_tokens: int = 0, cancel: threading.Event | None = None, **sampling) -> Iterator[str | GenerationResult]:
+               min_new_tokens: int = 0, cancel: threading.Event | None = None, timeout: float | None = None,
+               **sampling) -> Iterator[str | GenerationResult]:
         """Text pieces as tokens arrive, then the GenerationResult (finish reason, token counts).
 
         The request's token loop runs in its own thread, so a consumer that stops reading (a client gone
         silent) never holds up the other rows' steps. Setting `cancel`, or closing this iterator, ends the
-        request at its next token and frees its row."""
+        request at its next token and frees its row. `timeout` (seconds, from this call, waiting for a row
+        included): past it the request ends the same way and RequestTimeout is raised."""
         cancel = cancel or threading.Event()
+        deadline = None if timeout is None else time.monotonic() + timeout
         codec = self.generator.codec  # without a tokenizer: no text pieces, the result only
         text = IncrementalText(codec, hold=max((len(s) for s in stop), default=1) - 1) if codec else None
-        job = self._start(prompt, max_new_tokens, chat, stop, min_new_tokens, sampling)
+        request = self.generator._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
+        self.generator.check([request])
+        settings = Sampling(**sampling)
+        job = self._start(request, settings, deadline, timeout)
         tokens: queue.Queue = queue.Queue()
-        threading.Thread(target=self._work, args=(job, tokens, cancel), name="kvgraph-request", daemon=True).start()
+        threading.Thread(target=self._work, args=(job, tokens, cancel, deadline, timeout), name="kvgraph-request", daemon=True).start()
         try:
             while True:
                 kind, value = tokens.get()
@@ -168,23 +183,60 @@ class BatchEngine:
                     return
                 elif kind == "error":
                     raise value
+                elif kind == "end":  # cancelled: no result
+                    return
         finally:
             cancel.set()
 
-    def _work(self, job: _Job, tokens: queue.Queue, cancel: threading.Event) -> None:
-        """The request's token loop, handing each token to the consumer's queue; stops when cancelled."""
+    def _work(self, job: _Job, tokens: queue.Queue, cancel: threading.Event, deadline: float | None, timeout: float | None) -> None:
+        """The request's token loop, handing each token to the consumer's queue; stops when cancelled or late."""
         try:
             for _, token in job.run:
-                if job.run.rows[0].finish_reason != "stop":  # the stop string's token: its text is cut at the end
+                row = job.run.rows[0]
+                if row.finish_reason != "stop":  # the stop string's token: its text is cut at the end
                     tokens.put(("token", token))
                 if cancel.is_set():
                     break
+                if deadline is not None and time.monotonic() > deadline and not row.finished:
+                    tokens.put(("error", RequestTimeout(timeout, queued=False, new_tokens=len(row.tokens))))
+                    break
             else:
-                tokens.put(("done", self.generator.result(job.request, job.run.rows[0], job.row.prefill_s, job.run)))
+                tokens.put(("done", self.generator.result(job.request, job.run.rows[0], job.prefill_s, job.run)))
         except Exception as exc:  # the engine stopped: the consumer raises it
             tokens.put(("error", exc))
         finally:
-            self._leave(job.row)
+            job.leave()
+            tokens.put(("end", None))
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_batch - self.rows_in_use
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class BatchEngine(_Engine):
+    """Requests from many threads, decoded together over one static-cache export."""
+
+    kind = "continuous batching"
+
+    def __init__(self, generator: Generator, max_batch: int = 8) -> None:
+        reason = batch_refusal(generator)
+        if reason:
+            raise KvgraphError(f"{generator.graphs.directory}: {reason}")
+        super().__init__(generator, max_batch)
+        self.slots = _Slots(self.graphs, max_batch)
+        self._rows: dict[int, _Row] = {}  # slot -> active row; compacted into slots 0 .. k-1 before each step
+        self._waiting: list[tuple[Request, _Row, threading.Event]] = []  # admissions, in arrival order
+        self.steps_run = 0  # decode steps, and the rows each carried (for tests and benchmarks)
+        self.rows_per_step: list[int] = []
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._serve, name="kvgraph-engine", daemon=True)
+        self._thread.start()
 
     @property
     def load(self) -> int:
@@ -208,23 +260,26 @@ class BatchEngine:
             self._lock.notify_all()
         self._thread.join()
 
-    def _start(self, prompt, max_new_tokens, chat, stop, min_new_tokens, sampling) -> _Job:
-        """Check the request, wait for a row and its prefill; the job's run generates when iterated."""
-        request = self.generator._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
-        self.generator.check([request])
-        settings = Sampling(**sampling)
+    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None) -> _Job:
+        """Wait for a row and its prefill; the job's run generates when iterated."""
         row, admitted = _Row(-1, 0), threading.Event()
+        entry = (request, row, admitted)
         with self._lock:
             if self._closed:
                 raise KvgraphError(f"the engine is closed{self._why()}")
-            self._waiting.append((request, row, admitted))
+            self._waiting.append(entry)
             self._lock.notify_all()
-        admitted.wait()
+        if not admitted.wait(_remaining(deadline)):
+            with self._lock:
+                if entry in self._waiting:  # still waiting: leave the queue (else the engine is admitting it now)
+                    self._waiting.remove(entry)
+                    raise RequestTimeout(timeout, queued=True)
+            admitted.wait()
         if row.logits is None:
             raise KvgraphError(f"the engine stopped before the request ran{self._why()}")
         run = BatchRun([request], row.logits, np.ones((1, row.length), dtype=np.int64), lambda feed, mask: self._step(row, feed),
                        settings, self.generator)
-        return _Job(request, row, run)
+        return _Job(request, run, row.prefill_s, lambda: self._leave(row))
 
     def _step(self, row: _Row, feed: np.ndarray) -> np.ndarray:
         """The row's next token in, its logits (1, V) out, once the engine has run the step."""
@@ -245,10 +300,6 @@ class BatchEngine:
             if self._rows.get(row.slot) is row:
                 del self._rows[row.slot]  # the engine's thread closes the hole before its next step
             self._lock.notify_all()
-
-    @property
-    def free_rows(self) -> int:
-        return self.max_batch - self.rows_in_use
 
     # -- the engine's thread ----------------------------------------------------------------------
 
@@ -323,3 +374,84 @@ class BatchEngine:
         for row in self._rows.values():
             row.logits = None
             row.ready.set()
+
+
+class RequestEngine(_Engine):
+    """Each request on its own cache (Generator's own steps) in its own thread, at most max_batch at once,
+    the others waiting in arrival order. For exports the batch engine cannot share a step of."""
+
+    kind = "one cache per request"
+
+    def __init__(self, generator: Generator, max_batch: int = 8) -> None:
+        super().__init__(generator, max_batch)
+        self._running = 0
+        self._queue: list[object] = []  # one token per waiting request, in arrival order
+
+    @property
+    def load(self) -> int:
+        with self._lock:
+            return self._running + len(self._queue)
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    @property
+    def rows_in_use(self) -> int:
+        with self._lock:
+            return self._running
+
+    def close(self) -> None:
+        """Refuse new requests; running ones finish on their own caches."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None) -> _Job:
+        turn = object()
+        with self._lock:
+            self._queue.append(turn)
+            try:
+                while not self._closed and (self._running >= self.max_batch or self._queue[0] is not turn):
+                    if not self._lock.wait(_remaining(deadline)) and deadline is not None and time.monotonic() >= deadline:
+                        raise RequestTimeout(timeout, queued=True)
+                if self._closed:
+                    raise KvgraphError("the engine is closed")
+                self._running += 1
+            finally:
+                self._queue.remove(turn)
+                self._lock.notify_all()
+        try:
+            with self.graphs.request_turn():
+                run, prefill_s = self.generator._start([request], settings, True)
+        except BaseException:
+            self._leave()
+            raise
+        return _Job(request, run, prefill_s, self._leave)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+            self._lock.notify_all()
+
+
+def batch_refusal(generator: Generator) -> str:
+    """Why continuous batching cannot serve this export ("" when it can)."""
+    graphs = generator.graphs
+    if graphs.contract.seq2seq:
+        return "an encoder-decoder export carries cross K/V per source; continuous batching takes decoder-only static-cache exports"
+    if not graphs.contract.static:
+        return ("a dynamic cache grows per row and cannot share a step; continuous batching takes static-cache exports "
+                "(kvgraph export --cache static --max-length N)")
+    if graphs.device.ort_type != "cpu":
+        return "the batch engine keeps its row buffers in host memory: load the export with provider 'cpu'"
+    return ""
+
+
+def make_engine(generator: Generator, max_batch: int = 8) -> tuple[_Engine, str]:
+    """The batch engine where the export allows it, else one cache per request; and why that one."""
+    reason = batch_refusal(generator)
+    if reason:
+        return RequestEngine(generator, max_batch), f"{reason}: each request runs on its own cache, up to {max_batch} at once"
+    return BatchEngine(generator, max_batch), f"continuous batching over {max_batch} rows"

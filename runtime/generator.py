@@ -174,6 +174,11 @@ class Generator:
                 raise KvgraphError(f"token id {bad[0]} is outside the vocabulary [0, {contract.vocab_size})")
             self._check_positions(self.graphs.steps.kind.positions(len(request.prompt_ids), request.max_new_tokens))
 
+    def room(self, prompt_tokens: int) -> int | None:
+        """The most new tokens a prompt of this length can have (the static cache's or the model's positions); None: no limit known."""
+        limits = [n for n in (self.graphs.steps.cache.capacity(self.graphs.contract), self.graphs.manifest.model.max_positions) if n]
+        return max(0, min(limits) - self.graphs.steps.kind.positions(prompt_tokens, 0).decoder) if limits else None
+
     def _check_positions(self, need: Positions) -> None:
         capacity = self.graphs.steps.cache.capacity(self.graphs.contract)
         max_positions = self.graphs.manifest.model.max_positions

@@ -1,24 +1,32 @@
-"""An OpenAI-compatible HTTP server over the continuous-batching engine (the `serve` extra: FastAPI, uvicorn).
+"""An OpenAI-compatible HTTP server over a serving engine (the `serve` extra: FastAPI, uvicorn).
 
-    app = create_app(BatchEngine(Generator.load("out-static/"), max_batch=8), model="smollm2", max_queue=64)
+    engine, why = make_engine(Generator.load("out-static/"), max_batch=8)
+    app = create_app(engine, model="smollm2", max_queue=64, request_timeout=600)
 
 Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
-`stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`).
-Bad input is answered 400 with an OpenAI-shaped error body naming the field; a full queue 429 with
-Retry-After; nothing a client sends is a 500.
+`n`, `stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`).
+Encoder-decoder exports serve /v1/completions (the prompt is the source). Bad input is answered 400
+with an OpenAI-shaped error body naming the field; a full queue 429 with Retry-After; a request past
+its timeout 503 (still waiting for a row) or 504 (generating; a stream ends with an error event);
+nothing a client sends is a 500. Every response names the process that answered in the
+`x-kvgraph-instance` header (which replica, behind a load balancer or Ray Serve).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
+import queue
+import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..graphs import KvgraphError
-from .engine import BatchEngine
+from .engine import RequestTimeout, _Engine
 from .generator import GenerationResult
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "interrupted": "stop"}
@@ -34,7 +42,7 @@ class Metrics:
     """Prometheus metrics of one app (its own registry): requests by endpoint and status, tokens in and
     out, time to first token and inter-token latency, queue depth and rows in use."""
 
-    def __init__(self, engine: BatchEngine) -> None:
+    def __init__(self, engine: _Engine) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -63,18 +71,33 @@ class Metrics:
             yield event
 
 
-def create_app(engine: BatchEngine, model: str, max_queue: int = 64):
+INSTANCE = f"{socket.gethostname()}-{os.getpid()}"
+
+
+def create_app(engine: _Engine, model: str, max_queue: int = 64, request_timeout: float | None = None):
+    """The FastAPI app over `engine`: at most engine.max_batch requests run and max_queue wait, each for
+    at most request_timeout seconds (None: no limit)."""
+    import anyio
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    app = FastAPI(title="kvgraph")
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # a waiting or non-streaming request holds a worker thread: the pool must hold a full queue
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, engine.max_batch + max_queue + 16)
+        yield
+
+    app = FastAPI(title="kvgraph", lifespan=lifespan)
     metrics = Metrics(engine)
+    serving = _Serving(engine, metrics, model, max_queue, request_timeout)
 
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
+        response.headers["x-kvgraph-instance"] = INSTANCE
         metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
@@ -92,7 +115,8 @@ def create_app(engine: BatchEngine, model: str, max_queue: int = 64):
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "requests": engine.load}
+        return {"status": "ok", "instance": INSTANCE, "engine": engine.kind, "rows": engine.max_batch,
+                "running": engine.rows_in_use, "waiting": engine.waiting}
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -101,11 +125,11 @@ def create_app(engine: BatchEngine, model: str, max_queue: int = 64):
     # plain `def` endpoints: FastAPI runs them in its thread pool, where waiting on the engine blocks no one else
     @app.post("/v1/completions")
     def completions(body: dict[str, Any] = Body(...)):
-        return _respond(engine, metrics, model, max_queue, body, chat=False)
+        return serving.respond(body, chat=False)
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: dict[str, Any] = Body(...)):
-        return _respond(engine, metrics, model, max_queue, body, chat=True)
+        return serving.respond(body, chat=True)
 
     return app
 
@@ -113,48 +137,111 @@ def create_app(engine: BatchEngine, model: str, max_queue: int = 64):
 def _error(status: int, message: str, param: str | None, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
-    kind = "invalid_request_error" if status == 400 else "rate_limit_exceeded" if status == 429 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status, headers=headers)
+    return JSONResponse(_error_body(status, message, param), status_code=status, headers=headers)
 
 
-def _respond(engine: BatchEngine, metrics: Metrics, model: str, max_queue: int, body: dict, chat: bool):
-    from fastapi.responses import JSONResponse, StreamingResponse
+def _error_body(status: int, message: str, param: str | None) -> dict:
+    kind = {400: "invalid_request_error", 429: "rate_limit_exceeded", 503: "timeout", 504: "timeout"}.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
-    start = time.perf_counter()
-    prompt, options = _parse(engine, body, chat)
-    if engine.load >= engine.max_batch + max_queue:
-        return _error(429, f"the server is full ({engine.max_batch} rows busy, {max_queue} requests waiting); retry later", None,
-                      {"Retry-After": "1"})
-    created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    cancel = threading.Event()
+
+class _Serving:
+    """One completion request: parse, admit (or 429), run its n choices, answer as JSON or as a stream."""
+
+    def __init__(self, engine: _Engine, metrics: Metrics, model: str, max_queue: int, timeout: float | None) -> None:
+        self.engine, self.metrics, self.model, self.max_queue, self.timeout = engine, metrics, model, max_queue, timeout
+
+    def respond(self, body: dict, chat: bool):
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        start = time.perf_counter()
+        prompt, n, options = _parse(self.engine, body, chat)
+        engine, capacity = self.engine, self.engine.max_batch + self.max_queue
+        if engine.load + n > capacity:
+            return _error(429, f"the server is full ({engine.max_batch} rows busy, {self.max_queue} requests waiting); retry later", None,
+                          {"Retry-After": "1"})
+        created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        cancels = [threading.Event() for _ in range(n)]  # one per choice: a choice that ends sets its own
+
+        def cancel() -> None:
+            for event in cancels:
+                event.set()
+
+        try:
+            events = self._choices(prompt, options, chat, cancels, start)
+            first = next(events)  # admission and the request's own checks happen here: errors are still a 400
+        except RequestTimeout as exc:
+            return _error(503, str(exc), None, {"Retry-After": "1"})
+        except KvgraphError as exc:
+            raise BadRequest(str(exc)) from exc
+        head = {"id": ident, "created": created, "model": self.model}
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_sse(_chunks(itertools.chain([first], events), head, n, chat, usage), cancel),
+                                     media_type="text/event-stream")
+        try:
+            texts, results = _collect(itertools.chain([first], events), n)
+        except RequestTimeout as exc:
+            return _error(504, str(exc), None)
+        finally:
+            cancel()
+        return JSONResponse(_completion(texts, results, head, chat))
+
+    def _choices(self, prompt, options: dict, chat: bool, cancels: list[threading.Event], start: float) -> Iterator[tuple[int, Any]]:
+        """(choice index, event) as the choices run; choice i samples with seed + i."""
+        seed = options.pop("seed")
+        streams = [self.metrics.timed(self.engine.events(prompt, chat=chat, cancel=cancel, timeout=self.timeout, **options,
+                                                         seed=None if seed is None else seed + i), start) for i, cancel in enumerate(cancels)]
+        if len(streams) == 1:
+            return ((0, event) for event in streams[0])
+        return _merged(streams)
+
+
+_END = object()
+
+
+def _merged(streams: list[Iterator]) -> Iterator[tuple[int, Any]]:
+    """Several event streams at once, each pulled by its own thread: (index, event) in arrival order."""
+    out: queue.Queue = queue.Queue()
+
+    def pull(index: int, events: Iterator) -> None:
+        try:
+            for event in events:
+                out.put((index, event))
+        except Exception as exc:
+            out.put((index, exc))
+        finally:
+            out.put((index, _END))
+
+    for index, events in enumerate(streams):
+        threading.Thread(target=pull, args=(index, events), name="kvgraph-choice", daemon=True).start()
+    ended = 0
+    while ended < len(streams):
+        index, event = out.get()
+        if event is _END:
+            ended += 1
+        elif isinstance(event, Exception):
+            raise event
+        else:
+            yield index, event
+
+
+def _parse(engine: _Engine, body: dict, chat: bool) -> tuple[Any, int, dict]:
+    """The prompt, the number of choices and the engine's options, or BadRequest naming the field."""
     try:
-        events = metrics.timed(engine.events(prompt, chat=chat, cancel=cancel, **options), start)
-        first = next(events)  # admission and the request's own checks happen here: errors are still a 400
+        prompt = _chat_prompt(engine, body) if chat else _prompt(body)
     except KvgraphError as exc:
-        raise BadRequest(str(exc)) from exc
-    if body.get("stream"):
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_sse(_chunks(first, events, ident, created, model, chat, usage), cancel), media_type="text/event-stream")
-    text, result = _collect(first, events)
-    return JSONResponse(_completion(text, result, ident, created, model, chat))
-
-
-def _parse(engine: BatchEngine, body: dict, chat: bool) -> tuple[Any, dict]:
-    """The prompt and the engine's options, or BadRequest naming the field."""
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
-            raise BadRequest("messages must be a non-empty list of {role, content} objects with string values", "messages")
-        prompt = engine.generator.need_codec().encode_chat([{"role": m["role"], "content": m["content"]} for m in messages])
-    else:
-        prompt = body.get("prompt")
-        if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
-            raise BadRequest("prompt must be a non-empty string or a list of token ids", "prompt")
-    options = {"max_new_tokens": _number(body, "max_tokens", int, 16, 1, None),
+        raise BadRequest(str(exc), "messages" if chat else "prompt") from exc
+    room = engine.generator.room(len(prompt)) if isinstance(prompt, list) else None
+    default = room if chat and room else 16  # chat: as many as the cache holds, as OpenAI's; completions: 16, as OpenAI's
+    options = {"max_new_tokens": _number(body, "max_tokens", int, default, 1, None),
                "min_new_tokens": _number(body, "min_tokens", int, 0, 0, None),  # an extension (vLLM's name): eos not before
                "temperature": _number(body, "temperature", (int, float), 1.0, 0, 2),
                "top_p": _number(body, "top_p", (int, float), 1.0, 0, 1)}
+    n = _number(body, "n", int, 1, 1, engine.max_batch)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise BadRequest("best_of is not served (beam search and ranking are not in the server yet); leave it out or equal to n", "best_of")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise BadRequest("seed must be an integer", "seed")
@@ -162,11 +249,27 @@ def _parse(engine: BatchEngine, body: dict, chat: bool) -> tuple[Any, dict]:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
-    if body.get("n", 1) != 1:
-        raise BadRequest("n must be 1 (more choices per request are not served yet)", "n")
     if options["top_p"] == 0:
         raise BadRequest("top_p must be greater than 0", "top_p")
-    return prompt, {**options, "seed": seed, "stop": tuple(stop)}
+    return prompt, n, {**options, "seed": seed, "stop": tuple(stop)}
+
+
+def _chat_prompt(engine: _Engine, body: dict) -> list[int]:
+    if engine.graphs.contract.seq2seq:
+        raise BadRequest("this model is an encoder-decoder: it has no chat turns; send the source to /v1/completions", "messages")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise BadRequest("messages must be a non-empty list of {role, content} objects with string values", "messages")
+    return engine.generator.need_codec().encode_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def _prompt(body: dict):
+    prompt = body.get("prompt")
+    if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        raise BadRequest("prompt must be a non-empty string or a list of token ids", "prompt")
+    return prompt
 
 
 def _number(body: dict, name: str, kind, default, low, high):
@@ -179,56 +282,69 @@ def _number(body: dict, name: str, kind, default, low, high):
     return value
 
 
-def _collect(first, events) -> tuple[str, GenerationResult]:
-    pieces = []
-    for event in itertools.chain([first], events):
+def _collect(events: Iterator[tuple[int, Any]], n: int) -> tuple[list[str], list[GenerationResult]]:
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    results: list[GenerationResult | None] = [None] * n
+    for index, event in events:
         if isinstance(event, GenerationResult):
-            return "".join(pieces), event
-        pieces.append(event)
-    raise KvgraphError("the generation ended without a result")
+            results[index] = event
+        else:
+            pieces[index].append(event)
+    if any(r is None for r in results):
+        raise KvgraphError("the generation ended without a result")
+    return ["".join(p) for p in pieces], results
 
 
-def _usage(result: GenerationResult) -> dict:
-    prompt, new = result.stats.prompt_tokens, result.stats.new_tokens
+def _usage(results: list[GenerationResult]) -> dict:
+    prompt, new = results[0].stats.prompt_tokens, sum(r.stats.new_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
 
-def _completion(text: str, result: GenerationResult, ident: str, created: int, model: str, chat: bool) -> dict:
-    finish = FINISH.get(result.finish_reason, "stop")
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
-              else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model,
-            "choices": [choice], "usage": _usage(result)}
+def _completion(texts: list[str], results: list[GenerationResult], head: dict, chat: bool) -> dict:
+    choices = []
+    for index, (text, result) in enumerate(zip(texts, results)):
+        finish = FINISH.get(result.finish_reason, "stop")
+        choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
+                       else {"index": index, "text": text, "logprobs": None, "finish_reason": finish})
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": _usage(results)}
 
 
-def _chunks(first, events, ident: str, created: int, model: str, chat: bool, usage: bool) -> Iterator[dict]:
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    head = {"id": ident, "object": kind, "created": created, "model": model}
+def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, chat: bool, usage: bool) -> Iterator[dict]:
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if chat:
-        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    for event in itertools.chain([first], events):
+        for index in range(n):
+            yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    results = {}
+    for index, event in events:
         if isinstance(event, GenerationResult):
             finish = FINISH.get(event.finish_reason, "stop")
-            last = {"index": 0, "delta": {}, "finish_reason": finish} if chat else {"index": 0, "text": "", "finish_reason": finish}
+            last = {"index": index, "delta": {}, "finish_reason": finish} if chat else {"index": index, "text": "", "finish_reason": finish}
             yield {**head, "choices": [last]}
-            if usage:
-                yield {**head, "choices": [], "usage": _usage(event)}
-            return
-        piece = {"index": 0, "delta": {"content": event}, "finish_reason": None} if chat else {"index": 0, "text": event, "finish_reason": None}
+            results[index] = event
+            continue
+        piece = ({"index": index, "delta": {"content": event}, "finish_reason": None} if chat
+                 else {"index": index, "text": event, "finish_reason": None})
         yield {**head, "choices": [piece]}
+    if usage and len(results) == n:
+        yield {**head, "choices": [], "usage": _usage([results[i] for i in range(n)])}
 
 
-async def _sse(chunks: Iterator[dict], cancel: threading.Event):
+async def _sse(chunks: Iterator[dict], cancel: Callable[[], None]):
     """Server-sent events. An async generator, so a client that disconnects cancels it here (the
-    finally runs at once) and the request ends at its next token, freeing its row."""
+    finally runs at once) and the request ends at its next token, freeing its row. A request that
+    fails mid-stream (its timeout) ends with an OpenAI-shaped error event and no [DONE]."""
     import anyio
 
     try:
         while True:
-            chunk = await anyio.to_thread.run_sync(next, chunks, None)
+            try:
+                chunk = await anyio.to_thread.run_sync(next, chunks, None)
+            except KvgraphError as exc:
+                yield f"data: {json.dumps(_error_body(504 if isinstance(exc, RequestTimeout) else 500, str(exc), None))}\n\n"
+                return
             if chunk is None:
                 break
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        cancel.set()
+        cancel()

@@ -13,7 +13,7 @@ import pytest
 
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime import Generator
-from kvgraph.runtime.engine import BatchEngine
+from kvgraph.runtime.engine import BatchEngine, RequestEngine, RequestTimeout
 
 
 @pytest.fixture(scope="module")
@@ -67,5 +67,23 @@ def test_an_abandoned_stream_frees_its_row(text_export_static):
 
 
 def test_engine_refuses_a_dynamic_export_with_the_reason(text_export):
-    with pytest.raises(KvgraphError, match=r"continuous batching needs a decoder-only static-cache export .* a dynamic cache grows per row"):
+    with pytest.raises(KvgraphError, match=r"a dynamic cache grows per row and cannot share a step; continuous batching takes static-cache"):
         BatchEngine(Generator.load(text_export[1]))
+
+
+@pytest.mark.parametrize("kind", ["batch", "request"])
+def test_a_request_that_waits_past_its_timeout_leaves_the_queue(kind, text_export, text_export_static):
+    engine = BatchEngine(Generator.load(text_export_static[1]), max_batch=1) if kind == "batch" else RequestEngine(
+        Generator.load(text_export[1]), max_batch=1)
+    with engine:
+        running = engine.stream("Once upon", max_new_tokens=80, min_new_tokens=80)
+        next(running)  # holds the only row; its consumer pauses, so it cannot finish
+        with pytest.raises(RequestTimeout, match=r"timed out \(0.1 s\) waiting for a free row") as raised:
+            engine.generate("abc", max_new_tokens=5, timeout=0.1)
+        assert raised.value.queued and engine.waiting == 0
+        running.close()
+        deadline = time.time() + 10
+        while engine.load and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.generate("abc", max_new_tokens=5, timeout=30).token_ids == Generator.load(text_export[1]).generate(
+            "abc", max_new_tokens=5).token_ids

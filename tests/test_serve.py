@@ -1,12 +1,21 @@
 """The OpenAI-compatible server over real HTTP on 127.0.0.1, driven by the official `openai` client and by plain
-HTTP: completions, chat, streaming, stop strings, usage, errors, a full queue.
+HTTP: completions, chat, streaming, n choices, stop strings, usage, errors, a full queue, timeouts, a
+drain on SIGTERM, and the exports the batch engine does not take (dynamic cache, encoder-decoder).
 
-The export is the tiny byte-level text model with a chat template, static cache of 96 positions.
+The exports are byte-level models (they stand for ByT5-like byte vocabularies; the runtime's text
+handling needs every id to be a byte): the tiny text llama with a chat template and a static cache of
+96 positions; the same llama with 4,096 positions and a dynamic cache (a request long enough to time
+out); a BART-shaped encoder-decoder with the byte vocabulary.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,16 +23,16 @@ import httpx
 import pytest
 
 from kvgraph.runtime import Generator
-from kvgraph.runtime.engine import BatchEngine
+from kvgraph.runtime.engine import BatchEngine, RequestEngine, make_engine
 from kvgraph.runtime.server import create_app
 
 
 class _Server:
-    def __init__(self, directory, max_batch: int, max_queue: int) -> None:
+    def __init__(self, directory, max_batch: int, max_queue: int, timeout: float | None = None) -> None:
         import uvicorn
 
-        self.engine = BatchEngine(Generator.load(directory), max_batch=max_batch)
-        config = uvicorn.Config(create_app(self.engine, "tiny", max_queue), host="127.0.0.1", port=0, log_level="warning")
+        self.engine = make_engine(Generator.load(directory), max_batch=max_batch)[0]
+        config = uvicorn.Config(create_app(self.engine, "tiny", max_queue, timeout), host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -115,7 +124,9 @@ def test_concurrent_clients_get_their_own_tokens(client, alone):
     ({"prompt": "hi", "stop": 7}, "stop"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p"),
     ({"prompt": "hi", "seed": "x"}, "seed"),
-    ({"prompt": "hi", "n": 3}, "n"),
+    ({"prompt": "hi", "n": 5}, "n"),  # more choices than rows
+    ({"prompt": "hi", "n": 2, "best_of": 3}, "best_of"),
+    ({"prompt": [1, True]}, "prompt"),
 ])
 def test_bad_requests_get_400_with_an_openai_error_body(server, body, param):
     response = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", **body}, timeout=30)
@@ -189,3 +200,153 @@ def _metric(server, name: str) -> float:
         if not line.startswith("#") and line.rsplit(" ", 1)[0] == name:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_n_choices_sample_with_seed_plus_index(client, alone, server):
+    assert isinstance(server.engine, BatchEngine)
+    want = [alone.generate("Once upon", max_new_tokens=12, temperature=1.0, seed=7 + i).text for i in range(3)]
+    out = client.completions.create(model="tiny", prompt="Once upon", max_tokens=12, temperature=1.0, seed=7, n=3)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == want and len(set(want)) > 1
+    assert out.usage.completion_tokens == sum(len(alone.generate("Once upon", max_new_tokens=12, temperature=1.0, seed=7 + i).token_ids)
+                                              for i in range(3))
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=10,
+                                                 temperature=1.0, seed=3, n=2, stream=True, stream_options={"include_usage": True}))
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) for i in range(2)]
+    assert texts == [alone.generate("Hi", chat=True, max_new_tokens=10, temperature=1.0, seed=3 + i).text for i in range(2)]
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 2 and chunks[-1].usage is not None
+
+
+def test_chat_without_max_tokens_may_fill_the_cache(client, alone):
+    """OpenAI's chat default: as many tokens as the context holds (completions keep 16)."""
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                                         extra_body={"min_tokens": 200})
+    prompt = len(alone.codec.encode_chat([{"role": "user", "content": "Hi"}]))
+    assert out.usage.completion_tokens == 96 - prompt and out.choices[0].finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def long_export(tmp_path_factory):
+    """The byte-level llama with 4,096 positions, dynamic cache: 2,000 tokens take about half a second."""
+    from families import CHAT_TEMPLATE, byte_tokenizer, tiny_model
+    from kvgraph.export import export_model
+
+    model_dir = tmp_path_factory.mktemp("hf") / "long-llama"
+    tiny_model("llama", vocab_size=260, max_position_embeddings=4096).save_pretrained(model_dir)
+    byte_tokenizer(CHAT_TEMPLATE).save_pretrained(model_dir)
+    return export_model(model_dir, tmp_path_factory.mktemp("exports") / "long-llama").directory
+
+
+LONG = {"prompt": "abc", "max_tokens": 3000, "min_tokens": 3000}
+
+
+def test_a_dynamic_export_is_served_one_cache_per_request(long_export):
+    alone = Generator.load(long_export)
+    with _Served(long_export, max_batch=2, max_queue=4) as server:
+        assert isinstance(server.engine, RequestEngine) and httpx.get(f"{server.url}/health").json()["engine"] == "one cache per request"
+        prompts = ["abc", "Once upon a time", "x", "Hello"]
+        got = [None] * 4
+
+        def ask(i):
+            got[i] = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompts[i], "max_tokens": 30, "temperature": 0},
+                                timeout=60).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert got == [alone.generate(p, max_new_tokens=30).text for p in prompts]
+
+
+def test_requests_past_their_timeout_end_and_free_their_row(long_export):
+    with _Served(long_export, max_batch=1, max_queue=4, timeout=0.2) as server:
+        late = httpx.post(f"{server.url}/v1/completions", json=LONG, timeout=60)  # 3,000 tokens take longer than 0.2 s
+        assert late.status_code == 504 and "timed out (0.2 s) after" in late.json()["error"]["message"]
+        with httpx.stream("POST", f"{server.url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert response.status_code == 200 and len(events) > 2 and "[DONE]" not in events[-1]
+        assert json.loads(events[-1][6:])["error"]["type"] == "timeout"
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(httpx.post(f"{server.url}/v1/completions", json=LONG, timeout=60)))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [a.status_code for a in answers] in ([504, 504], [504, 503])  # the second got the row once the first let go, or never
+        assert server.engine.load == 0
+        assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "abc", "max_tokens": 5}, timeout=30).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def seq2seq_text_export(tmp_path_factory):
+    """A BART-shaped encoder-decoder on the byte vocabulary (pad 0, bos 1, eos 2 = decoder start), with its tokenizer."""
+    from families import byte_tokenizer, tiny_seq2seq
+    from kvgraph.export import export_model
+
+    model_dir = tmp_path_factory.mktemp("hf") / "byte-bart"
+    tiny_seq2seq("bart", vocab_size=260, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    return export_model(model_dir, tmp_path_factory.mktemp("exports") / "byte-bart").directory
+
+
+def test_an_encoder_decoder_export_serves_completions(seq2seq_text_export):
+    import openai
+
+    alone = Generator.load(seq2seq_text_export)
+    with _Served(seq2seq_text_export, max_batch=2, max_queue=2) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model="tiny", prompt="translate this", max_tokens=12, temperature=0, extra_body={"min_tokens": 12})
+        want = alone.generate("translate this", max_new_tokens=12, min_new_tokens=12)
+        assert out.choices[0].text == want.text and out.usage.completion_tokens == 12 == len(want.token_ids)
+        with pytest.raises(openai.BadRequestError, match="encoder-decoder: it has no chat turns"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+
+
+class _Served(_Server):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_sigterm_drains_running_requests_then_exits(long_export):
+    """kvgraph serve as a process: SIGTERM stops accepting, lets the running stream finish, exits 0."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.cli", "serve", str(long_export), "--port", str(port),
+                                "--grace", "30"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_healthy(url, process)
+        with httpx.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            with pytest.raises(httpx.ConnectError):  # no longer accepting
+                httpx.get(f"{url}/health", timeout=5)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _wait_healthy(url: str, process, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"kvgraph serve exited: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError("kvgraph serve did not become healthy")
