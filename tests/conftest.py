@@ -95,6 +95,33 @@ def text_export_static(tmp_path_factory, text_export):
     return text_export[0], out
 
 
+def _long_model_dir(tmp_path_factory):
+    from families import CHAT_TEMPLATE, byte_tokenizer, tiny_model
+
+    model_dir = tmp_path_factory.mktemp("hf") / "long-llama"
+    tiny_model("llama", vocab_size=260, max_position_embeddings=4096).save_pretrained(model_dir)
+    byte_tokenizer(CHAT_TEMPLATE).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def long_export(tmp_path_factory):
+    """The byte-level text llama with 4,096 positions, dynamic cache: 2,000 tokens take about half a second
+    (a request long enough to time out, or to be running when the server is told to stop)."""
+    from kvgraph.export import export_model
+
+    return export_model(_long_model_dir(tmp_path_factory), tmp_path_factory.mktemp("exports") / "long-llama").directory
+
+
+@pytest.fixture(scope="session")
+def long_export_static(tmp_path_factory):
+    """The same, with a static cache of 4,096 positions."""
+    from kvgraph.export import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "long-llama-static"
+    return export_model(_long_model_dir(tmp_path_factory), out, cache="static", max_length=4096).directory
+
+
 def pytest_collection_modifyitems(items):
     """The real model's tests first: under `-n 2` its 5-minute export then overlaps the tiny ones."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)

@@ -72,12 +72,12 @@ def test_engine_refuses_a_dynamic_export_with_the_reason(text_export):
 
 
 @pytest.mark.parametrize("kind", ["batch", "request"])
-def test_a_request_that_waits_past_its_timeout_leaves_the_queue(kind, text_export, text_export_static):
-    engine = BatchEngine(Generator.load(text_export_static[1]), max_batch=1) if kind == "batch" else RequestEngine(
-        Generator.load(text_export[1]), max_batch=1)
+def test_a_request_that_waits_past_its_timeout_leaves_the_queue(kind, long_export, long_export_static):
+    engine = BatchEngine(Generator.load(long_export_static), max_batch=1) if kind == "batch" else RequestEngine(
+        Generator.load(long_export), max_batch=1)
     with engine:
-        running = engine.stream("Once upon", max_new_tokens=80, min_new_tokens=80)
-        next(running)  # holds the only row; its consumer pauses, so it cannot finish
+        running = engine.stream("Once upon", max_new_tokens=4000, min_new_tokens=4000)
+        next(running)  # holds the only row for longer than a second
         with pytest.raises(RequestTimeout, match=r"timed out \(0.1 s\) waiting for a free row") as raised:
             engine.generate("abc", max_new_tokens=5, timeout=0.1)
         assert raised.value.queued and engine.waiting == 0
@@ -85,5 +85,5 @@ def test_a_request_that_waits_past_its_timeout_leaves_the_queue(kind, text_expor
         deadline = time.time() + 10
         while engine.load and time.time() < deadline:
             time.sleep(0.01)
-        assert engine.generate("abc", max_new_tokens=5, timeout=30).token_ids == Generator.load(text_export[1]).generate(
+        assert engine.generate("abc", max_new_tokens=5, timeout=30).token_ids == Generator.load(long_export).generate(
             "abc", max_new_tokens=5).token_ids

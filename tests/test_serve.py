@@ -224,18 +224,6 @@ def test_chat_without_max_tokens_may_fill_the_cache(client, alone):
     assert out.usage.completion_tokens == 96 - prompt and out.choices[0].finish_reason == "length"
 
 
-@pytest.fixture(scope="module")
-def long_export(tmp_path_factory):
-    """The byte-level llama with 4,096 positions, dynamic cache: 2,000 tokens take about half a second."""
-    from families import CHAT_TEMPLATE, byte_tokenizer, tiny_model
-    from kvgraph.export import export_model
-
-    model_dir = tmp_path_factory.mktemp("hf") / "long-llama"
-    tiny_model("llama", vocab_size=260, max_position_embeddings=4096).save_pretrained(model_dir)
-    byte_tokenizer(CHAT_TEMPLATE).save_pretrained(model_dir)
-    return export_model(model_dir, tmp_path_factory.mktemp("exports") / "long-llama").directory
-
-
 LONG = {"prompt": "abc", "max_tokens": 3000, "min_tokens": 3000}
 
 
