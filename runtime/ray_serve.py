@@ -12,6 +12,7 @@ Each replica admits at most max_batch + max_queue requests; past that its app an
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -52,12 +53,16 @@ def serve_on_ray(settings: dict, host: str, port: int, replicas: int, max_replic
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(settings, replicas, max_replicas, cpus, grace), name="kvgraph", route_prefix="/")
+        serve.run(deployment(settings, replicas, max_replicas, cpus, grace), name="kvgraph", route_prefix="/",
+                  logging_config={"log_level": "WARNING", "enable_access_log": False})
         count = f"{replicas}..{max_replicas} replicas (autoscaling)" if max_replicas else f"{replicas} replicas"
         print(f"kvgraph serve: {settings['model']} on http://{host}:{port}/v1 over Ray Serve, {count}", file=sys.stderr, flush=True)
         stop.wait()
-        print("kvgraph serve: shutting down (running requests may finish)", file=sys.stderr, flush=True)
+        print(f"kvgraph serve: shutting down (running requests have {grace:g} s to finish)", file=sys.stderr, flush=True)
     finally:
+        watchdog = threading.Timer(grace + 60, lambda: os._exit(1))  # a Ray that cannot shut down (its raylet killed) must not hang us
+        watchdog.daemon = True
+        watchdog.start()
         serve.shutdown()
         ray.shutdown()
     return 0
