@@ -1,5 +1,5 @@
 """Concurrent streaming clients against an OpenAI-compatible server: aggregate tok/s, time to first token and
-inter-token latency (p50 / p99), for 1, 4, 8 and 16 clients.
+inter-token latency (p50 / p99), for 1, 4, 8 and 16 clients, arriving together or staggered.
 
     kvgraph serve models/smollm2-static-128 --port 8000 --max-batch 16 &
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --label "kvgraph fp32"
@@ -8,9 +8,15 @@ inter-token latency (p50 / p99), for 1, 4, 8 and 16 clients.
 
 Every client streams `/v1/completions` for its own prompt (the same text with a different number prefixed,
 so no two are identical) with `max_tokens` 64, temperature 0 and `min_tokens` 64 where the server knows it;
-aggregate tok/s counts the streamed text pieces of all clients over the wall time of the round. Each
-concurrency level runs `--rounds` times and the table shows medians. Servers run one at a time (compare
-rows of one table; the machine is shared and noisy).
+Two arrival patterns (`--arrivals`):
+- together: every client sends one request at the same instant (a burst: the worst case for time to first
+  token, since every prompt must be prefilled before the last one's first token); aggregate tok/s counts
+  the streamed text pieces of all clients over the wall time of the round;
+- staggered: a closed loop, as long-lived clients behave: client i starts i/N of one request's duration
+  after the first, then sends `--requests` requests back to back; aggregate tok/s counts the pieces
+  streamed while every client is active (from the last client's first piece to the first client's last).
+Each concurrency level runs `--rounds` times; rates are medians, latencies pool every request of every
+round. Servers run one at a time (compare rows of one table; the machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -26,35 +32,43 @@ import httpx
 PROMPT = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps as his father had taught him, and"
 
 
-def one_client(url: str, index: int, new_tokens: int, results: list) -> None:
-    body = {"model": "any", "prompt": f"{index}. {PROMPT}", "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "min_tokens": new_tokens}
-    start = time.perf_counter()
-    times = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                times.append(time.perf_counter())
-    results.append((start, times))
+def one_client(url: str, index: int, new_tokens: int, delay: float, requests: int, results: list) -> None:
+    time.sleep(delay)
+    for turn in range(requests):
+        body = {"model": "any", "prompt": f"{index}.{turn} {PROMPT}", "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                "min_tokens": new_tokens}
+        start = time.perf_counter()
+        times = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    times.append(time.perf_counter())
+        results.append((index, start, times))
 
 
-def round_(url: str, clients: int, new_tokens: int) -> dict:
+def round_(url: str, clients: int, new_tokens: int, stagger: float = 0.0, requests: int = 1) -> dict:
+    """stagger: seconds over which the clients' starts are spread (0: all at once)."""
     results: list = []
-    threads = [threading.Thread(target=one_client, args=(url, i, new_tokens, results)) for i in range(clients)]
+    threads = [threading.Thread(target=one_client, args=(url, i, new_tokens, stagger * i / clients, requests, results))
+               for i in range(clients)]
     begin = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - begin
-    pieces = sum(len(times) for _, times in results)
-    ttft = [times[0] - start for start, times in results if times]
-    itl = [b - a for _, times in results for a, b in zip(times, times[1:])]
-    return {"rate": pieces / wall, "ttft": ttft, "itl": itl}
+    ttft = [times[0] - start for _, start, times in results if times]
+    itl = [b - a for _, _, times in results for a, b in zip(times, times[1:])]
+    if not stagger:
+        return {"rate": sum(len(times) for _, _, times in results) / wall, "ttft": ttft, "itl": itl}
+    pieces = {i: sorted(t for index, _, times in results if index == i for t in times) for i in range(clients)}
+    window = (max(p[0] for p in pieces.values()), min(p[-1] for p in pieces.values()))
+    inside = sum(1 for p in pieces.values() for t in p if window[0] <= t <= window[1])
+    return {"rate": inside / (window[1] - window[0]), "ttft": ttft, "itl": itl}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,19 +83,26 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--arrivals", choices=["together", "staggered"], nargs="+", default=["together", "staggered"])
+    parser.add_argument("--requests", type=int, default=4, help="requests per client, back to back, when staggered")
     args = parser.parse_args()
     round_(args.url, 1, 8)  # warm-up
-    print(f"| server | clients | aggregate tok/s | vs 1 client | TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
-    print("|---|---|---|---|---|---|")
-    single = None
-    for clients in args.clients:
-        rounds = [round_(args.url, clients, args.new_tokens) for _ in range(args.rounds)]
-        rate = statistics.median(r["rate"] for r in rounds)
-        single = single or rate
-        ttft = [t for r in rounds for t in r["ttft"]]
-        itl = [t for r in rounds for t in r["itl"]]
-        print(f"| {args.label} | {clients} | {rate:.1f} | {rate / single:.2f}x | {1e3 * percentile(ttft, 50):.0f} / "
-              f"{1e3 * percentile(ttft, 99):.0f} | {1e3 * percentile(itl, 50):.1f} / {1e3 * percentile(itl, 99):.1f} |")
+    begin = time.perf_counter()
+    round_(args.url, 1, args.new_tokens)
+    one_request = time.perf_counter() - begin  # a single client's request: the span the staggered starts cover
+    print("| server | arrivals | clients | aggregate tok/s | vs 1 client | TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for arrivals in args.arrivals:
+        single = None
+        for clients in args.clients:
+            stagger, requests = (one_request, args.requests) if arrivals == "staggered" and clients > 1 else (0.0, 1)
+            rounds = [round_(args.url, clients, args.new_tokens, stagger, requests) for _ in range(args.rounds)]
+            rate = statistics.median(r["rate"] for r in rounds)
+            single = single or rate
+            ttft = [t for r in rounds for t in r["ttft"]]
+            itl = [t for r in rounds for t in r["itl"]]
+            print(f"| {args.label} | {arrivals} | {clients} | {rate:.1f} | {rate / single:.2f}x | {1e3 * percentile(ttft, 50):.0f} / "
+                  f"{1e3 * percentile(ttft, 99):.0f} | {1e3 * percentile(itl, 50):.1f} / {1e3 * percentile(itl, 99):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -338,3 +338,24 @@ def _wait_healthy(url: str, process, seconds: float = 120) -> None:
             pass
         time.sleep(0.25)
     raise AssertionError("kvgraph serve did not become healthy")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    (["--replicas", "2"], "--replicas, --max-replicas and --ray-address need --ray"),
+    (["--ray", "--replicas", "3", "--max-replicas", "2"], "--max-replicas (2) must be >= --replicas (3)"),
+    (["--request-timeout", "-1"], "--request-timeout must be >= 0"),
+])
+def test_serve_refuses_bad_options_in_one_line(text_export_static, capsys, argv, message):
+    from kvgraph.runtime.cli import main
+
+    assert main(["serve", str(text_export_static[1]), *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_serve_refuses_a_directory_that_is_not_an_export(tmp_path, capsys):
+    from kvgraph.runtime.cli import main
+
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "not a kvgraph export (no kvgraph.json)" in capsys.readouterr().err
