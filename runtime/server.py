@@ -170,8 +170,8 @@ class _Serving:
         try:
             events = self._choices(prompt, options, chat, cancels, start)
             first = next(events)  # admission and the request's own checks happen here: errors are still a 400
-        except RequestTimeout as exc:
-            return _error(503, str(exc), None, {"Retry-After": "1"})
+        except RequestTimeout as exc:  # still waiting for a row: 503, come back; late in its first token: 504
+            return _error(503, str(exc), None, {"Retry-After": "1"}) if exc.queued else _error(504, str(exc), None)
         except KvgraphError as exc:
             raise BadRequest(str(exc)) from exc
         head = {"id": ident, "created": created, "model": self.model}
