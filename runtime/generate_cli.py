@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from ..graphs import KvgraphError
 from .session import WEIGHT_POLICIES
 from .generator import GenerationInterrupted, GenerationResult, Generator
 
@@ -25,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers' num_beams)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = sum log p / length ** this")
+    parser.add_argument("--early-stopping", type=_early_stopping, default=False, metavar="true|false|never",
+                        help="beam search: when to stop (transformers' early_stopping)")
+    parser.add_argument("--num-return-sequences", type=int, default=1, help="beam search: the best N beams per prompt")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size occurs twice")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (cut before it); repeatable")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -46,8 +53,17 @@ def run(args: argparse.Namespace) -> int:
     options = dict(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, chat=args.chat, stop=args.stop, use_cache=not args.no_cache,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
+    beams = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+                 num_return_sequences=args.num_return_sequences)
+    if args.num_beams > 1 or args.num_return_sequences > 1:
+        if args.stream:
+            raise KvgraphError("--stream does not combine with --num-beams: the beams are ranked when the search ends")
+        for ranked in generator.generate(list(args.prompt), **options, **beams):
+            for result in ranked if isinstance(ranked, list) else [ranked]:
+                _print(result, args.json)
+        return 0
     if args.stream and not args.json:
         for prompt in args.prompt:
             try:
@@ -69,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _early_stopping(text: str) -> bool | str:
+    value = text.strip().lower()
+    if value not in ("true", "false", "never"):
+        raise argparse.ArgumentTypeError(f"not one of true, false, never: {text!r}")
+    return {"true": True, "false": False}.get(value, "never")
+
+
 def parse_size(text: str) -> int | None | str:
     """'2GB', '512MB', '1.5GiB', '1000000' -> bytes; 'none' -> None (no limit); 'auto' stays 'auto'."""
     value = text.strip().lower()
@@ -87,8 +110,9 @@ def parse_size(text: str) -> int | None | str:
 
 def _print(result: GenerationResult, as_json: bool) -> None:
     if as_json:
+        extra = {} if result.score is None else {"score": result.score}
         print(json.dumps({"text": result.text, "token_ids": result.token_ids,
-                          "finish_reason": result.finish_reason, "stats": asdict(result.stats)}))
+                          "finish_reason": result.finish_reason, **extra, "stats": asdict(result.stats)}))
     else:
         print(result.text)
         print(f"[{result.finish_reason}] {result.stats.summary()}", file=sys.stderr)

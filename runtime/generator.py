@@ -17,6 +17,7 @@ import numpy as np
 
 from ..graphs import GraphContract, KvgraphError
 from ..graphs.modes import Positions, step_adapter
+from .beam import BeamOptions, beam_search
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
 from .seq2seq import Seq2SeqSteps
@@ -43,6 +44,7 @@ class GenerationResult:
     token_ids: list[int]  # generated ids only (an eos that ended the row included)
     finish_reason: str  # "eos", "stop" or "length"
     stats: GenerationStats
+    score: float | None = None  # beam search: sum of log-probs / (generated length ** length_penalty), as transformers' sequences_scores
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -82,15 +84,21 @@ class Generator:
     # -- public API --------------------------------------------------------------------------
 
     def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-                 use_cache: bool = True, min_new_tokens: int = 0, **sampling) -> GenerationResult | list[GenerationResult]:
+                 use_cache: bool = True, min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: bool | str = False, num_return_sequences: int = 1, **sampling):
         """One prompt -> one result; a list of prompts -> a left-padded batch, one result each.
 
         min_new_tokens: eos cannot end a row before this many new tokens (as in Hugging Face generate).
+        num_beams > 1: beam search, as transformers' generate(num_beams=..., length_penalty=..., early_stopping=...)
+        (runtime/beam.py); num_return_sequences > 1 makes each prompt's result a list of that many, best first.
+        no_repeat_ngram_size (with the sampling options): no n-gram occurs twice in a sequence.
         """
         batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer))
         prompts = list(prompt) if batch else [prompt]
         requests = [self._request(p, max_new_tokens, chat, stop, min_new_tokens) for p in prompts]
-        results = self._run(requests, Sampling(**sampling), use_cache)
+        beams = BeamOptions(num_beams, length_penalty, early_stopping, num_return_sequences)
+        settings = Sampling(**sampling)
+        results = self._beam_search(requests, settings, beams, use_cache) if beams.search else self._run(requests, settings, use_cache)
         return results if batch else results[0]
 
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
@@ -149,6 +157,29 @@ class Generator:
                 raise GenerationInterrupted([self.result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]) from None
         return [self.result(r, row, prefill_s, run) for r, row in zip(requests, run.rows)]
 
+    def _beam_search(self, requests: list[Request], sampling: Sampling, beams: BeamOptions, use_cache: bool) -> list:
+        beams.refuse(sampling, requests, use_cache)
+        if self.graphs.cuda_graph:
+            raise KvgraphError("beam search reorders the cache between steps; with cuda_graph the buffers are captured: load without it")
+        k = beams.num_beams
+        self.check([r for r in requests for _ in range(k)])  # k rows per prompt
+        ids, mask = self.graphs.steps.kind.pad([r.prompt_ids for r in requests], self.pad_id)
+        ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)
+        decoder_prompt = np.array([self.decoder_prefix(Request(list(row), 1)) for row in ids], dtype=np.int64)
+        with self.graphs.request_turn():
+            found = beam_search(STEPPERS[self.graphs.contract.kind](self.graphs, use_cache), ids, decoder_prompt, mask, requests[0],
+                                sampling, beams, self.eos_ids, len(requests))
+        rate = found.decode_steps / found.decode_seconds if found.decode_seconds > 0 else 0.0
+        results = []
+        for request, ranked, scores in zip(requests, found.tokens, found.scores):
+            out = []
+            for tokens, score in zip(ranked[: beams.num_return_sequences], scores):
+                stats = GenerationStats(len(request.prompt_ids), len(tokens), found.prefill_s * 1e3, rate)
+                reason = "eos" if tokens and tokens[-1] in self.eos_ids else "length"
+                out.append(GenerationResult(self.text_of(tokens), tokens, reason, stats, float(score)))
+            results.append(out if beams.num_return_sequences > 1 else out[0])
+        return results
+
     def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> tuple[BatchRun, float]:
         """Check the requests, run the prefill; the returned BatchRun generates when iterated."""
         self.check(requests)
@@ -198,6 +229,12 @@ class Generator:
         if need > self.max_cache_bytes:
             raise KvgraphError(f"this request needs {_size(need)} of KV cache ({how}), over the cache budget of "
                                f"{_size(self.max_cache_bytes)} (Generator.load(max_cache_bytes=...), kvgraph generate --max-cache-memory)")
+
+    def decoder_prefix(self, request: Request) -> list[int]:
+        """The decoder's sequence before the first new token: the prompt, or an encoder-decoder's start token."""
+        if self.graphs.contract.seq2seq:
+            return [self.graphs.manifest.special_tokens.decoder_start_token_id]
+        return list(request.prompt_ids)
 
     def text_of(self, token_ids: list[int]) -> str:
         return self.codec.decode(token_ids) if self.codec is not None else ""
@@ -258,6 +295,10 @@ class _CachedSteps:
         logits, self.cache = decode_one(self.graphs, self.cache, tokens, mask)
         return logits[:, -1]
 
+    def reorder(self, index: np.ndarray) -> None:
+        """Beam search: row r continues from row index[r]; the cache follows on the device."""
+        self.cache = self.cache.reordered(self.graphs, index)
+
 
 class _RecomputeSteps(_CachedSteps):
     """No cache: every step runs the prefill graph over the whole sequence so far."""
@@ -269,6 +310,9 @@ class _RecomputeSteps(_CachedSteps):
     def next(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         self.ids = np.concatenate([self.ids, tokens], axis=1)
         return prefill(self.graphs, self.ids, mask)[0][:, -1]
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.ids = self.ids[index]
 
 
 STEPPERS = {  # contract kind -> (graphs, use_cache) -> the stepper BatchRun drives

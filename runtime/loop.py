@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from .sampling import Sampling, next_tokens
+from .sampling import Sampling, ban, banned_ngram_tokens, next_tokens
 
 Step = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens (B, 1), mask (B, P+1)) -> logits (B, V)
 
@@ -42,6 +42,8 @@ class Vocabulary(Protocol):
 
     def text_of(self, token_ids: list[int]) -> str: ...
 
+    def decoder_prefix(self, request: Request) -> list[int]: ...  # what the decoder saw before the first new token
+
 
 class BatchRun:
     """Iterate to run; yields (row, token) after each token is appended and the row checked."""
@@ -62,7 +64,7 @@ class BatchRun:
         rng = np.random.default_rng(self.sampling.seed)
         while True:
             seen = self._seen() if self.sampling.repetition_penalty != 1.0 else []
-            chosen = next_tokens(self._without_early_eos(self.logits), seen, self.sampling, rng)
+            chosen = next_tokens(self._banned(self._without_early_eos(self.logits)), seen, self.sampling, rng)
             for b, row in enumerate(self.rows):
                 if not row.finished:
                     self._append(b, int(chosen[b]))
@@ -88,6 +90,13 @@ class BatchRun:
         eos = [t for t in sorted(self.vocab.eos_ids) if t < logits.shape[-1]]  # an eos id past the vocab is never chosen anyway
         logits[np.ix_(early, eos)] = -np.inf
         return logits
+
+    def _banned(self, logits: np.ndarray) -> np.ndarray:
+        """no_repeat_ngram_size: tokens that would repeat an n-gram of a row's prompt and tokens at -inf."""
+        n = self.sampling.no_repeat_ngram_size
+        if not n:
+            return logits
+        return ban(logits, banned_ngram_tokens([self.vocab.decoder_prefix(r) + row.tokens for r, row in zip(self.requests, self.rows)], n))
 
     def _seen(self) -> list[np.ndarray]:
         """Each row's prompt and generated ids, for the repetition penalty."""

@@ -20,6 +20,7 @@ class Sampling:
     top_p: float = 1.0  # 1 disables
     repetition_penalty: float = 1.0  # 1 disables
     seed: int | None = None
+    no_repeat_ngram_size: int = 0  # 0 disables: no n-gram of this size occurs twice in a row's sequence
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -30,6 +31,9 @@ class Sampling:
             raise KvgraphError(f"top_p must be in (0, 1], got {self.top_p}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise KvgraphError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        n = self.no_repeat_ngram_size
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise KvgraphError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {n!r}")
 
     @property
     def greedy(self) -> bool:
@@ -94,3 +98,27 @@ def next_tokens(logits: np.ndarray, seen: list[np.ndarray], sampling: Sampling, 
         return scores.argmax(axis=-1).astype(np.int64)
     probs = _softmax(scores)
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
+
+
+def banned_ngram_tokens(sequences: np.ndarray | list[list[int]], n: int) -> list[list[int]]:
+    """Per row, the tokens that would repeat an n-gram of the row's sequence so far (transformers'
+    NoRepeatNGramLogitsProcessor): those that followed an earlier occurrence of the last n - 1 tokens."""
+    banned = []
+    for row in sequences:
+        row = [int(t) for t in row]
+        if len(row) + 1 < n:
+            banned.append([])
+            continue
+        tail = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+        banned.append(sorted({row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == tail}))
+    return banned
+
+
+def ban(logits: np.ndarray, banned: list[list[int]]) -> np.ndarray:
+    """logits (B, V) with the banned tokens of each row at -inf (a copy when anything is banned)."""
+    if not any(banned):
+        return logits
+    logits = np.array(logits, dtype=np.float32)
+    for row, tokens in enumerate(banned):
+        logits[row, tokens] = -np.inf
+    return logits

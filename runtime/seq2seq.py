@@ -29,6 +29,10 @@ class Seq2SeqCache:
     def length(self) -> int:
         return self.self_attention.length
 
+    def reordered(self, graphs: LoadedGraphs, index: np.ndarray) -> Seq2SeqCache:
+        """Beam search: the self-attention rows follow their beams; the cross K/V stay (a prompt's rows share its source)."""
+        return Seq2SeqCache(self.self_attention.reordered(graphs, index), self.cross)
+
 
 def encode(graphs: LoadedGraphs, source_ids: np.ndarray, source_mask: np.ndarray) -> ort.OrtValue:
     # (B, Se), (B, Se) int64 -> encoder_hidden_states (B, Se, H), left on the device
@@ -73,6 +77,12 @@ class Seq2SeqSteps:
         logits, self.cache = prefill(self.graphs, self.decoded, self.hidden, source_mask)
         self.mask = np.ones_like(self.decoded)  # the decoder's own tokens: never padded
         return logits[:, -1]
+
+    def reorder(self, index: np.ndarray) -> None:
+        """Beam search: row r continues from row index[r] (within one prompt's rows)."""
+        self.decoded = self.decoded[index]
+        if self.use_cache:
+            self.cache = self.cache.reordered(self.graphs, index)
 
     def next(self, tokens: np.ndarray, _decoder_mask: np.ndarray) -> np.ndarray:
         self.decoded = np.concatenate([self.decoded, tokens], axis=1)

@@ -75,6 +75,16 @@ class LoadedGraphs:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _request_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @functools.cached_property
+    def reorder_session(self) -> ort.InferenceSession:
+        """The beam reorder graph (graphs/reorder.py) on this export's device, made on first use."""
+        from ..graphs.reorder import reorder_model
+
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return ort.InferenceSession(reorder_model(self.contract).SerializeToString(), options, providers=[self.provider_name])
+
     def request_turn(self):
         """Held for a whole request when requests share pooled buffers (cuda_graph); otherwise free."""
         return self._request_lock if self.cuda_graph else contextlib.nullcontext()

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..graphs.contract import INPUT_IDS, LOGITS
+from ..graphs.reorder import BEAM_INDEX, reordered_names
 from .session import Device, LoadedGraphs
 
 Kept = dict[str, ort.OrtValue]  # outputs besides logits and the cache (seq2seq prefill: cross K/V)
@@ -62,6 +63,10 @@ class KVCache:
         return logits, KVCache(presents, self.device), outputs
 
 
+    def reordered(self, graphs: LoadedGraphs, index: np.ndarray) -> KVCache:
+        """Row r := row index[r] of every tensor (beam search), on the device."""
+        return KVCache(reorder_rows(graphs, self.values, index), self.device)
+
     def _empty(self, graphs: LoadedGraphs, graph: str, batch: int) -> list[ort.OrtValue]:
         """A prompt's past when its graph takes one (one-session: extend after nothing): (B, Hkv, 0, D) each."""
         inputs, _ = graphs.contract.graphs()[graph]
@@ -85,6 +90,8 @@ class StaticCache:
         self.length = 0
         self.rings = bool(contract.ring_windows)
         self._decode: _BoundDecode | None = None
+        self._spare: list[ort.OrtValue] | None = None  # beam search: the second buffer set a reorder writes into
+        self._spare_decode: _BoundDecode | None = None
 
     def reusable(self, length: int) -> int:
         """How many of the first `length` positions stay usable after rewinding to them. A ring of W has
@@ -95,6 +102,17 @@ class StaticCache:
     def truncated(self, length: int) -> StaticCache:
         """Keep the first `length` positions: the rest is overwritten by later steps (no copy)."""
         self.length = min(self.length, length)
+        return self
+
+    def reordered(self, graphs: LoadedGraphs, index: np.ndarray) -> StaticCache:
+        """Row r := row index[r] of every buffer (beam search): written into a second buffer set on the
+        device, which becomes the cache (the first is kept for the next reorder)."""
+        if self._spare is None:
+            self._spare = [ort.OrtValue.ortvalue_from_numpy(np.zeros(v.shape(), dtype=graphs.contract.dtype), self.device.ort_type,
+                                                            self.device.index) for v in self.values]
+        reorder_rows(graphs, self.values, index, self._spare)
+        self.values, self._spare = self._spare, self.values
+        self._decode, self._spare_decode = self._spare_decode, self._decode  # each buffer set keeps its own binding
         return self
 
     def aliased(self, graphs: LoadedGraphs) -> list[tuple[str, str, ort.OrtValue]]:
@@ -149,6 +167,25 @@ def extend(graphs: LoadedGraphs, cache, tokens: np.ndarray, attention_mask: np.n
     # tokens: (B, Q); attention_mask: (B, P+Q) including the new tokens -> logits (B, 1, V), cache of length P+Q
     logits, cache, _ = run_step(graphs, cache, "extend", tokens, attention_mask)
     return logits, cache
+
+
+def reorder_rows(graphs: LoadedGraphs, values: list[ort.OrtValue], index: np.ndarray,
+                 into: list[ort.OrtValue] | None = None) -> list[ort.OrtValue]:
+    """Every cache tensor's rows picked by index (R,), by the reorder graph on the cache's device; written
+    into `into` (same shapes) when given, else into new device tensors."""
+    session, device = graphs.reorder_session, graphs.device
+    binding = session.io_binding()
+    index = np.ascontiguousarray(index, dtype=np.int64)
+    binding.bind_cpu_input(BEAM_INDEX, index)
+    for name, value in zip(graphs.contract.past_names(), values):
+        binding.bind_ortvalue_input(name, value)
+    for position, name in enumerate(reordered_names(graphs.contract)):
+        if into is None:
+            binding.bind_output(name, device.ort_type, device.index)
+        else:
+            binding.bind_ortvalue_output(name, into[position])
+    session.run_with_iobinding(binding)
+    return into if into is not None else binding.get_outputs()
 
 
 def run_graph(graphs: LoadedGraphs, graph: str, host: dict[str, np.ndarray], on_device: dict[str, ort.OrtValue],

@@ -45,6 +45,34 @@ def test_chat_answer_mentions_paris_and_equals_transformers_generate(smollm2):
     assert result.token_ids == theirs[0, len(ids):].tolist()
 
 
+def test_beam_search_on_the_real_model_equals_transformers(smollm2):
+    """num_beams=3 over a padded batch of two chat prompts: the ranked sequences and scores of transformers."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from kvgraph.runtime import Generator
+
+    hf_dir, onnx_dir = smollm2
+    generator = Generator.load(onnx_dir)
+    prompts = [generator.codec.encode_chat([{"role": "user", "content": q}]) for q in (QUESTION, "Name a colour.")]
+    ours = generator.generate(prompts, max_new_tokens=16, num_beams=3, num_return_sequences=2, length_penalty=0.8)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[generator.pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    config = GenerationConfig(do_sample=False, num_beams=3, num_return_sequences=2, length_penalty=0.8, max_new_tokens=16,
+                              eos_token_id=sorted(generator.eos_ids), pad_token_id=generator.pad_id, return_dict_in_generate=True,
+                              output_scores=True)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, generation_config=config)
+    theirs = []
+    for row in out.sequences[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in generator.eos_ids), len(row))
+        theirs.append(row[:end])
+    assert [r.token_ids for ranked in ours for r in ranked] == theirs
+    assert torch.allclose(torch.tensor([r.score for ranked in ours for r in ranked]), out.sequences_scores, atol=1e-3)
+    assert "Paris" in ours[0][0].text
+
+
 def test_chat_template_matches_transformers(smollm2):
     from transformers import AutoTokenizer
 
