@@ -161,6 +161,8 @@ class _Serving:
             return _error(429, f"the server is full ({engine.max_batch} rows busy, {self.max_queue} requests waiting); retry later", None,
                           {"Retry-After": "1"})
         created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if "num_beams" in options:
+            return self._beams(prompt, n, options, chat, created, ident)
         cancels = [threading.Event() for _ in range(n)]  # one per choice: a choice that ends sets its own
 
         def cancel() -> None:
@@ -186,6 +188,18 @@ class _Serving:
         finally:
             cancel()
         return JSONResponse(_completion(texts, results, head, chat))
+
+    def _beams(self, prompt, n: int, options: dict, chat: bool, created: int, ident: str):
+        """best_of > n: one beam search on its own cache (not on the engine's rows), the best n beams as the choices."""
+        from fastapi.responses import JSONResponse
+
+        options = {key: value for key, value in options.items() if key not in ("temperature", "top_p", "seed")}
+        try:
+            ranked = self.engine.generator.generate(prompt, chat=False, num_return_sequences=n, **options)
+        except KvgraphError as exc:
+            raise BadRequest(str(exc)) from exc
+        ranked = ranked if isinstance(ranked, list) else [ranked]
+        return JSONResponse(_completion([r.text for r in ranked], ranked, {"id": ident, "created": created, "model": self.model}, chat))
 
     def _choices(self, prompt, options: dict, chat: bool, cancels: list[threading.Event], start: float) -> Iterator[tuple[int, Any]]:
         """(choice index, event) as the choices run; choice i samples with seed + i."""
@@ -239,9 +253,11 @@ def _parse(engine: _Engine, body: dict, chat: bool) -> tuple[Any, int, dict]:
                "temperature": _number(body, "temperature", (int, float), 1.0, 0, 2),
                "top_p": _number(body, "top_p", (int, float), 1.0, 0, 1)}
     n = _number(body, "n", int, 1, 1, engine.max_batch)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
-        raise BadRequest("best_of is not served (beam search and ranking are not in the server yet); leave it out or equal to n", "best_of")
+    best_of = _number(body, "best_of", int, n, n, 16)
+    if best_of > n:  # the best n of best_of beams (beam search), as transformers' num_beams / num_return_sequences
+        if options["temperature"] != 0 or body.get("stream"):
+            raise BadRequest("best_of > n runs a beam search: it needs temperature 0 and no stream", "best_of")
+        options["num_beams"] = best_of
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise BadRequest("seed must be an integer", "seed")

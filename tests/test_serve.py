@@ -216,6 +216,12 @@ def test_n_choices_sample_with_seed_plus_index(client, alone, server):
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 2 and chunks[-1].usage is not None
 
 
+def test_best_of_runs_a_beam_search_and_returns_the_best_n(client, alone):
+    out = client.completions.create(model="tiny", prompt="Once upon", max_tokens=10, temperature=0, n=2, best_of=3)
+    want = alone.generate("Once upon", max_new_tokens=10, num_beams=3, num_return_sequences=2)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [r.text for r in want]
+
+
 def test_chat_without_max_tokens_may_fill_the_cache(client, alone):
     """OpenAI's chat default: as many tokens as the context holds (completions keep 16)."""
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0,
