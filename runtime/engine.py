@@ -164,8 +164,9 @@ class _Engine:
         text = IncrementalText(codec, hold=max((len(s) for s in stop), default=1) - 1) if codec else None
         request = self.generator._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
         self.generator.check([request])
+        constraint = sampling.pop("constraint", None)
         settings = Sampling(**sampling)
-        job = self._start(request, settings, deadline, timeout)
+        job = self._start(request, settings, deadline, timeout, constraint)
         tokens: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, args=(job, tokens, cancel, deadline, timeout), name="kvgraph-request", daemon=True).start()
         try:
@@ -260,7 +261,7 @@ class BatchEngine(_Engine):
             self._lock.notify_all()
         self._thread.join()
 
-    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None) -> _Job:
+    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None, constraint=None) -> _Job:
         """Wait for a row and its prefill; the job's run generates when iterated."""
         row, admitted = _Row(-1, 0), threading.Event()
         entry = (request, row, admitted)
@@ -278,7 +279,7 @@ class BatchEngine(_Engine):
         if row.logits is None:
             raise KvgraphError(f"the engine stopped before the request ran{self._why()}")
         run = BatchRun([request], row.logits, np.ones((1, row.length), dtype=np.int64), lambda feed, mask: self._step(row, feed),
-                       settings, self.generator)
+                       settings, self.generator, constraint)
         return _Job(request, run, row.prefill_s, lambda: self._leave(row))
 
     def _step(self, row: _Row, feed: np.ndarray) -> np.ndarray:
@@ -408,7 +409,7 @@ class RequestEngine(_Engine):
             self._closed = True
             self._lock.notify_all()
 
-    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None) -> _Job:
+    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None, constraint=None) -> _Job:
         turn = object()
         with self._lock:
             self._queue.append(turn)
@@ -424,7 +425,7 @@ class RequestEngine(_Engine):
                 self._lock.notify_all()
         try:
             with self.graphs.request_turn():
-                run, prefill_s = self.generator._start([request], settings, True)
+                run, prefill_s = self.generator._start([request], settings, True, constraint)
         except BaseException:
             self._leave()
             raise

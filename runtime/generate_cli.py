@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 
 from ..graphs import KvgraphError
+from .constrain import Constraint, read_schema
 from .session import WEIGHT_POLICIES
 from .generator import GenerationInterrupted, GenerationResult, Generator
 
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="beam search: when to stop (transformers' early_stopping)")
     parser.add_argument("--num-return-sequences", type=int, default=1, help="beam search: the best N beams per prompt")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size occurs twice")
+    parser.add_argument("--json-schema", default=None, metavar="SCHEMA_OR_FILE", help="structured output: a JSON schema (text or a file)")
+    parser.add_argument("--regex", default=None, help="structured output: the text matches this regular expression")
+    parser.add_argument("--grammar", default=None, metavar="GRAMMAR_OR_FILE", help="structured output: a Lark or GBNF grammar (text or a file)")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (cut before it); repeatable")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -55,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
+    constraint = Constraint.build(generator, json_schema=read_schema(args.json_schema) if args.json_schema else None, regex=args.regex,
+                                  grammar=read_schema(args.grammar) if args.grammar else None)
+    if constraint is not None:
+        options["constraint"] = constraint
     beams = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
                  num_return_sequences=args.num_return_sequences)
     if args.num_beams > 1 or args.num_return_sequences > 1:

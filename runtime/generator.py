@@ -18,6 +18,7 @@ import numpy as np
 from ..graphs import GraphContract, KvgraphError
 from ..graphs.modes import Positions, step_adapter
 from .beam import BeamOptions, beam_search
+from .constrain import Constraint
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
 from .seq2seq import Seq2SeqSteps
@@ -85,29 +86,39 @@ class Generator:
 
     def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
                  use_cache: bool = True, min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
-                 early_stopping: bool | str = False, num_return_sequences: int = 1, **sampling):
+                 early_stopping: bool | str = False, num_return_sequences: int = 1, json_schema=None, regex: str | None = None,
+                 grammar: str | None = None, constraint: Constraint | None = None, **sampling):
         """One prompt -> one result; a list of prompts -> a left-padded batch, one result each.
 
         min_new_tokens: eos cannot end a row before this many new tokens (as in Hugging Face generate).
         num_beams > 1: beam search, as transformers' generate(num_beams=..., length_penalty=..., early_stopping=...)
         (runtime/beam.py); num_return_sequences > 1 makes each prompt's result a list of that many, best first.
         no_repeat_ngram_size (with the sampling options): no n-gram occurs twice in a sequence.
+        json_schema / regex / grammar (or a prebuilt constraint): structured output (runtime/constrain.py).
         """
         batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer))
         prompts = list(prompt) if batch else [prompt]
         requests = [self._request(p, max_new_tokens, chat, stop, min_new_tokens) for p in prompts]
         beams = BeamOptions(num_beams, length_penalty, early_stopping, num_return_sequences)
         settings = Sampling(**sampling)
-        results = self._beam_search(requests, settings, beams, use_cache) if beams.search else self._run(requests, settings, use_cache)
+        constraint = constraint or Constraint.build(self, json_schema, regex, grammar)
+        if beams.search:
+            if constraint is not None:
+                raise KvgraphError("structured output (json_schema, regex, grammar) does not combine with num_beams > 1")
+            results = self._beam_search(requests, settings, beams, use_cache)
+        else:
+            results = self._run(requests, settings, use_cache, constraint)
         return results if batch else results[0]
 
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-               use_cache: bool = True, min_new_tokens: int = 0, **sampling) -> Iterator[str]:
+               use_cache: bool = True, min_new_tokens: int = 0, json_schema=None, regex: str | None = None,
+               grammar: str | None = None, constraint: Constraint | None = None, **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive; their concatenation equals generate(...).text."""
         request = self._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
         text = IncrementalText(self.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
+        constraint = constraint or Constraint.build(self, json_schema, regex, grammar)
         with self.graphs.request_turn():
-            run, _ = self._start([request], Sampling(**sampling), use_cache)
+            run, _ = self._start([request], Sampling(**sampling), use_cache, constraint)
             try:
                 for b, token in run:
                     if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
@@ -145,9 +156,9 @@ class Generator:
             raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         return Request(ids, max_new_tokens, tuple(stop), min_new_tokens)
 
-    def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> list[GenerationResult]:
+    def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool, constraint: Constraint | None = None) -> list[GenerationResult]:
         with self.graphs.request_turn():
-            run, prefill_s = self._start(requests, sampling, use_cache)
+            run, prefill_s = self._start(requests, sampling, use_cache, constraint)
             try:
                 run.run()
             except KeyboardInterrupt:
@@ -180,14 +191,15 @@ class Generator:
             results.append(out if beams.num_return_sequences > 1 else out[0])
         return results
 
-    def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool) -> tuple[BatchRun, float]:
+    def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool,
+               constraint: Constraint | None = None) -> tuple[BatchRun, float]:
         """Check the requests, run the prefill; the returned BatchRun generates when iterated."""
         self.check(requests)
         ids, mask = self.graphs.steps.kind.pad([r.prompt_ids for r in requests], self.pad_id)
         stepper = STEPPERS[self.graphs.contract.kind](self.graphs, use_cache)
         start = time.perf_counter()
         logits = stepper.first(ids, mask)
-        return BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self), time.perf_counter() - start
+        return BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self, constraint), time.perf_counter() - start
 
     def check(self, requests: list[Request]) -> None:
         """Refuse, before anything runs, requests that are empty, out of the vocabulary or do not fit."""

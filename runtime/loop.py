@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
+from .constrain import masked
 from .sampling import Sampling, ban, banned_ngram_tokens, next_tokens
 
 Step = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens (B, 1), mask (B, P+1)) -> logits (B, V)
@@ -49,7 +50,7 @@ class BatchRun:
     """Iterate to run; yields (row, token) after each token is appended and the row checked."""
 
     def __init__(self, requests: list[Request], first_logits: np.ndarray, mask: np.ndarray, step: Step,
-                 sampling: Sampling, vocab: Vocabulary) -> None:
+                 sampling: Sampling, vocab: Vocabulary, constraint=None) -> None:
         self.requests = requests
         self.logits = first_logits  # (B, V) for the next token of every row
         self.mask = mask  # (B, P) attention mask of everything fed so far
@@ -57,6 +58,7 @@ class BatchRun:
         self.sampling = sampling
         self.vocab = vocab
         self.rows = [RowState() for _ in requests]
+        self.matchers = [constraint.matcher() for _ in requests] if constraint is not None else None  # structured output
         self.decode_seconds = 0.0
         self.decode_steps = 0
 
@@ -64,7 +66,7 @@ class BatchRun:
         rng = np.random.default_rng(self.sampling.seed)
         while True:
             seen = self._seen() if self.sampling.repetition_penalty != 1.0 else []
-            chosen = next_tokens(self._banned(self._without_early_eos(self.logits)), seen, self.sampling, rng)
+            chosen = next_tokens(self._allowed(self._banned(self._without_early_eos(self.logits))), seen, self.sampling, rng)
             for b, row in enumerate(self.rows):
                 if not row.finished:
                     self._append(b, int(chosen[b]))
@@ -91,6 +93,17 @@ class BatchRun:
         logits[np.ix_(early, eos)] = -np.inf
         return logits
 
+    def _allowed(self, logits: np.ndarray) -> np.ndarray:
+        """Structured output: each row's grammar mask (constrain.py). Where it leaves nothing (the grammar is
+        complete, only eos fits, and min_new_tokens bars eos), the grammar wins."""
+        if self.matchers is None:
+            return logits
+        out = masked(logits, [None if row.finished else m for row, m in zip(self.rows, self.matchers)])
+        stuck = [b for b, row in enumerate(self.rows) if not row.finished and np.isneginf(out[b]).all()]
+        if stuck:
+            out[stuck] = masked(self.logits[stuck], [self.matchers[b] for b in stuck])
+        return out
+
     def _banned(self, logits: np.ndarray) -> np.ndarray:
         """no_repeat_ngram_size: tokens that would repeat an n-gram of a row's prompt and tokens at -inf."""
         n = self.sampling.no_repeat_ngram_size
@@ -110,7 +123,9 @@ class BatchRun:
     def _append(self, b: int, token: int) -> None:
         row, request = self.rows[b], self.requests[b]
         row.tokens.append(token)
-        if token in self.vocab.eos_ids:
+        if self.matchers is not None:
+            self.matchers[b].feed(token)
+        if token in self.vocab.eos_ids or (self.matchers is not None and self.matchers[b].done):
             row.finish_reason = "eos"
         elif request.stop and self._cut_at_stop(row, request.stop):
             row.finish_reason = "stop"

@@ -187,7 +187,8 @@ class _Serving:
             return _error(504, str(exc), None)
         finally:
             cancel()
-        return JSONResponse(_completion(texts, results, head, chat))
+        tool_call = chat and _tool_schema(body)[0] is not None
+        return JSONResponse(_completion(texts, results, head, chat, tool_call))
 
     def _beams(self, prompt, n: int, options: dict, chat: bool, created: int, ident: str):
         """best_of > n: one beam search on its own cache (not on the engine's rows), the best n beams as the choices."""
@@ -267,7 +268,58 @@ def _parse(engine: _Engine, body: dict, chat: bool) -> tuple[Any, int, dict]:
         raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
     if options["top_p"] == 0:
         raise BadRequest("top_p must be greater than 0", "top_p")
+    constraint = _constraint(engine, body, chat)
+    if constraint is not None:
+        if "num_beams" in options:
+            raise BadRequest("best_of > n does not combine with response_format or tool_choice", "best_of")
+        options["constraint"] = constraint
     return prompt, n, {**options, "seed": seed, "stop": tuple(stop)}
+
+
+def _constraint(engine: _Engine, body: dict, chat: bool):
+    """response_format (json_object, json_schema) or a required tool call, as a grammar over the tokenizer."""
+    from .constrain import Constraint
+
+    schema, param = _tool_schema(body) if chat else (None, "tools")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            schema, param = {"type": "object"}, "response_format"
+        elif kind == "json_schema" and isinstance(fmt.get("json_schema"), dict) and isinstance(fmt["json_schema"].get("schema"), dict):
+            schema, param = fmt["json_schema"]["schema"], "response_format"
+        elif kind != "text":
+            raise BadRequest("response_format must be {type: text}, {type: json_object} or {type: json_schema, json_schema: {name, schema}}",
+                             "response_format")
+    if schema is None:
+        return None
+    try:
+        return Constraint.build(engine.generator, json_schema=schema)
+    except KvgraphError as exc:
+        raise BadRequest(str(exc), param) from exc
+
+
+def _tool_schema(body: dict) -> tuple[dict | None, str]:
+    """tool_choice "required" or a named function: the answer is a call, {"name": ..., "arguments": {...}}."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or choice in (None, "auto", "none"):
+        return None, "tools"
+    if not isinstance(tools, list) or not tools or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise BadRequest("tools must be a non-empty list of {type: function, function: {name, parameters}}", "tools")
+    functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict) and choice["function"].get("name") in functions:
+        functions = {choice["function"]["name"]: functions[choice["function"]["name"]]}
+    elif choice != "required":
+        raise BadRequest("tool_choice must be auto, none, required or {type: function, function: {name}} naming one of the tools",
+                         "tool_choice")
+    if body.get("stream"):
+        raise BadRequest("a required tool call is not streamed here; ask without stream", "stream")
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters}, "required": ["name", "arguments"],
+              "additionalProperties": False} for name, parameters in functions.items()]
+    schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    return {**schema, "x-guidance": {"whitespace_flexible": False}}, "tools"  # a call is compact JSON: no room to wander
 
 
 def _chat_prompt(engine: _Engine, body: dict) -> list[int]:
@@ -316,13 +368,27 @@ def _usage(results: list[GenerationResult]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
 
-def _completion(texts: list[str], results: list[GenerationResult], head: dict, chat: bool) -> dict:
+def _completion(texts: list[str], results: list[GenerationResult], head: dict, chat: bool, tool_call: bool = False) -> dict:
     choices = []
     for index, (text, result) in enumerate(zip(texts, results)):
         finish = FINISH.get(result.finish_reason, "stop")
+        if tool_call:
+            choices.append(_tool_choice(index, text, finish))
+            continue
         choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
                        else {"index": index, "text": text, "logprobs": None, "finish_reason": finish})
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": _usage(results)}
+
+
+def _tool_choice(index: int, text: str, finish: str) -> dict:
+    """A constrained answer {"name", "arguments"} as OpenAI's tool call (the text as content if it did not complete)."""
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    function = {"name": call["name"], "arguments": json.dumps(call["arguments"])}
+    message = {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}]}
+    return {"index": index, "message": message, "finish_reason": "tool_calls"}
 
 
 def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, chat: bool, usage: bool) -> Iterator[dict]:

@@ -222,6 +222,37 @@ def test_best_of_runs_a_beam_search_and_returns_the_best_n(client, alone):
     assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [r.text for r in want]
 
 
+def test_response_format_and_required_tool_calls_are_constrained(client, server):
+    import jsonschema
+    import openai
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    for seed in range(3):
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Count"}], max_tokens=40, seed=seed,
+                                             response_format={"type": "json_schema", "json_schema": {"name": "count", "schema": schema}})
+        jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    started = client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=0, extra_body={"response_format": {"type": "json_object"}})
+    assert started.choices[0].text.lstrip().startswith("{")
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+    call = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}], max_tokens=60,
+                                          tools=[weather, clock], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert call.choices[0].finish_reason == "tool_calls"
+    function = call.choices[0].message.tool_calls[0].function
+    assert function.name == "get_weather" and json.loads(function.arguments)["city"] in ("Paris", "Oslo")
+    anyone = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Help"}], max_tokens=60,
+                                            tools=[weather, clock], tool_choice="required")
+    assert anyone.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
+    for bad, param in (({"response_format": {"type": "xml"}}, "response_format"),
+                       ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3,
+                                                                                                             "maximum": 1}}}}, "response_format"),
+                       ({"tools": [weather], "tool_choice": "sometimes"}, "tool_choice")):
+        response = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], **bad}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 def test_chat_without_max_tokens_may_fill_the_cache(client, alone):
     """OpenAI's chat default: as many tokens as the context holds (completions keep 16)."""
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0,
