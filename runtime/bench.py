@@ -10,6 +10,8 @@ re-runs the prefill graph over the whole sequence).
     overhead           share of decode wall time spent outside session.run
     peak RSS / weights VmHWM of the worker after load and generation, over model.onnx.data's size
     (RSS-base)/weights the same, less the worker's RSS before loading (interpreter, onnxruntime)
+    mask ms/token      --structured: the JSON-schema mask's cost per token (llguidance's mask, applied to
+                       the logits, and the token fed back), in the "json-schema" rows
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-recompute", action="store_true", help="skip the no-cache rows")
     parser.add_argument("--compare-sharing", action="store_true",
                         help="also measure each mode with the weights mapped once (unpacked) and with one copy per session (prepacked)")
+    parser.add_argument("--structured", action="store_true",
+                        help="also generate under a JSON schema (structured output) and report the mask's cost per token")
     parser.add_argument("--json", action="store_true", help="print one JSON object per configuration instead of a table")
 
 
@@ -58,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
                                f"its static cache of {capacity} positions")
         modes = [contract.cache] + ([] if args.no_recompute else ["no-cache"])
         configs += [(directory, mode) for mode in modes]
+        if args.structured:
+            configs.append((directory, "json-schema"))
         if args.compare_sharing:
             configs += [(directory, f"{mode}, {policy}") for mode in modes for policy in _COMPARED if _allows(directory, policy)]
     samples: dict[tuple[str, str], list[dict]] = {config: [] for config in configs}
@@ -99,19 +105,20 @@ def summarize(directory: str, mode: str, runs: list[dict]) -> dict:
         return statistics.median(run[key] for run in runs)
 
     keys = ("prefill_ms", "decode_tok_s", "step_p50_ms", "step_p90_ms", "overhead", "peak_rss_mb", "rss_over_weights", "load_rss_mb",
-            "baseline_rss_mb", "added_rss_over_weights")
+            "baseline_rss_mb", "added_rss_over_weights", "mask_ms")
     return {"directory": directory, "mode": mode, "rounds": len(runs), **{key: median(key) for key in keys},
             "weights_mb": runs[0]["weights_mb"], "tokens": runs[0]["tokens"]}
 
 
 def format_table(rows: list[dict]) -> str:
     header = ("export", "mode", "prefill ms", "decode tok/s", "step p50 ms", "step p90 ms", "overhead", "peak RSS MB", "RSS/weights",
-              "(RSS-base)/weights")
+              "(RSS-base)/weights", "mask ms/token")
     lines = [header]
     for r in rows:
+        mask = f"{r['mask_ms']:.2f}" if r["mask_ms"] == r["mask_ms"] else "-"  # NaN: unconstrained
         lines.append((Path(r["directory"]).name, r["mode"], f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['step_p50_ms']:.2f}",
                       f"{r['step_p90_ms']:.2f}", f"{100 * r['overhead']:.1f} %", f"{r['peak_rss_mb']:.0f}", f"{r['rss_over_weights']:.2f}",
-                      f"{r['added_rss_over_weights']:.2f}"))
+                      f"{r['added_rss_over_weights']:.2f}", mask))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -165,10 +172,13 @@ def measure(directory: str, mode: str, prompt_tokens: int, new_tokens: int, thre
     load_rss, _ = _rss_mb()
     ids = prompt_ids(gen.codec, gen.graphs.contract.vocab_size, prompt_tokens)
     use_cache = mode != "no-cache"
-    gen.generate(ids, max_new_tokens=4, min_new_tokens=4, use_cache=use_cache)  # warm-up: first runs allocate and tune
+    options, masks = _structured(gen) if mode == "json-schema" else ({"min_new_tokens": new_tokens}, None)
+    gen.generate(ids, max_new_tokens=4, use_cache=use_cache, **{**options, "min_new_tokens": 0})  # warm-up: first runs allocate and tune
     timer = _RunTimer(gen.graphs.session(gen.graphs.graph_for("decode" if use_cache else "prefill")))
+    if masks is not None:
+        masks.clear()
     start = time.perf_counter()
-    result = gen.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=use_cache)  # exactly new_tokens
+    result = gen.generate(ids, max_new_tokens=new_tokens, use_cache=use_cache, **options)  # exactly new_tokens (a schema: until it is complete)
     total = time.perf_counter() - start
     _, peak = _rss_mb()
     steps = timer.durations if use_cache else timer.durations[1:]  # no-cache: the first prefill call is the prompt
@@ -189,7 +199,32 @@ def measure(directory: str, mode: str, prompt_tokens: int, new_tokens: int, thre
         "rss_over_weights": peak / weights,
         "baseline_rss_mb": baseline_rss,
         "added_rss_over_weights": (peak - baseline_rss) / weights,
+        "mask_ms": 1e3 * sum(masks) / len(result.token_ids) if masks is not None else float("nan"),
     }
+
+
+BENCH_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "price": {"type": "number"},
+                                                 "tags": {"type": "array", "items": {"type": "string"}}},
+                "required": ["name", "price", "tags"], "additionalProperties": False}
+
+
+def _structured(gen) -> tuple[dict, list[float]]:
+    """A JSON-schema constraint whose matchers time their mask and feed (this worker process only)."""
+    from . import constrain
+
+    spent: list[float] = []
+    for name in ("allowed", "feed"):
+        original = getattr(constrain.RowMatcher, name)
+
+        def timed(self, *args, _original=original):
+            begin = time.perf_counter()
+            try:
+                return _original(self, *args)
+            finally:
+                spent.append(time.perf_counter() - begin)
+
+        setattr(constrain.RowMatcher, name, timed)
+    return {"constraint": constrain.Constraint.build(gen, json_schema=BENCH_SCHEMA)}, spent
 
 
 if __name__ == "__main__":
