@@ -19,6 +19,7 @@ from ..graphs import GraphContract, KvgraphError
 from ..graphs.modes import Positions, step_adapter
 from .beam import BeamOptions, beam_search
 from .constrain import Constraint
+from .speculative import SpeculativeSteps, drafter_for
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
 from .seq2seq import Seq2SeqSteps
@@ -33,10 +34,13 @@ class GenerationStats:
     new_tokens: int
     prefill_ms: float
     decode_tokens_per_s: float
+    drafted: int = 0  # speculative decoding: tokens drafted, and drafted tokens the loop chose
+    accepted: int = 0
 
     def summary(self) -> str:
+        drafts = f", {self.accepted}/{self.drafted} drafted tokens accepted" if self.drafted else ""
         return (f"{self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens, prefill {self.prefill_ms:.1f} ms, "
-                f"decode {self.decode_tokens_per_s:.1f} tok/s")
+                f"decode {self.decode_tokens_per_s:.1f} tok/s{drafts}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,8 @@ class Generator:
     def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
                  use_cache: bool = True, min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
                  early_stopping: bool | str = False, num_return_sequences: int = 1, json_schema=None, regex: str | None = None,
-                 grammar: str | None = None, constraint: Constraint | None = None, **sampling):
+                 grammar: str | None = None, constraint: Constraint | None = None, speculative=None, draft_tokens: int = 4,
+                 **sampling):
         """One prompt -> one result; a list of prompts -> a left-padded batch, one result each.
 
         min_new_tokens: eos cannot end a row before this many new tokens (as in Hugging Face generate).
@@ -95,6 +100,8 @@ class Generator:
         (runtime/beam.py); num_return_sequences > 1 makes each prompt's result a list of that many, best first.
         no_repeat_ngram_size (with the sampling options): no n-gram occurs twice in a sequence.
         json_schema / regex / grammar (or a prebuilt constraint): structured output (runtime/constrain.py).
+        speculative: "prompt-lookup" or a draft export's directory, drafting draft_tokens tokens a step
+        (runtime/speculative.py); the tokens are those of decoding without it.
         """
         batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer))
         prompts = list(prompt) if batch else [prompt]
@@ -102,10 +109,13 @@ class Generator:
         beams = BeamOptions(num_beams, length_penalty, early_stopping, num_return_sequences)
         settings = Sampling(**sampling)
         constraint = constraint or Constraint.build(self, json_schema, regex, grammar)
+        speculation = self._speculation(speculative, draft_tokens, use_cache, beams)
         if beams.search:
             if constraint is not None:
                 raise KvgraphError("structured output (json_schema, regex, grammar) does not combine with num_beams > 1")
             results = self._beam_search(requests, settings, beams, use_cache)
+        elif speculation is not None:  # one row at a time: each row accepts drafts at its own pace
+            results = [self._run([r], settings, use_cache, constraint, speculation)[0] for r in requests]
         else:
             results = self._run(requests, settings, use_cache, constraint)
         return results if batch else results[0]
@@ -156,9 +166,29 @@ class Generator:
             raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         return Request(ids, max_new_tokens, tuple(stop), min_new_tokens)
 
-    def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool, constraint: Constraint | None = None) -> list[GenerationResult]:
+    def _speculation(self, speculative, draft_tokens: int, use_cache: bool, beams: BeamOptions):
+        """(drafter, k) for speculative decoding, or None; refusals before anything runs."""
+        if speculative is None:
+            return None
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) or not 1 <= draft_tokens <= 64:
+            raise KvgraphError(f"draft_tokens must be an integer between 1 and 64, got {draft_tokens!r}")
+        if self.graphs.contract.seq2seq:
+            raise KvgraphError("speculative decoding takes decoder-only exports (this one is an encoder-decoder)")
+        if beams.search or not use_cache:
+            raise KvgraphError("speculative decoding does not combine with num_beams > 1 or use_cache=False")
+        if self.graphs.cuda_graph:
+            raise KvgraphError("speculative decoding rolls the cache back; with cuda_graph the buffers are captured: load without it")
+        if self.graphs.contract.static and self.graphs.contract.ring_windows:
+            raise KvgraphError("speculative decoding rolls the cache back, which the rings of this static export's windowed layers "
+                               "cannot do (they overwrite old positions); use its dynamic-cache export")
+        if not hasattr(self, "_drafts"):
+            self._drafts = {}
+        return drafter_for(speculative, self, self._drafts), int(draft_tokens)
+
+    def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool, constraint: Constraint | None = None,
+             speculation=None) -> list[GenerationResult]:
         with self.graphs.request_turn():
-            run, prefill_s = self._start(requests, sampling, use_cache, constraint)
+            run, prefill_s = self._start(requests, sampling, use_cache, constraint, speculation)
             try:
                 run.run()
             except KeyboardInterrupt:
@@ -192,14 +222,19 @@ class Generator:
         return results
 
     def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool,
-               constraint: Constraint | None = None) -> tuple[BatchRun, float]:
+               constraint: Constraint | None = None, speculation=None) -> tuple[BatchRun, float]:
         """Check the requests, run the prefill; the returned BatchRun generates when iterated."""
         self.check(requests)
         ids, mask = self.graphs.steps.kind.pad([r.prompt_ids for r in requests], self.pad_id)
-        stepper = STEPPERS[self.graphs.contract.kind](self.graphs, use_cache)
+        if speculation is not None:
+            stepper = SpeculativeSteps(self.graphs, *speculation, requests[0].prompt_ids)
+        else:
+            stepper = STEPPERS[self.graphs.contract.kind](self.graphs, use_cache)
         start = time.perf_counter()
         logits = stepper.first(ids, mask)
-        return BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self, constraint), time.perf_counter() - start
+        run = BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self, constraint)
+        run.speculation = stepper if speculation is not None else None
+        return run, time.perf_counter() - start
 
     def check(self, requests: list[Request]) -> None:
         """Refuse, before anything runs, requests that are empty, out of the vocabulary or do not fit."""
@@ -254,7 +289,9 @@ class Generator:
     def result(self, request: Request, row: RowState, prefill_s: float, run: BatchRun) -> GenerationResult:
         """One row of a finished (or interrupted) run as a GenerationResult."""
         rate = run.decode_steps / run.decode_seconds if run.decode_seconds > 0 else 0.0
-        stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate)
+        drafts = getattr(run, "speculation", None)
+        stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate,
+                                drafts.proposed if drafts else 0, drafts.accepted if drafts else 0)
         return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)
 
 

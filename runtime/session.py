@@ -45,6 +45,7 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
+VERIFY = "verify"  # speculative decoding's step: Q drafted tokens, logits at each (derived from extend, see _open_verify)
 LAZY = ("extend",)  # opens on first use (a chat's next turn; without shared weights it holds its own copy)
 
 # How the sessions of an export hold its weights:
@@ -100,14 +101,34 @@ class LoadedGraphs:
 
     def graph_for(self, role: str) -> str:
         """The graph a step of this role runs: the contract's, or under one-session the one graph."""
+        if role == VERIFY:
+            return VERIFY
         return self.one_graph or self.steps.graph(role)
 
     def session(self, graph: str) -> ort.InferenceSession:
         """The graph's session, opened and checked against the manifest on first use."""
         with self._lock:
             if graph not in self.sessions:
-                self.sessions[graph] = self._open_checked([graph])[graph]
+                self.sessions[graph] = self._open_verify() if graph == VERIFY else self._open_checked([graph])[graph]
             return self.sessions[graph]
+
+    def _open_verify(self) -> ort.InferenceSession:
+        """The verify graph (graphs/README.md section 4.2): the graph that runs Q new tokens after a past (extend,
+        or a static export's prefill) with logits at every new position, derived in memory on first use."""
+        from ..graphs.onnx_files import logits_at_every_position
+
+        if self.contract.seq2seq:
+            raise KvgraphError(f"{self.directory}: speculative decoding takes decoder-only exports")
+        base = self.steps.graph("extend")
+        model = check_graph_file(self.directory, graph_file(base))
+        if not (self.contract.static and self.contract.all_logits):  # else every position's logits are there already
+            try:
+                logits_at_every_position(model)
+            except ValueError as exc:
+                raise KvgraphError(f"{self.directory / graph_file(base)}: cannot verify drafted tokens with it: {exc}") from exc
+        options = self.options(base)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.directory))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=[(self.provider_name, self.provider_options(base))])
 
     def options(self, graph: str) -> ort.SessionOptions:
         options = ort.SessionOptions()

@@ -8,9 +8,11 @@ max |diff| per tensor and step.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from transformers import GenerationConfig
 
+from kvgraph.graphs import KvgraphError
 from kvgraph.graphs.conventions import left_pad
 from kvgraph.graphs.report import compare, compare_step, failures, format_table
 from oracle import OrtPair, torch_step
@@ -145,3 +147,26 @@ def test_extend_matches_pytorch_and_decode_steps(exported):
         stepped = graphs.decode(new[:, n:n + 1], grown[:, : mask.shape[1] + n + 1], stepped[1:])
     rows += compare_step("extend=decode", 1, _names(exported.contract), actual, stepped, grown, "float32", graphs.steps.held())
     _assert_rows(rows, f"{exported.family}: extend differs")
+
+
+def test_speculative_decoding_gives_the_tokens_of_plain_decoding(exported):
+    """Prompt lookup, and the export drafting for itself (every draft right, up to float near-ties), through the
+    verify graph with rollbacks: greedy and seeded sampling tokens equal those of plain decoding."""
+    from kvgraph.runtime import Generator
+
+    gen = Generator.load(exported.directory)
+    if exported.contract.static and exported.contract.ring_windows:
+        with pytest.raises(KvgraphError, match="rings of this static export's windowed layers cannot"):
+            gen.generate([1, 2, 3], speculative="prompt-lookup")
+        return
+    base = _prompts(exported.contract.vocab_size, (5,), seed=6)[0]
+    prompt = base + base[1:] + base[:3]  # repeats: prompt lookup has n-grams to match
+    new = dict(max_new_tokens=14, min_new_tokens=14)
+    plain = gen.generate(prompt, **new).token_ids
+    looked = gen.generate(prompt, **new, speculative="prompt-lookup", draft_tokens=3)
+    itself = gen.generate(prompt, **new, speculative=gen, draft_tokens=4)
+    assert looked.token_ids == plain and itself.token_ids == plain, f"{exported.family}: speculation changed the tokens"
+    assert looked.stats.drafted > 0 and itself.stats.accepted > itself.stats.drafted // 2  # drafts were checked, many taken
+    if exported.family == "llama":  # sampling draws the same numbers with or without speculation (one family is enough)
+        sampled = dict(new, temperature=1.0, top_p=0.9, seed=11)
+        assert gen.generate(prompt, **sampled, speculative=gen, draft_tokens=2).token_ids == gen.generate(prompt, **sampled).token_ids
