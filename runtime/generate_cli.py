@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="beam search: when to stop (transformers' early_stopping)")
     parser.add_argument("--num-return-sequences", type=int, default=1, help="beam search: the best N beams per prompt")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size occurs twice")
+    parser.add_argument("--speculative", default=None, metavar="prompt-lookup|DRAFT_DIR",
+                        help="speculative decoding: draft with prompt lookup or a smaller export of the same tokenizer (same tokens, faster)")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per step with --speculative (default 4)")
     parser.add_argument("--json-schema", default=None, metavar="SCHEMA_OR_FILE", help="structured output: a JSON schema (text or a file)")
     parser.add_argument("--regex", default=None, help="structured output: the text matches this regular expression")
     parser.add_argument("--grammar", default=None, metavar="GRAMMAR_OR_FILE", help="structured output: a Lark or GBNF grammar (text or a file)")
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
+    if args.speculative:
+        options.update(speculative=args.speculative, draft_tokens=args.draft_tokens)
     constraint = Constraint.build(generator, json_schema=read_schema(args.json_schema) if args.json_schema else None, regex=args.regex,
                                   grammar=read_schema(args.grammar) if args.grammar else None)
     if constraint is not None:

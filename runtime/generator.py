@@ -23,7 +23,7 @@ from .speculative import SpeculativeSteps, drafter_for
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
 from .seq2seq import Seq2SeqSteps
-from .session import LoadedGraphs, load_graphs
+from .session import VERIFY, LoadedGraphs, load_graphs
 from .steps import KVCache, decode_one, extend, prefill
 from .text import IncrementalText, TextCodec
 
@@ -122,13 +122,15 @@ class Generator:
 
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
                use_cache: bool = True, min_new_tokens: int = 0, json_schema=None, regex: str | None = None,
-               grammar: str | None = None, constraint: Constraint | None = None, **sampling) -> Iterator[str]:
+               grammar: str | None = None, constraint: Constraint | None = None, speculative=None, draft_tokens: int = 4,
+               **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive; their concatenation equals generate(...).text."""
         request = self._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
         text = IncrementalText(self.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
         constraint = constraint or Constraint.build(self, json_schema, regex, grammar)
+        speculation = self._speculation(speculative, draft_tokens, use_cache, BeamOptions())
         with self.graphs.request_turn():
-            run, _ = self._start([request], Sampling(**sampling), use_cache, constraint)
+            run, _ = self._start([request], Sampling(**sampling), use_cache, constraint, speculation)
             try:
                 for b, token in run:
                     if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
@@ -183,7 +185,9 @@ class Generator:
                                "cannot do (they overwrite old positions); use its dynamic-cache export")
         if not hasattr(self, "_drafts"):
             self._drafts = {}
-        return drafter_for(speculative, self, self._drafts), int(draft_tokens)
+        drafter = drafter_for(speculative, self, self._drafts)
+        self.graphs.session(VERIFY)  # opened now, not inside the first step's timing
+        return drafter, int(draft_tokens)
 
     def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool, constraint: Constraint | None = None,
              speculation=None) -> list[GenerationResult]:

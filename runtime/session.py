@@ -128,6 +128,7 @@ class LoadedGraphs:
                 raise KvgraphError(f"{self.directory / graph_file(base)}: cannot verify drafted tokens with it: {exc}") from exc
         options = self.options(base)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.directory))
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # beside the prefill session: no busy-waiting pool
         return ort.InferenceSession(model.SerializeToString(), options, providers=[(self.provider_name, self.provider_options(base))])
 
     def options(self, graph: str) -> ort.SessionOptions:

@@ -34,16 +34,18 @@ from .session import VERIFY
 from .steps import decode_one, extend, prefill, run_step
 
 MAX_NGRAM = 3
+MIN_NGRAM = 2
 
 
 class PromptLookup:
-    """Drafts by looking the last n tokens (n = 3, 2, 1) up earlier in the prompt and the text so far, and
-    proposing what followed their most recent earlier occurrence. No second model."""
+    """Drafts by looking the last n tokens (n = 3, then 2) up earlier in the prompt and the text so far, and
+    proposing what followed their most recent earlier occurrence. No second model. A single matching token
+    predicts too little to be worth a verify call (measured on free-form chat)."""
 
     name = "prompt-lookup"
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        for n in range(min(MAX_NGRAM, len(tokens) - 1), 0, -1):
+        for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
             tail = tokens[-n:]
             for start in range(len(tokens) - n - 1, -1, -1):
                 if tokens[start:start + n] == tail:
@@ -96,7 +98,8 @@ class SpeculativeSteps:
         self.tokens = list(prompt)  # everything fed or chosen so far
         self.cache = None
         self.pending: list[tuple[int, np.ndarray]] = []  # (drafted token, the logits after it), verified, not yet chosen
-        self.proposed = self.accepted = self.calls = 0
+        self.proposed = self.accepted = self.calls = self.last_drafts = 0
+        self.length = draft_tokens  # drafts asked for: +2 after a step whose drafts were all taken, -1 after a rejection
 
     def first(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if ids.shape[0] != 1:
@@ -114,13 +117,16 @@ class SpeculativeSteps:
         fed = len(self.tokens) - 1  # positions before this token
         if self.pending:  # rejected drafts sit in the cache after position `fed`: roll back
             self.pending = []
+            self.length = max(1, self.length - 1)
+        elif self.calls and self.last_drafts:  # every draft of the last call was taken
+            self.length = min(2 * self.k, self.length + 2)
         if self.cache.length != fed:
             self.cache = self.cache.truncated(fed)
         drafts = self._drafts()
         self.calls += 1
-        if not drafts:
-            logits, self.cache = decode_one(self.graphs, self.cache, tokens, np.ones((1, fed + 1), dtype=np.int64))
-            return logits[:, -1]
+        # no draft: a verify call of one token, the same as a decode step; one session runs every step, so two
+        # sessions' thread pools never take turns on the cores
+        self.last_drafts = len(drafts)
         row = np.array([[token, *drafts]], dtype=np.int64)
         logits, self.cache, _ = run_step(self.graphs, self.cache, VERIFY, row, np.ones((1, fed + row.shape[1]), dtype=np.int64))
         self.proposed += len(drafts)
@@ -129,7 +135,7 @@ class SpeculativeSteps:
 
     def _drafts(self) -> list[int]:
         room = self.graphs.steps.cache.capacity(self.graphs.contract)
-        k = self.k if not room else min(self.k, room - len(self.tokens))
+        k = self.length if not room else min(self.length, room - len(self.tokens))
         return [int(t) for t in self.drafter.propose(self.tokens, k)][:k] if k > 0 else []
 
 

@@ -330,3 +330,47 @@ def test_cuda_graph_needs_cuda_and_a_static_export(text_export, text_export_stat
         Generator.load(text_export_static[1], cuda_graph=True)  # provider cpu
     with pytest.raises(KvgraphError, match="cuda_graph needs provider 'cuda' and a static-cache export"):
         Generator.load(text_export[1], provider="cuda", cuda_graph=True)
+
+
+@pytest.fixture(scope="module")
+def draft_export(tmp_path_factory):
+    """A second byte-level llama (another seed: other weights, the same tokenizer) to draft for the text model."""
+    from families import CHAT_TEMPLATE, byte_tokenizer, tiny_model
+    from kvgraph.export import export_model
+
+    model_dir = tmp_path_factory.mktemp("hf") / "draft-llama"
+    tiny_model("llama", seed=1, vocab_size=260).save_pretrained(model_dir)
+    byte_tokenizer(CHAT_TEMPLATE).save_pretrained(model_dir)
+    return export_model(model_dir, tmp_path_factory.mktemp("exports") / "draft-llama").directory
+
+
+def test_a_draft_export_speeds_nothing_up_but_changes_nothing(gen, draft_export):
+    """A draft model that is mostly wrong: drafts are rejected and rolled back, and the tokens stay those of plain decoding."""
+    for prompt in PROMPTS:
+        plain = gen.generate(prompt, max_new_tokens=20, min_new_tokens=20)
+        drafted = gen.generate(prompt, max_new_tokens=20, min_new_tokens=20, speculative=str(draft_export), draft_tokens=3)
+        assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
+        assert drafted.stats.drafted > drafted.stats.accepted  # rejections happened
+    stops = gen.generate(PROMPTS[0], max_new_tokens=20, stop=[plain.text[4:6]] if plain.text[4:6] else [], speculative="prompt-lookup")
+    assert stops.text == gen.generate(PROMPTS[0], max_new_tokens=20, stop=[plain.text[4:6]] if plain.text[4:6] else []).text
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"speculative": "prompt-lookup", "draft_tokens": 0}, "draft_tokens must be an integer between 1 and 64"),
+    ({"speculative": "/nowhere"}, "speculative must be 'prompt-lookup' or a draft export's directory; /nowhere has no kvgraph.json"),
+    ({"speculative": "prompt-lookup", "num_beams": 2}, "speculative decoding does not combine with num_beams > 1"),
+    ({"speculative": 7}, "speculative must be 'prompt-lookup', a draft export's directory or a Generator, got int"),
+])
+def test_bad_speculative_options_are_refused(gen, options, message):
+    with pytest.raises(KvgraphError, match=message):
+        gen.generate("abc", max_new_tokens=4, **options)
+
+
+def test_a_draft_with_another_tokenizer_is_refused(gen, draft_export, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(draft_export, other)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text() + "\n")
+    with pytest.raises(KvgraphError, match="its tokenizer.json differs from the target's"):
+        gen.generate("abc", max_new_tokens=4, speculative=str(other))
