@@ -374,3 +374,12 @@ def test_a_draft_with_another_tokenizer_is_refused(gen, draft_export, tmp_path):
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text() + "\n")
     with pytest.raises(KvgraphError, match="its tokenizer.json differs from the target's"):
         gen.generate("abc", max_new_tokens=4, speculative=str(other))
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    from kvgraph.runtime.speculative import PromptLookup
+
+    lookup = PromptLookup()
+    assert lookup.propose([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]  # the bigram 6 7 occurred before: what came after it
+    assert lookup.propose([4, 6, 7, 1, 2, 9, 6, 7, 3, 6, 7], 2) == [3, 6]  # the latest earlier occurrence wins
+    assert lookup.propose([1, 2, 3, 4], 3) == []  # no repeated bigram: nothing drafted

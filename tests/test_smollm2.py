@@ -73,6 +73,19 @@ def test_beam_search_on_the_real_model_equals_transformers(smollm2):
     assert "Paris" in ours[0][0].text
 
 
+def test_speculative_prompt_lookup_on_the_real_model_keeps_the_tokens(smollm2):
+    from kvgraph.runtime import Generator
+
+    _, onnx_dir = smollm2
+    generator = Generator.load(onnx_dir)
+    prompt = ("Repeat this sentence exactly: The old lighthouse keeper climbed the spiral stairs every evening, "
+              "counting the steps as his father had taught him.")
+    plain = generator.generate(prompt, chat=True, max_new_tokens=40)
+    looked = generator.generate(prompt, chat=True, max_new_tokens=40, speculative="prompt-lookup", draft_tokens=4)
+    assert looked.token_ids == plain.token_ids
+    assert looked.stats.accepted >= 10  # the copied sentence comes from the prompt, drafted and accepted
+
+
 def test_chat_template_matches_transformers(smollm2):
     from transformers import AutoTokenizer
 
