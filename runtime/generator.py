@@ -19,7 +19,7 @@ from ..graphs import GraphContract, KvgraphError
 from ..graphs.modes import Positions, step_adapter
 from .beam import BeamOptions, beam_search
 from .constrain import Constraint
-from .speculative import SpeculativeSteps, drafter_for
+from .speculative import SpeculativeSteps, common_prefix, drafter_for
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
 from .seq2seq import Seq2SeqSteps
@@ -405,7 +405,7 @@ class Conversation:
 
     def _resume(self, ids: list[int]):
         """Reuse the cache for the longest common prefix; run only the new tokens through the graphs."""
-        common = _common_prefix(self.cached_ids, ids[:-1])
+        common = common_prefix(self.cached_ids, ids[:-1])
         common = self.cache.reusable(common) if self.cache is not None else 0
         graphs = self.generator.graphs
         if common == 0 or self.cache is None:
@@ -421,12 +421,3 @@ class Conversation:
         logits = logits[:, -1]
         self.processed_tokens.append(len(ids) - common)
         return stepper, logits, mask
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

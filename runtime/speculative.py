@@ -72,7 +72,7 @@ class DraftModel:
         capacity = graphs.steps.cache.capacity(graphs.contract)
         if capacity and len(tokens) + k > capacity:
             return []  # the draft's static cache is full: the target goes on alone
-        keep = min(_common_prefix(self.fed, tokens), len(tokens) - 1)
+        keep = min(common_prefix(self.fed, tokens), len(tokens) - 1)
         if self.cache is None or keep == 0:
             ids = np.array([tokens], dtype=np.int64)
             logits, cache = prefill(graphs, ids, np.ones_like(ids))
@@ -157,7 +157,8 @@ def drafter_for(speculative, target, draft_cache: dict):
     raise KvgraphError(f"speculative must be 'prompt-lookup', a draft export's directory or a Generator, got {type(speculative).__name__}")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
