@@ -150,8 +150,9 @@ def test_extend_matches_pytorch_and_decode_steps(exported):
 
 
 def test_speculative_decoding_gives_the_tokens_of_plain_decoding(exported):
-    """Prompt lookup, and the export drafting for itself (every draft right, up to float near-ties), through the
-    verify graph with rollbacks: greedy and seeded sampling tokens equal those of plain decoding."""
+    """The export drafting for itself (every draft right, up to float near-ties; the others are rolled back) through
+    the verify graph: greedy and seeded sampling tokens equal those of plain decoding. (Prompt lookup drafts through the
+    same stepper: tested on the text model and SmolLM2, where its n-grams match.)"""
     from kvgraph.runtime import Generator
 
     gen = Generator.load(exported.directory)
@@ -159,14 +160,12 @@ def test_speculative_decoding_gives_the_tokens_of_plain_decoding(exported):
         with pytest.raises(KvgraphError, match="rings of this static export's windowed layers cannot"):
             gen.generate([1, 2, 3], speculative="prompt-lookup")
         return
-    base = _prompts(exported.contract.vocab_size, (5,), seed=6)[0]
-    prompt = base + base[1:] + base[:3]  # repeats: prompt lookup has n-grams to match
+    prompt = _prompts(exported.contract.vocab_size, (9,), seed=6)[0]
     new = dict(max_new_tokens=14, min_new_tokens=14)
     plain = gen.generate(prompt, **new).token_ids
-    looked = gen.generate(prompt, **new, speculative="prompt-lookup", draft_tokens=3)
     itself = gen.generate(prompt, **new, speculative=gen, draft_tokens=4)
-    assert looked.token_ids == plain and itself.token_ids == plain, f"{exported.family}: speculation changed the tokens"
-    assert itself.stats.accepted > itself.stats.drafted // 2  # drafts were checked, many taken (prompt lookup may find none here)
+    assert itself.token_ids == plain, f"{exported.family}: speculation changed the tokens"
+    assert itself.stats.accepted > itself.stats.drafted // 2  # drafts were checked, many taken
     if exported.family == "llama":  # sampling draws the same numbers with or without speculation (one family is enough)
         sampled = dict(new, temperature=1.0, top_p=0.9, seed=11)
         assert gen.generate(prompt, **sampled, speculative=gen, draft_tokens=2).token_ids == gen.generate(prompt, **sampled).token_ids

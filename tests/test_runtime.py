@@ -351,6 +351,8 @@ def test_a_draft_export_speeds_nothing_up_but_changes_nothing(gen, draft_export)
         drafted = gen.generate(prompt, max_new_tokens=20, min_new_tokens=20, speculative=str(draft_export), draft_tokens=3)
         assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
         assert drafted.stats.drafted > drafted.stats.accepted  # rejections happened
+    repeated = PROMPTS[0] * 3  # prompt lookup finds n-grams in it
+    assert gen.generate(repeated, max_new_tokens=20, speculative="prompt-lookup").token_ids == gen.generate(repeated, max_new_tokens=20).token_ids
     stops = gen.generate(PROMPTS[0], max_new_tokens=20, stop=[plain.text[4:6]] if plain.text[4:6] else [], speculative="prompt-lookup")
     assert stops.text == gen.generate(PROMPTS[0], max_new_tokens=20, stop=[plain.text[4:6]] if plain.text[4:6] else []).text
 
