@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -385,3 +386,18 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert lookup.propose([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]  # the bigram 6 7 occurred before: what came after it
     assert lookup.propose([4, 6, 7, 1, 2, 9, 6, 7, 3, 6, 7], 2) == [3, 6]  # the latest earlier occurrence wins
     assert lookup.propose([1, 2, 3, 4], 3) == []  # no repeated bigram: nothing drafted
+
+
+def test_speculative_sampling_keeps_the_models_distribution(gen, draft_export):
+    """A two-sample chi-square test: the first two sampled tokens (top-k 5: 25 outcomes) with a mostly wrong draft model,
+    and without speculation, over disjoint seeds. (With equal seeds the tokens are equal: tested above.)"""
+    options = dict(max_new_tokens=2, min_new_tokens=2, temperature=1.0, top_k=5)
+    drafted = [tuple(gen.generate("Once", **options, seed=s, speculative=str(draft_export), draft_tokens=2).token_ids) for s in range(300)]
+    plain = [tuple(gen.generate("Once", **options, seed=10_000 + s).token_ids) for s in range(300)]
+    outcomes = sorted(set(drafted) | set(plain))
+    table = np.array([[drafted.count(o) for o in outcomes], [plain.count(o) for o in outcomes]], dtype=float)
+    assert len(outcomes) >= 10  # the test has something to compare
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    statistic, df = float(((table - expected) ** 2 / expected).sum()), len(outcomes) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3  # chi-square at p = 0.001 (Wilson-Hilferty)
+    assert statistic < critical, f"chi-square {statistic:.1f} over {df} degrees of freedom (p < 0.001)"
