@@ -388,9 +388,10 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert lookup.propose([1, 2, 3, 4], 3) == []  # no repeated bigram: nothing drafted
 
 
-def test_speculative_sampling_keeps_the_models_distribution(gen, draft_export):
+def test_speculative_sampling_keeps_the_models_distribution(text_export, draft_export):
     """A two-sample chi-square test: the first two sampled tokens (top-k 5: 25 outcomes) with a mostly wrong draft model,
     and without speculation, over disjoint seeds. (With equal seeds the tokens are equal: tested above.)"""
+    gen = Generator.load(text_export[1])  # one cache mode: the stepper is the same for both
     options = dict(max_new_tokens=2, min_new_tokens=2, temperature=1.0, top_k=5)
     drafted = [tuple(gen.generate("Once", **options, seed=s, speculative=str(draft_export), draft_tokens=2).token_ids) for s in range(300)]
     plain = [tuple(gen.generate("Once", **options, seed=10_000 + s).token_ids) for s in range(300)]
