@@ -86,8 +86,10 @@ def export_model(
     if dims.encoder_decoder:
         _check_seq2seq_options(dims, cache, all_logits, quantize)
     kind = "encoder-decoder" if dims.encoder_decoder else "decoder"
+    rings = _rings(dims, cache, max_length)
     contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length,
-                             kind, dims.hidden_size if dims.encoder_decoder else None, dims.value_head_dim, _rings(dims, cache, max_length))
+                             kind, dims.hidden_size if dims.encoder_decoder else None, dims.value_head_dim, rings,
+                             verify=not dims.encoder_decoder and not rings)
     mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
     if quantize is not None:

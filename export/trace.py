@@ -13,9 +13,9 @@ import onnx
 import torch
 
 from ..graphs import GraphContract, KvgraphError, io_mismatches
-from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE
+from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE, VERIFY
 from ..graphs.derive import prefill_from_extend
-from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, drop_zero_additions, read_io,
+from ..graphs.onnx_files import (apply_shapes, logits_at_every_position, attend_grouped_heads_directly, drop_zero_additions, read_io,
                                  share_embeddings_across_graphs, store_embedding_transposed, strip_exporter_metadata,
                                  untie_transposed_copies)
 from .experts import traceable_experts
@@ -71,7 +71,7 @@ def _seq2seq_tracing(model: torch.nn.Module, contract: GraphContract):
     return seq2seq_steps(model), seq2seq_examples(model, contract), seq2seq_dynamic_shapes
 
 
-COPIES = {"decode": ("extend", "prefill")}  # a graph the contract wants but not traced: the first traced one of these
+COPIES = {"decode": ("extend", "prefill"), VERIFY: ("extend", "prefill")}  # not traced: a copy of the first traced one of these
 
 
 def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphContract) -> dict[str, onnx.ModelProto]:
@@ -82,6 +82,8 @@ def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphCon
     for name in contract.graphs():
         if name not in graphs:
             graphs[name] = copy.deepcopy(next(graphs[source] for source in COPIES[name] if source in graphs))
+    if contract.verify and not (contract.static and contract.all_logits):  # else the copied graph keeps every position already
+        logits_at_every_position(graphs[VERIFY])
     share_embeddings_across_graphs(graphs)  # encoder-decoders: the encoder's embedding is the decoder's lm_head
     graphs = {name: graphs[name] for name in contract.graphs()}
     for name, proto in graphs.items():

@@ -1,7 +1,7 @@
 """Export-time validation: the written graphs in onnxruntime against the PyTorch model.
 
 Decoder-only: prefill and a few decode steps on a left-padded batch of 2, each side feeding its own
-presents back, then one extend step. Encoder-decoder: encoder, decoder prefill (self and cross K/V)
+presents back, then one extend step (and the verify graph on the same tokens). Encoder-decoder: encoder, decoder prefill (self and cross K/V)
 and decode steps on a right-padded batch of 2, both sides decoding from PyTorch's past. Every kind and
 cache mode builds its feeds with the contract's step adapter (graphs/modes.py) and returns one
 labelled max-abs-diff row per tensor and step.
@@ -83,7 +83,10 @@ def validate_decoder(directory: Path, model: torch.nn.Module, family: Family, co
         rows += more
     tokens = np.random.default_rng(1).integers(0, contract.vocab_size, size=(mask.shape[0], EXTEND_TOKENS))
     mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
-    return rows + both("extend", DECODE_STEPS + 1, tokens, mask, actual[1:], expected[1:])[2]
+    rows += both("extend", DECODE_STEPS + 1, tokens, mask, actual[1:], expected[1:])[2]
+    if contract.verify:  # the same Q tokens after the same past, logits at each of them
+        rows += both("verify", DECODE_STEPS + 2, tokens, mask, actual[1:], expected[1:])[2]
+    return rows
 
 
 def _sample_batch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,9 +101,10 @@ class _TorchSteps:
     def __init__(self, model: torch.nn.Module, family: Family, contract: GraphContract) -> None:
         self.prefill_step = PrefillStep(model, family, 0 if contract.all_logits else 1)
         self.decode_step = DecodeStep(model, family)
+        self.verify_step = DecodeStep(model, family, logits_to_keep=0)
 
     def step(self, role: str, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
-        wrapper = self.prefill_step if role == "prefill" else self.decode_step
+        wrapper = {"prefill": self.prefill_step, "verify": self.verify_step}.get(role, self.decode_step)
         return _eager(wrapper, ids, mask, extend_position_ids(mask, ids.shape[1]), *past)
 
 

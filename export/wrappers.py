@@ -48,8 +48,8 @@ class PrefillStep(_CausalLMStep):
 
 
 class DecodeStep(_CausalLMStep):
-    def __init__(self, model: torch.nn.Module, family: Family) -> None:
-        super().__init__(model, family, logits_to_keep=1)
+    def __init__(self, model: torch.nn.Module, family: Family, logits_to_keep: int = 1) -> None:
+        super().__init__(model, family, logits_to_keep)  # 0: every new position (the verify graph's reference)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         # input_ids, position_ids: (B, 1); attention_mask: (B, P+1); past: (B, Hkv, P, D) each

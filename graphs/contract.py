@@ -28,6 +28,7 @@ WRITE_INDICES = "write_indices"  # static cache only: (B,) int64, where each row
 ENCODER_HIDDEN = "encoder_hidden_states"  # encoder-decoder only
 ENCODER_MASK = "encoder_attention_mask"
 ENCODER_SEQUENCE = "encoder_sequence"
+VERIFY = "verify"  # the graph speculative decoding checks drafted tokens with (graphs/README.md section 4.2)
 KV_KINDS = ("key", "value")
 
 DTYPES = ("float32", "float16")
@@ -74,6 +75,9 @@ class GraphContract:
     # decoder-only static cache: per layer, the ring length W of a sliding-window layer whose window is
     # shorter than N (its buffers are (B, Hkv, W, D); position p lives at slot p mod W), else None
     ring_windows: tuple[int | None, ...] | None = None
+    # decoder-only: verify.onnx too, extend with logits at every new position (speculative decoding checks drafted
+    # tokens in one call); not with ring buffers, which cannot roll a rejected draft back
+    verify: bool = False
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
@@ -83,8 +87,11 @@ class GraphContract:
         if self.value_head_dim is not None and (not isinstance(self.value_head_dim, int) or isinstance(self.value_head_dim, bool)
                                                 or not 0 < self.value_head_dim <= LIMITS["head_dim"]):
             raise ValueError(f"GraphContract.value_head_dim must be null or an integer in [1, {LIMITS['head_dim']}], got {self.value_head_dim!r}")
-        if not isinstance(self.all_logits, bool):
-            raise ValueError(f"GraphContract.all_logits must be true or false, got {self.all_logits!r}")
+        for field in ("all_logits", "verify"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"GraphContract.{field} must be true or false, got {getattr(self, field)!r}")
+        if self.verify and (self.kind != "decoder" or self.ring_windows):
+            raise ValueError("GraphContract.verify is only for a decoder-only export without ring buffers")
         if self.dtype not in DTYPES:
             raise ValueError(f"GraphContract.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.cache not in CACHE_MODES:
@@ -212,8 +219,8 @@ class GraphContract:
     def extend_inputs(self) -> list[TensorSpec]:
         return [*self._token_inputs(NEW, PAST_PLUS_NEW), *self._cache(self.past_names(), PAST)]
 
-    def extend_outputs(self) -> list[TensorSpec]:
-        logits = TensorSpec(LOGITS, self.dtype, (BATCH, 1, self.vocab_size))
+    def extend_outputs(self, every_position: bool = False) -> list[TensorSpec]:
+        logits = TensorSpec(LOGITS, self.dtype, (BATCH, NEW if every_position else 1, self.vocab_size))
         return [logits, *self._cache(self.present_names(), PAST_PLUS_NEW)]
 
     # Static cache: every graph reads and writes whole (B, Hkv, N, D) buffers. prefill takes Q
@@ -251,15 +258,29 @@ class GraphContract:
         if self.seq2seq:
             return self._seq2seq_graphs()
         if self.static:
-            return {
+            graphs = {
                 "prefill": self._static_graph(SEQUENCE, SEQUENCE if self.all_logits else 1),
                 "decode": self._static_graph(1, 1),
             }
-        return {
-            "prefill": (self.prefill_inputs(), self.prefill_outputs()),
-            "decode": (self.decode_inputs(), self.decode_outputs()),
-            "extend": (self.extend_inputs(), self.extend_outputs()),
-        }
+        else:
+            graphs = {
+                "prefill": (self.prefill_inputs(), self.prefill_outputs()),
+                "decode": (self.decode_inputs(), self.decode_outputs()),
+                "extend": (self.extend_inputs(), self.extend_outputs()),
+            }
+        return {**graphs, VERIFY: self.verify_io()} if self.verify else graphs
+
+    def verify_io(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The verify graph's I/O: extend's (static: prefill's at write index P) with logits (B, Q, V).
+
+        Also what a runtime derives in memory from an export written before verify.onnx existed."""
+        if self.static:
+            return self._static_graph(SEQUENCE, SEQUENCE)
+        return self.extend_inputs(), self.extend_outputs(every_position=True)
+
+    def graph_io(self, graph: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """One graph's I/O; "verify" also for an export without verify.onnx (derived, see verify_io)."""
+        return self.verify_io() if graph == VERIFY else self.graphs()[graph]
 
     def cache_bytes_per_token(self) -> int:
         itemsize = 4 if self.dtype == "float32" else 2

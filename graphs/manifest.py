@@ -18,9 +18,10 @@ from .errors import ManifestError
 from .safety import check_inside
 
 MANIFEST_NAME = "kvgraph.json"
-FORMAT_VERSION = "1.3"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
+FORMAT_VERSION = "1.4"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic
 # 1.2: model.attention_windows (informational: the graphs apply the windows themselves), contract.value_head_dim, contract.ring_windows
 # 1.3: quantization (weight-only int4/int8 exports: the scheme, the tensors, the quality report); absent or null: float weights
+# 1.4: contract.verify and graphs.verify (verify.onnx: extend with logits at every new position); absent: false, no verify graph
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
 WEIGHTS_FILE = "model.onnx.data"
 WEIGHTS_INDEX = "weights.json"  # which bytes of WEIGHTS_FILE each graph's initializers read

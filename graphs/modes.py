@@ -11,7 +11,7 @@ runtime all ask the adapter of their contract; none of them spells the mode rule
                                                                    # presents come back cut to (B, Hkv, P + Q, D)
 
 Roles: "prefill" (a prompt, nothing cached), "decode" (one token after a past), "extend" (Q tokens
-after a past). `mask` is the decoder's attention mask so far, new tokens included (B, P + Q); for an
+after a past), "verify" (extend with logits at every new position: speculative decoding). `mask` is the decoder's attention mask so far, new tokens included (B, P + Q); for an
 encoder-decoder it is the source's mask (B, Se), fed unchanged every step.
 """
 
@@ -26,7 +26,7 @@ from .contract import ATTENTION_MASK, ENCODER_MASK, INPUT_IDS, LOGITS, POSITION_
 from .conventions import extend_position_ids, left_pad, right_pad
 from .errors import KvgraphError
 
-ROLES = ("prefill", "decode", "extend")
+ROLES = ("prefill", "decode", "extend", "verify")  # verify: extend with logits at every new position
 
 
 class DynamicCacheMode:
@@ -228,7 +228,7 @@ class StepAdapter:
         written = past[0].shape[2] if past else 0
         graph = self.graph(role)
         feeds = {**self.host_feeds(role, tokens, mask, written), **self.cache_feeds(past, tokens.shape[0]), **(other or {})}
-        inputs, _ = self.contract.graphs()[graph]
+        inputs, _ = self.contract.graph_io(graph)
         feeds = {spec.name: feeds[spec.name] for spec in inputs}  # the graph's order
         outputs = dict(run(graph, feeds))
         length = written + tokens.shape[1]

@@ -15,7 +15,7 @@ import traceback
 from importlib.metadata import entry_points
 
 GROUP = "kvgraph.commands"
-ORDER = ("export", "quantize", "inspect", "generate", "vectors", "bench", "serve")  # help order; commands registered by others follow
+ORDER = ("export", "quantize", "inspect", "generate", "vectors", "bench", "serve", "web")  # help order; commands registered by others follow
 
 
 def commands() -> dict:

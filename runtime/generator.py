@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..graphs import GraphContract, KvgraphError
+from ..graphs.contract import VERIFY
 from ..graphs.modes import Positions, step_adapter
 from .beam import BeamOptions, beam_search
 from .constrain import Constraint
@@ -23,7 +24,7 @@ from .speculative import SpeculativeSteps, common_prefix, drafter_for
 from .loop import BatchRun, Request, RowState
 from .sampling import Sampling
 from .seq2seq import Seq2SeqSteps
-from .session import VERIFY, LoadedGraphs, load_graphs
+from .session import LoadedGraphs, load_graphs
 from .steps import KVCache, decode_one, extend, prefill
 from .text import IncrementalText, TextCodec
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..graphs import GraphContract, KvgraphError, Manifest, TensorSpec, io_mismatches
+from ..graphs.contract import VERIFY
 from ..graphs.manifest import graph_file
 from ..graphs.modes import StepAdapter, step_adapter
 from ..graphs.safety import check_graph_file
@@ -45,8 +46,7 @@ def resolve_provider(provider: str) -> str:
     return name
 
 
-VERIFY = "verify"  # speculative decoding's step: Q drafted tokens, logits at each (derived from extend, see _open_verify)
-LAZY = ("extend",)  # opens on first use (a chat's next turn; without shared weights it holds its own copy)
+LAZY = ("extend", VERIFY)  # open on first use (a chat's next turn, speculation; without shared weights each holds its own copy)
 
 # How the sessions of an export hold its weights:
 #   one-session  one session runs every step (decoder-only: the graph that serves prefill, decode and
@@ -109,12 +109,13 @@ class LoadedGraphs:
         """The graph's session, opened and checked against the manifest on first use."""
         with self._lock:
             if graph not in self.sessions:
-                self.sessions[graph] = self._open_verify() if graph == VERIFY else self._open_checked([graph])[graph]
+                derived = graph == VERIFY and not self.contract.verify  # an export from before verify.onnx
+                self.sessions[graph] = self._derived_verify() if derived else self._open_checked([graph])[graph]
             return self.sessions[graph]
 
-    def _open_verify(self) -> ort.InferenceSession:
-        """The verify graph (graphs/README.md section 4.2): the graph that runs Q new tokens after a past (extend,
-        or a static export's prefill) with logits at every new position, derived in memory on first use."""
+    def _derived_verify(self) -> ort.InferenceSession:
+        """An export written before verify.onnx (format < 1.4): its verify graph (graphs/README.md section 4.2),
+        derived in memory from the graph that runs Q new tokens after a past (extend, or a static export's prefill)."""
         from ..graphs.onnx_files import logits_at_every_position
 
         if self.contract.seq2seq:
@@ -126,20 +127,21 @@ class LoadedGraphs:
                 logits_at_every_position(model)
             except ValueError as exc:
                 raise KvgraphError(f"{self.directory / graph_file(base)}: cannot verify drafted tokens with it: {exc}") from exc
-        options = self.options(base)
+        options = self.options(VERIFY, weights_of=base)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.directory))
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # beside the prefill session: no busy-waiting pool
         return ort.InferenceSession(model.SerializeToString(), options, providers=[(self.provider_name, self.provider_options(base))])
 
-    def options(self, graph: str) -> ort.SessionOptions:
+    def options(self, graph: str, weights_of: str | None = None) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
         if self.weights is not None:
-            self.weights.add_to(options, graph)
+            self.weights.add_to(options, weights_of or graph)
         if self.exact and self.manifest.quantization is not None:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if graph == VERIFY:  # beside the step session: no second busy-waiting thread pool
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def provider_options(self, graph: str) -> dict[str, str]:

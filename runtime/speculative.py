@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..graphs import KvgraphError
-from .session import VERIFY
+from ..graphs.contract import VERIFY
 from .steps import decode_one, extend, prefill, run_step
 
 MAX_NGRAM = 3

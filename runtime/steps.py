@@ -69,7 +69,7 @@ class KVCache:
 
     def _empty(self, graphs: LoadedGraphs, graph: str, batch: int) -> list[ort.OrtValue]:
         """A prompt's past when its graph takes one (one-session: extend after nothing): (B, Hkv, 0, D) each."""
-        inputs, _ = graphs.contract.graphs()[graph]
+        inputs, _ = graphs.contract.graph_io(graph)
         if not any(spec.name == graphs.contract.past_names()[0] for spec in inputs):
             return []
         return [ort.OrtValue.ortvalue_from_numpy(np.zeros(graphs.contract.cache_shape(kind, batch, 0), dtype=graphs.contract.dtype),

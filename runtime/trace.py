@@ -27,9 +27,9 @@ Runner = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]  # (graph
 
 @dataclass
 class Step:
-    graph: str  # "encoder", "prefill" or "decode"
+    graph: str  # "encoder", "prefill", "decode" or "verify"
     inputs: dict[str, np.ndarray]  # every input of the graph, in the graph's order
-    outputs: dict[str, np.ndarray]  # logits (B, V) of the last position; the encoder: encoder_hidden_states
+    outputs: dict[str, np.ndarray]  # logits (B, V) of the last position (verify: (B, Q, V)); the encoder: encoder_hidden_states
 
 
 @dataclass
@@ -39,7 +39,8 @@ class Trace:
     pad_id: int
     eos_token_ids: list[int]
     steps: list[Step]
-    tokens: list[list[int]]  # the greedy tokens of each row (an eos that ended the row included)
+    tokens: list[list[int]]  # the greedy tokens of each row (an eos that ended the row included); verify: argmax per position
+    draft: list[list[int]] | None = None  # a verify case: the Q tokens per row fed to the verify graph after the prefill
 
 
 def greedy_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], max_new_tokens: int) -> Trace:
@@ -63,6 +64,26 @@ def greedy_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], max_
     return Trace([list(p) for p in prompts], max_new_tokens, pad, eos, loop.steps, rows)
 
 
+def verify_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], draft: list[list[int]]) -> Trace:
+    """The prompts' prefill, then one verify call fed `draft` (B, Q): the logits after each of its tokens.
+
+    tokens: each row's argmax at each position, which a greedy speculative loop compares its drafts with."""
+    special = manifest.special_tokens
+    loop = _DecoderLoop(manifest.contract, run)
+    loop.first(prompts, special.feed_pad_id)
+    logits = loop.verify(np.array(draft, dtype=np.int64))  # (B, Q, V)
+    chosen = np.argmax(logits, axis=-1).tolist()
+    return Trace([list(p) for p in prompts], len(draft[0]), special.feed_pad_id, list(special.eos_token_ids), loop.steps, chosen,
+                 [list(row) for row in draft])
+
+
+def replay(manifest: Manifest, run: Runner, case: Trace) -> Trace:
+    """Run a recorded case again (its prompts, and its draft for a verify case), every call recorded."""
+    if case.draft is not None:
+        return verify_trace(manifest, run, case.prompts, case.draft)
+    return greedy_trace(manifest, run, case.prompts, case.max_new_tokens)
+
+
 class _Loop:
     """Feeds built by the contract's step adapter; each step's presents (valid prefix) become the next pasts."""
 
@@ -74,11 +95,12 @@ class _Loop:
         self.past: list[np.ndarray] = []  # past.{i}.* for the next step, (B, Hkv, P, D) each
 
     def _call(self, role: str, tokens: np.ndarray, mask: np.ndarray, other: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Run one graph, record exactly what it was fed (a copy) and its last-position logits."""
+        """Run one graph, record exactly what it was fed (a copy) and its logits: the last position's (B, V),
+        or for verify every position's (B, Q, V)."""
         inputs, outputs = self.adapter.run(self.run, role, tokens, mask, self.past, other)
         self.past = self.adapter.presents(outputs)
-        self.steps.append(Step(self.adapter.graph(role), {k: np.array(v) for k, v in inputs.items()},
-                               {LOGITS: np.array(outputs[LOGITS][:, -1])}))
+        logits = outputs[LOGITS] if role == "verify" else outputs[LOGITS][:, -1]
+        self.steps.append(Step(self.adapter.graph(role), {k: np.array(v) for k, v in inputs.items()}, {LOGITS: np.array(logits)}))
         return outputs
 
 
@@ -93,6 +115,11 @@ class _DecoderLoop(_Loop):
         # tokens (B, 1); the mask grows by a 1 column; the new token's position = real tokens before it
         self.mask = np.concatenate([self.mask, np.ones_like(tokens)], axis=1)
         return self._call("decode", tokens, self.mask)[LOGITS][:, -1]
+
+    def verify(self, tokens: np.ndarray) -> np.ndarray:
+        # tokens (B, Q) after the prompt; the mask grows by Q 1-columns; logits (B, Q, V)
+        self.mask = np.concatenate([self.mask, np.ones_like(tokens)], axis=1)
+        return self._call("verify", tokens, self.mask)[LOGITS]
 
 
 class _Seq2SeqLoop(_Loop):

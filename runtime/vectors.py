@@ -3,8 +3,10 @@
     vectors/vectors.json             cases, steps, int inputs inline, top-5 logits, greedy tokens
     vectors/tensors/<case>/<NN>-<graph>/<in|out>.<tensor>.npy    every input and output, as .npy
 
-Two cases: "single" (one prompt) and "batch" (two prompts of different lengths, padded). A runtime
-that reproduces them implements the contract (graphs/README.md, "Golden vectors").
+Two cases: "single" (one prompt) and "batch" (two prompts of different lengths, padded), and with a
+verify graph a third, "verify": the batch's prompts, then one verify call fed each row's first
+DRAFT_TOKENS greedy tokens of the batch case (logits at every position). A runtime that reproduces
+them implements the contract (graphs/README.md, "Golden vectors").
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from .trace import Step, Trace
 
 VECTORS_NAME = "vectors.json"
 VECTORS_FORMAT = "kvgraph-vectors"
-VECTORS_VERSION = "1.0"
+VECTORS_VERSION = "1.1"  # 1.1: a "verify" case (exports with verify.onnx): prefill, then one verify call fed the case's draft
 TOP_K = 5
 PROMPT_TEXTS = ("The capital of France is", "Hello")  # for exports with a tokenizer
+DRAFT_TOKENS = 4  # the verify case's Q
 class VectorsMismatch(KvgraphError):
     """A run disagrees with golden vectors; the message names the first differing step and tensor."""
 
@@ -77,6 +80,7 @@ def _case_json(name: str, trace: Trace, root: Path) -> dict:
         "pad_id": trace.pad_id,
         "eos_token_ids": trace.eos_token_ids,
         "greedy_tokens": trace.tokens,
+        **({"draft": trace.draft} if trace.draft is not None else {}),
         "steps": [_step_json(name, index, step, root) for index, step in enumerate(trace.steps)],
     }
 
@@ -93,7 +97,7 @@ def _step_json(case: str, index: int, step: Step, root: Path) -> dict:
             if array.dtype == np.int64:
                 item["values"] = array.tolist()
             if name == "logits":
-                ids = np.argsort(-array, axis=-1, kind="stable")[:, :TOP_K]  # (B, 5), lowest id first on ties
+                ids = np.argsort(-array, axis=-1, kind="stable")[..., :TOP_K]  # (B, 5) or (B, Q, 5), lowest id first on ties
                 item["top5"] = {"ids": ids.tolist(), "values": np.take_along_axis(array, ids, -1).tolist()}
                 item["argmax"] = np.argmax(array, axis=-1).tolist()
             entry[role].append(item)
@@ -123,7 +127,8 @@ def read_vectors(directory: Path) -> Vectors:
 
 def _read_case(case: dict, root: Path) -> Trace:
     steps = [Step(step["graph"], _read_tensors(step["inputs"], root), _read_tensors(step["outputs"], root)) for step in case["steps"]]
-    return Trace(case["prompts"], case["max_new_tokens"], case["pad_id"], case["eos_token_ids"], steps, case["greedy_tokens"])
+    return Trace(case["prompts"], case["max_new_tokens"], case["pad_id"], case["eos_token_ids"], steps, case["greedy_tokens"],
+                 case.get("draft"))
 
 
 def _read_tensors(items: list[dict], root: Path) -> dict[str, np.ndarray]:

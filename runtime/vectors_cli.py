@@ -10,8 +10,9 @@ from ..graphs.staging import check_destination
 from .session import LoadedGraphs, load_graphs
 from .generator import Generator
 from .loop import Request
-from .trace import Trace, greedy_trace, ort_runner
-from .vectors import Vectors, VectorsMismatch, contract_mismatch, default_prompts, first_mismatch, read_vectors, write_vectors
+from .trace import Trace, greedy_trace, ort_runner, replay, verify_trace
+from .vectors import (DRAFT_TOKENS, Vectors, VectorsMismatch, contract_mismatch, default_prompts, first_mismatch, read_vectors,
+                      write_vectors)
 
 DEFAULT_NEW_TOKENS = 8
 
@@ -50,7 +51,15 @@ def make_vectors(directory: str | Path, out: str | Path, max_new_tokens: int = D
     prompts = default_prompts(graphs.contract.vocab_size, codec.encode if codec else None)
     generator.check([Request(row, max_new_tokens) for rows in prompts.values() for row in rows])  # the runtime's own limits
     cases = {name: _trace(graphs, rows, max_new_tokens) for name, rows in prompts.items()}
+    if graphs.contract.verify:
+        cases["verify"] = verify_trace(graphs.manifest, ort_runner(graphs), prompts["batch"], _draft(cases["batch"]))
     return write_vectors(graphs.manifest, cases, Path(out), force)
+
+
+def _draft(batch: Trace) -> list[list[int]]:
+    """Each row's first DRAFT_TOKENS greedy tokens (pad after a row that ended sooner): a draft the verify graph
+    should accept whole, its argmax at position i being greedy token i + 1."""
+    return [(row + [batch.pad_id] * DRAFT_TOKENS)[:DRAFT_TOKENS] for row in batch.tokens]
 
 
 def check_vectors(directory: str | Path, vectors_dir: str | Path, provider: str = "cpu") -> Vectors:
@@ -63,7 +72,7 @@ def check_vectors(directory: str | Path, vectors_dir: str | Path, provider: str 
     for name, trace in vectors.cases.items():
         if not all(0 <= t < graphs.contract.vocab_size for row in trace.prompts for t in row):
             raise VectorsMismatch(f"{vectors_dir}: case {name!r} has prompt ids outside the vocabulary [0, {graphs.contract.vocab_size})")
-    runs = {name: _trace(graphs, trace.prompts, trace.max_new_tokens) for name, trace in vectors.cases.items()}
+    runs = {name: replay(graphs.manifest, ort_runner(graphs), trace) for name, trace in vectors.cases.items()}
     reason = first_mismatch(vectors, graphs.contract, runs)
     if reason:
         raise VectorsMismatch(f"{vectors_dir} vs {directory}: {reason}")

@@ -52,7 +52,7 @@ def _run(capsys, *argv):
 
 def test_export_from_a_directory_copies_tokenizer_and_generation_config(cli_export):
     names = {p.name for p in cli_export.iterdir()}
-    assert {"prefill.onnx", "decode.onnx", "extend.onnx", "model.onnx.data", "weights.json", "kvgraph.json", "tokenizer.json",
+    assert {"prefill.onnx", "decode.onnx", "extend.onnx", "verify.onnx", "model.onnx.data", "weights.json", "kvgraph.json", "tokenizer.json",
             "tokenizer_config.json", "generation_config.json", "chat_template.jinja"} == names
     manifest = json.loads((cli_export / "kvgraph.json").read_text())
     assert manifest["files"]["tokenizer"] == "tokenizer.json"
@@ -192,4 +192,4 @@ def test_runtime_and_graphs_name_no_export_module():
             text = source.read_text()
             assert "kvgraph.export" not in text and "..export" not in text, f"{source} names the export package"
     names = {point.name for point in __import__("importlib.metadata").metadata.entry_points(group="kvgraph.commands")}
-    assert names == {"export", "quantize", "inspect", "generate", "vectors", "bench", "serve"}
+    assert names == {"export", "quantize", "inspect", "generate", "vectors", "bench", "serve", "web"}

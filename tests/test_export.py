@@ -65,8 +65,10 @@ def test_manifest_is_complete_and_embedded_in_each_graph(export_cache):
     assert {"torch", "transformers", "onnx"} <= set(data["versions"])
     validation = data["validation"]
     tensors = 1 + 2 * 2  # logits and 2 layers' key and value
-    assert validation["passed"] and len(validation["rows"]) == tensors * (1 + validation["decode_steps"] + 1)  # + extend
-    assert {row["graph"] for row in validation["rows"]} == {"prefill", "decode", "extend"}
+    assert validation["passed"] and len(validation["rows"]) == tensors * (1 + validation["decode_steps"] + 2)  # + extend, verify
+    assert {row["graph"] for row in validation["rows"]} == {"prefill", "decode", "extend", "verify"}
+    verify = [row for row in validation["rows"] if row["graph"] == "verify" and row["tensor"] == "logits"]
+    assert len(verify) == 1 and verify[0]["ok"]  # PyTorch's logits at each new position; another shape is a failed row
     assert validation["decode_steps"] >= 3
     for graph in ("prefill.onnx", "decode.onnx", "extend.onnx"):
         model = onnx.load(str(exported.directory / graph), load_external_data=False)

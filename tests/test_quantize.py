@@ -20,7 +20,7 @@ from kvgraph.graphs.quantize import QuantScheme, dequantize, quantize_blocks
 from kvgraph.runtime import Generator
 from kvgraph.runtime.cli import main
 from kvgraph.runtime.quantize_cli import quantize_export
-from kvgraph.runtime.trace import greedy_trace
+from kvgraph.runtime.trace import replay
 from kvgraph.runtime.vectors import first_mismatch, read_vectors
 from kvgraph.runtime.vectors_cli import check_vectors, make_vectors
 
@@ -210,7 +210,7 @@ def test_quantized_golden_vectors_reproduce_in_node_and_the_reference_evaluator(
     golden = read_vectors(vectors)
     manifest = Manifest.load(directory)
     run = reference_runner(directory)
-    traces = {name: greedy_trace(manifest, run, t.prompts, t.max_new_tokens) for name, t in golden.cases.items()}
+    traces = {name: replay(manifest, run, t) for name, t in golden.cases.items()}
     assert first_mismatch(golden, manifest.contract, traces) is None
     for name, trace in golden.cases.items():
         assert f"case '{name}': {len(trace.steps)} graph calls match" in result.stdout

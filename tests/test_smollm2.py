@@ -108,6 +108,37 @@ def test_stream_equals_generate_on_the_real_tokenizer(smollm2):
     assert "".join(generator.stream(prompt, **options)) == generator.generate(prompt, **options).text
 
 
+def test_browser_answers_a_chat_question(smollm2, tmp_path):
+    """The web page in headless Chromium: SmolLM2's weights downloaded once (then from the Cache API), the chat template
+    and tokenizer in the browser, and the greedy answer token for token what the Python runtime gives."""
+    import json
+    import os
+    import shutil
+
+    from browser import browser, page_url
+
+    from kvgraph.runtime import Generator
+    from kvgraph.runtime.web import PageServer
+
+    _, onnx_dir = smollm2
+    server = PageServer({"/export/": onnx_dir}).start()
+    shot = tmp_path / "page.png"
+    try:
+        first, again = browser(page_url(server, export="/export/", prompt=QUESTION, max_new_tokens=24), reload=True, screenshot=shot)
+    finally:
+        server.close()
+    generator = Generator.load(onnx_dir)
+    ours = generator.generate(QUESTION, chat=True, max_new_tokens=24)
+    assert first["state"] == "done", first["text"]
+    assert json.loads(first["promptIds"]) == generator.codec.encode_chat([{"role": "user", "content": QUESTION}])
+    assert json.loads(first["tokens"]) == ours.token_ids and first["text"] == ours.text and "Paris" in first["text"]
+    assert first["weightsSource"] == "network" and again["weightsSource"] == "cache" and again["tokens"] == first["tokens"]
+    assert first["backend"].startswith("WebAssembly") and float(first["tokensPerSecond"]) > 0
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("KVGRAPH_SCREENSHOT"):  # how the README's picture is made
+        shutil.copy(shot, os.environ["KVGRAPH_SCREENSHOT"])
+
+
 def test_golden_vectors_of_the_real_model_reproduce_in_node(smollm2, tmp_path):
     """SmolLM2's vectors: greedy tokens equal transformers' generate; Node.js and onnx's ReferenceEvaluator reproduce every call."""
     import subprocess
@@ -134,12 +165,12 @@ def test_golden_vectors_of_the_real_model_reproduce_in_node(smollm2, tmp_path):
     from test_vectors import reference_runner
 
     from kvgraph.graphs import Manifest
-    from kvgraph.runtime.trace import greedy_trace
+    from kvgraph.runtime.trace import replay
     from kvgraph.runtime.vectors import first_mismatch
 
     manifest = Manifest.load(onnx_dir)
     run = reference_runner(onnx_dir)
-    traces = {name: greedy_trace(manifest, run, case.prompts, case.max_new_tokens) for name, case in vectors.cases.items()}
+    traces = {name: replay(manifest, run, case) for name, case in vectors.cases.items()}
     assert first_mismatch(vectors, manifest.contract, traces) is None
 
 

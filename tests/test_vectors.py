@@ -6,8 +6,11 @@ driver (examples/node, onnxruntime-node) and onnx's ReferenceEvaluator must repr
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
+import socket
 import subprocess
 import warnings
 from pathlib import Path
@@ -21,9 +24,12 @@ from onnx.reference import ReferenceEvaluator
 from kvgraph.graphs import KvgraphError, Manifest, ManifestError
 from kvgraph.graphs.contract import GraphContract
 from kvgraph.runtime.cli import main
-from kvgraph.runtime.trace import greedy_trace
+from kvgraph.runtime.trace import replay
 from kvgraph.runtime.vectors import first_mismatch, read_vectors
 from kvgraph.runtime.vectors_cli import check_vectors, make_vectors
+from kvgraph.runtime.web import PageServer, _Handler
+
+from browser import browser, page_url
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "examples" / "node"
@@ -71,12 +77,26 @@ def torch_greedy(model, prompt: list[int], new_tokens: int, eos: set[int], seq2s
     return tokens[: ends[0] + 1] if ends else tokens
 
 
+def torch_argmax_after(model, prompt: list[int], draft: list[int]) -> list[int]:
+    """PyTorch on one unpadded prompt + draft: the argmax after each drafted token (a verify call's oracle)."""
+    ids = torch.tensor([prompt + draft])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0, len(prompt):]
+    return logits.argmax(-1).tolist()
+
+
 def test_vectors_greedy_tokens_equal_pytorch_generate(case):
     (kind, _, _), model, directory, out = case
     golden = read_vectors(out)
     manifest = Manifest.load(directory)
     eos = set(manifest.special_tokens.eos_token_ids)
+    assert ("verify" in golden.cases) == manifest.contract.verify == (kind == "decoder" and manifest.contract.ring_windows is None)
     for name, trace in golden.cases.items():
+        if trace.draft is not None:
+            assert trace.tokens == [torch_argmax_after(model, p, d) for p, d in zip(trace.prompts, trace.draft)]
+            batch = golden.cases["batch"].tokens  # the draft is the batch's greedy tokens: the verify graph accepts it
+            assert trace.draft == [row[:4] for row in batch] and all(t[:len(r[1:4])] == r[1:4] for t, r in zip(trace.tokens, batch))
+            continue
         theirs = [torch_greedy(model, prompt, trace.max_new_tokens, eos, kind == "seq2seq") for prompt in trace.prompts]
         assert trace.tokens == theirs, name
     assert len(golden.cases["batch"].prompts) == 2 and len({len(p) for p in golden.cases["batch"].prompts}) == 2  # padded
@@ -90,7 +110,8 @@ def test_vectors_files_are_self_describing(case):
     for entry in doc["cases"]:
         steps = entry["steps"]
         graphs = [s["graph"] for s in steps]
-        assert graphs == (["encoder"] if kind == "seq2seq" else []) + ["prefill"] + ["decode"] * (len(graphs) - 1 - (kind == "seq2seq"))
+        later = ["verify"] if "draft" in entry else ["decode"] * (len(graphs) - 1 - (kind == "seq2seq"))
+        assert graphs == (["encoder"] if kind == "seq2seq" else []) + ["prefill"] + later
         for step in steps:
             want_inputs = [spec.name for spec in contract.graphs()[step["graph"]][0]]
             assert [i["name"] for i in step["inputs"]] == want_inputs
@@ -102,8 +123,11 @@ def test_vectors_files_are_self_describing(case):
                 if "top5" in item:
                     top = np.take_along_axis(array, np.array(item["top5"]["ids"]), -1)
                     assert np.array_equal(top, np.array(item["top5"]["values"], dtype=array.dtype))
-                    assert (np.sort(array, -1)[:, -5:][:, ::-1] == top).all() and item["argmax"] == array.argmax(-1).tolist()
+                    assert (np.sort(array, -1)[..., -5:][..., ::-1] == top).all() and item["argmax"] == array.argmax(-1).tolist()
         tokens = entry["greedy_tokens"]
+        if "draft" in entry:  # the verify case's tokens: the argmax after each drafted token
+            assert tokens == steps[-1]["outputs"][0]["argmax"] and steps[-1]["inputs"][0]["values"] == entry["draft"]
+            continue
         for b, row in enumerate(tokens):  # each greedy token is the argmax of the step before it
             assert row == [s["outputs"][0]["argmax"][b] for s in steps if s["graph"] != "encoder"][: len(row)]
 
@@ -174,7 +198,7 @@ def test_reference_evaluator_reproduces_the_vectors(case):
     golden = read_vectors(out)
     manifest = Manifest.load(directory)
     run = reference_runner(directory)
-    traces = {name: greedy_trace(manifest, run, t.prompts, t.max_new_tokens) for name, t in golden.cases.items()}
+    traces = {name: replay(manifest, run, t) for name, t in golden.cases.items()}
     assert first_mismatch(golden, manifest.contract, traces) is None
     assert all(traces[name].tokens == t.tokens for name, t in golden.cases.items())
 
@@ -197,8 +221,8 @@ def test_node_driver_reproduces_the_vectors(case):
         assert f"case '{name}': {len(trace.steps)} graph calls match, greedy tokens {json.dumps(trace.tokens, separators=(',', ':'))}" in result.stdout
 
 
-def test_node_driver_reproduces_a_float16_export(tmp_path):
-    """float16 logits and buffers travel as raw half bits in Node; the vectors' tolerance is float16's."""
+def test_node_and_browser_reproduce_a_float16_export(tmp_path, page_server):
+    """float16 logits and buffers travel as raw half bits in JavaScript; the vectors' tolerance is float16's."""
     from families import tiny_model
     from kvgraph.export import export_model
 
@@ -212,6 +236,11 @@ def test_node_driver_reproduces_a_float16_export(tmp_path):
     for name, trace in golden.cases.items():
         assert f"case '{name}': {len(trace.steps)} graph calls match, greedy tokens {json.dumps(trace.tokens, separators=(',', ':'))}" in result.stdout
     check_vectors(tmp_path / "fp16", out)
+    page_server.mount("/x/fp16/", tmp_path / "fp16")
+    page_server.mount("/v/fp16/", out)
+    [shown] = browser(page_url(page_server, export="/x/fp16/", vectors="/v/fp16/"))
+    assert shown["state"] == "done", shown["text"]
+    assert shown["text"].splitlines() == [line for line in result.stdout.splitlines() if line.startswith("case ")]  # what Node printed
 
 
 def test_node_driver_names_the_first_mismatch(vectors, tmp_path):
@@ -247,6 +276,88 @@ def test_node_driver_refuses_a_newer_manifest_and_a_non_export(vectors, tmp_path
     assert result.returncode == 2 and "no manifest here" in result.stderr
 
 
+# -- the web page in headless Chromium (onnxruntime-web, WebAssembly) -------------------------------------
+
+BROWSER_EXPORTS = [EXPORTS[0], EXPORTS[1], EXPORTS[3]]  # a dynamic and a static decoder, a static encoder-decoder (Marian)
+
+
+@pytest.fixture(scope="module")
+def page_server():
+    server = PageServer({}).start()
+    yield server
+    server.close()
+
+
+def mounted(page_server, vectors, key) -> tuple[str, str]:
+    _, directory, out = vectors(key)
+    name = f"{key[1]}-{key[2]}"
+    page_server.mount(f"/x/{name}/", directory)
+    page_server.mount(f"/v/{name}/", out)
+    return f"/x/{name}/", f"/v/{name}/"
+
+
+def test_browser_reproduces_the_vectors(vectors, page_server):
+    urls = [page_url(page_server, export=x, vectors=v) for x, v in (mounted(page_server, vectors, key) for key in BROWSER_EXPORTS)]
+    for key, shown in zip(BROWSER_EXPORTS, browser(*urls), strict=True):
+        assert shown["state"] == "done", shown["text"]
+        assert shown["backend"].startswith("WebAssembly") and shown["crossOriginIsolated"]  # threads allowed
+        golden = read_vectors(vectors(key)[2])
+        assert len(shown["text"].splitlines()) == len(golden.cases) == 3 - (key[0] == "seq2seq")  # + verify for decoders
+        for name, trace in golden.cases.items():
+            assert f"case '{name}': {len(trace.steps)} graph calls match, greedy tokens {json.dumps(trace.tokens, separators=(',', ':'))}" in shown["text"]
+
+
+class _CutDownload(_Handler):
+    """Sends the weights file's full Content-Length, then half of it, then hangs up: a network error mid-download."""
+
+    def copyfile(self, source, outputfile) -> None:
+        if Path(source.name).name == "model.onnx.data":
+            size = os.fstat(source.fileno()).st_size
+            outputfile.write(source.read(size // 2))
+            outputfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        super().copyfile(source, outputfile)
+
+
+def test_browser_shows_bad_input_as_one_line_in_the_page(vectors, page_server, tmp_path):
+    export, good = mounted(page_server, vectors, EXPORTS[1])
+    directory = vectors(EXPORTS[1])[1]
+    (tmp_path / "empty").mkdir()
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    data = json.loads((directory / "kvgraph.json").read_text())
+    (newer / "kvgraph.json").write_text(json.dumps({**data, "format_version": "2.0"}))
+    unweighted = tmp_path / "unweighted"
+    shutil.copytree(directory, unweighted, ignore=shutil.ignore_patterns("model.onnx.data"))
+    bad = tmp_path / "bad-vectors"
+    shutil.copytree(vectors(EXPORTS[1])[2], bad)
+    doc = json.loads((bad / "vectors.json").read_text())
+    doc["cases"][1]["steps"][3]["inputs"][3]["values"][1] += 1  # the batch case's 4th call: write_indices of row 1
+    (bad / "vectors.json").write_text(json.dumps(doc))
+    for name in ("empty", "newer", "unweighted", "bad-vectors"):
+        page_server.mount(f"/bad/{name}/", tmp_path / name)
+    shown = browser(page_url(page_server, export="/bad/empty/"), page_url(page_server, export="/bad/newer/"),
+                    page_url(page_server, export="/bad/unweighted/", vectors=good), page_url(page_server, export=export, vectors="/bad/bad-vectors/"))
+    assert [s["state"] for s in shown] == ["error"] * 4 and all(len(s["text"].splitlines()) == 1 for s in shown)
+    assert "/bad/empty/kvgraph.json: HTTP 404: the manifest is not there; is" in shown[0]["text"] and "a kvgraph export directory?" in shown[0]["text"]
+    assert "format_version 2.0 is newer than this driver reads (1.x)" in shown[1]["text"]
+    assert "/bad/unweighted/model.onnx.data: HTTP 404: the weights file is not there" in shown[2]["text"]
+    assert "case 'batch', step 3 (decode): input write_indices differs at flat index 1" in shown[3]["text"]
+
+    cut = PageServer({"/export/": directory, "/v/": vectors(EXPORTS[1])[2]}).start()
+    cut.httpd.RequestHandlerClass = functools.partial(_CutDownload, mounts=cut.mounts)
+    try:
+        first, again = browser(page_url(cut, export="/export/", vectors="/v/"), reload=True)
+    finally:
+        cut.close()
+    size = (directory / "model.onnx.data").stat().st_size
+    for attempt in (first, again):  # the reload downloads again: nothing partial was kept in the cache
+        assert attempt["state"] == "error" and "/export/model.onnx.data: the download failed after" in attempt["text"], attempt["text"]
+        assert f"of {size / 1e6:.1f} MB" in attempt["text"] and "reload to try again" in attempt["text"]
+
+
 # -- the manifest schema ----------------------------------------------------------------------------
 
 
@@ -274,6 +385,7 @@ MUTATIONS = {
     "no graphs": lambda d: d.pop("graphs"),
     "opset a float": lambda d: d.update(opset=23.5),
     "unknown contract field": lambda d: d["contract"].update(sliding_window=64),
+    "verify not a boolean": lambda d: d["contract"].update(verify="yes"),
 }
 
 
@@ -292,7 +404,7 @@ def test_schema_and_reader_refuse_the_same_bad_manifests(vectors, mutation):
 
 def test_the_contract_document_names_every_tensor_and_field():
     text = (ROOT / "graphs" / "README.md").read_text()
-    contracts = [GraphContract(2, 2, 16, 128), GraphContract(2, 2, 16, 128, cache="static", max_length=32),
+    contracts = [GraphContract(2, 2, 16, 128, verify=True), GraphContract(2, 2, 16, 128, cache="static", max_length=32, verify=True),
                  GraphContract(2, 2, 16, 128, kind="encoder-decoder", hidden_size=64),
                  GraphContract(2, 2, 16, 128, cache="static", max_length=32, kind="encoder-decoder", hidden_size=64)]
     for contract in contracts:
