@@ -100,8 +100,9 @@ def test_untested_family_goes_through_the_generic_path(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("olmo", vocab_size=50304, hidden_size=64,  # allenai/OLMo-1B-hf's vocabulary intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    config = AutoConfig.for_model("olmo", vocab_size=50304, hidden_size=64,  # allenai/OLMo-1B-hf's vocabulary
+                                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  initializer_range=0.1)
     result = export_model(AutoModelForCausalLM.from_config(config).eval(), tmp_path / "olmo")
     assert result.manifest.model.family == "olmo" and result.manifest.validation["passed"]
 
