@@ -75,6 +75,7 @@ class Generator:
         tokens = graphs.manifest.special_tokens
         self.eos_ids = frozenset(tokens.eos_token_ids)
         self.pad_id = tokens.feed_pad_id
+        self._drafts: dict = {}  # speculative decoding: draft exports opened so far, by directory
 
     @classmethod
     def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,
@@ -184,8 +185,6 @@ class Generator:
         if self.graphs.contract.static and self.graphs.contract.ring_windows:
             raise KvgraphError("speculative decoding rolls the cache back, which the rings of this static export's windowed layers "
                                "cannot do (they overwrite old positions); use its dynamic-cache export")
-        if not hasattr(self, "_drafts"):
-            self._drafts = {}
         drafter = drafter_for(speculative, self, self._drafts)
         self.graphs.session(VERIFY)  # opened now, not inside the first step's timing
         return drafter, int(draft_tokens)
@@ -237,8 +236,8 @@ class Generator:
             stepper = STEPPERS[self.graphs.contract.kind](self.graphs, use_cache)
         start = time.perf_counter()
         logits = stepper.first(ids, mask)
-        run = BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self, constraint)
-        run.speculation = stepper if speculation is not None else None
+        run = BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self, constraint,
+                       stepper if speculation is not None else None)
         return run, time.perf_counter() - start
 
     def check(self, requests: list[Request]) -> None:
@@ -294,7 +293,7 @@ class Generator:
     def result(self, request: Request, row: RowState, prefill_s: float, run: BatchRun) -> GenerationResult:
         """One row of a finished (or interrupted) run as a GenerationResult."""
         rate = run.decode_steps / run.decode_seconds if run.decode_seconds > 0 else 0.0
-        drafts = getattr(run, "speculation", None)
+        drafts = run.speculation
         stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate,
                                 drafts.proposed if drafts else 0, drafts.accepted if drafts else 0)
         return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)

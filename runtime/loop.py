@@ -50,8 +50,9 @@ class BatchRun:
     """Iterate to run; yields (row, token) after each token is appended and the row checked."""
 
     def __init__(self, requests: list[Request], first_logits: np.ndarray, mask: np.ndarray, step: Step,
-                 sampling: Sampling, vocab: Vocabulary, constraint=None) -> None:
+                 sampling: Sampling, vocab: Vocabulary, constraint=None, speculation=None) -> None:
         self.requests = requests
+        self.speculation = speculation  # speculative decoding's stepper: its drafted / accepted counts go into the results
         self.logits = first_logits  # (B, V) for the next token of every row
         self.mask = mask  # (B, P) attention mask of everything fed so far
         self.step = step

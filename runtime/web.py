@@ -7,6 +7,7 @@ MIME types browsers insist on for modules and .wasm files.
     /web/      the page (examples/web, with its node_modules from `npm ci`)
     /js/       the contract driver it imports (examples/js/kvgraph.js)
     /export/   the export directory
+    /vectors/  golden vectors to check in the page (--vectors)
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="an export directory (from kvgraph export)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    parser.add_argument("--vectors", default=None, help="golden vectors (kvgraph vectors) to serve at /vectors/ for the page to check")
     parser.add_argument("--page", default=str(EXAMPLES), help="the examples directory holding web/ and js/ (default: this checkout's)")
 
 
@@ -116,11 +118,17 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise KvgraphError(f"--port must be in [0, 65535], got {args.port}")
     check_page(page)
+    mounts = {"/export/": directory}
+    if args.vectors is not None:
+        if not (Path(args.vectors) / "vectors.json").is_file():
+            raise KvgraphError(f"{args.vectors}: no vectors.json here; make them with `kvgraph vectors EXPORT {args.vectors}`")
+        mounts["/vectors/"] = Path(args.vectors)
     try:
-        server = PageServer({"/export/": directory}, args.host, args.port, page)
+        server = PageServer(mounts, args.host, args.port, page)
     except OSError as exc:
         raise KvgraphError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
-    print(f"open {server.url}/web/?export=/export/  (Ctrl-C stops)", flush=True)
+    query = "export=/export/" + ("&vectors=/vectors/" if args.vectors is not None else "")
+    print(f"open {server.url}/web/?{query}  (Ctrl-C stops)", flush=True)
     try:
         server.httpd.serve_forever()
     except KeyboardInterrupt:

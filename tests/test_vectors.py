@@ -10,8 +10,10 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -243,6 +245,23 @@ def test_node_and_browser_reproduce_a_float16_export(tmp_path, page_server):
     assert shown["text"].splitlines() == [line for line in result.stdout.splitlines() if line.startswith("case ")]  # what Node printed
 
 
+@pytest.mark.parametrize("key", EXPORTS[:2], ids=lambda k: f"{k[1]}-{k[2]}")
+def test_node_driver_runs_one_graph_samples_with_a_seed_and_streams(vectors, key):
+    """--ids runs every step on one graph (dynamic: extend after an empty past; static: prefill at write_indices):
+    greedy, it gives the vectors' tokens; sampled, a seed gives the same tokens, streamed in order as chosen."""
+    _, directory, out = vectors(key)
+    single = read_vectors(out).cases["single"]
+    ids = ",".join(map(str, single.prompts[0]))
+    greedy = node(str(directory), "--ids", ids, "--max-new-tokens", str(single.max_new_tokens))
+    assert greedy.returncode == 0, greedy.stderr
+    assert json.loads(greedy.stdout) == single.tokens[0]
+    options = ["--ids", ids, "--max-new-tokens", "12", "--temperature", "1.5", "--top-p", "0.95"]
+    runs = [node(str(directory), *options, "--seed", seed, "--stream").stdout.split() for seed in ("7", "7", "8")]
+    streamed, final = runs[0][:-1], json.loads(runs[0][-1])
+    assert [int(t) for t in streamed] == final and len(final) == 12 and runs[1] == runs[0] and runs[2] != runs[0]
+    assert final[: len(single.tokens[0])] != single.tokens[0]  # sampled at temperature 1.5, not the greedy tokens
+
+
 def test_node_driver_names_the_first_mismatch(vectors, tmp_path):
     _, directory, out = vectors(EXPORTS[1])  # static: write_indices and the (B, N) mask are int inputs Node must match
     bad = tmp_path / "bad"
@@ -276,6 +295,31 @@ def test_node_driver_refuses_a_newer_manifest_and_a_non_export(vectors, tmp_path
     assert result.returncode == 2 and "no manifest here" in result.stderr
 
 
+def js_draws(logits: np.ndarray, temperature: float, top_p: float, seed: int, draws: int) -> np.ndarray:
+    doc = {"logits": logits.tolist(), "temperature": temperature, "topP": top_p, "seed": seed, "draws": draws}
+    result = subprocess.run(["node", str(ROOT / "tests" / "js" / "draw.mjs")], input=json.dumps(doc), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return np.array(json.loads(result.stdout))
+
+
+def test_js_sampler_draws_from_the_python_samplers_distribution():
+    """The JavaScript driver's temperature + top-p draws (seeded) follow the probabilities kvgraph's Python sampler
+    computes from the same logits: never a token top-p removes, and a chi-square test on the rest."""
+    from kvgraph.runtime.sampling import Sampling, _softmax, processed_logits
+
+    logits = np.random.default_rng(0).normal(size=64).astype(np.float32) * 2.5
+    probs = _softmax(processed_logits(logits[None], [], Sampling(temperature=0.7, top_p=0.9)))[0]
+    counts = js_draws(logits, 0.7, 0.9, seed=11, draws=20000)
+    kept = probs > 0
+    assert counts[~kept].sum() == 0 and 2 < kept.sum() < 64  # top-p removed some tokens, and left a choice
+    expected = probs[kept] * counts.sum()
+    statistic, df = float(((counts[kept] - expected) ** 2 / expected).sum()), int(kept.sum()) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3  # chi-square at p = 0.001 (Wilson-Hilferty)
+    assert statistic < critical, f"chi-square {statistic:.1f} over {df} degrees of freedom"
+    assert np.array_equal(js_draws(logits, 0.7, 0.9, seed=11, draws=200), js_draws(logits, 0.7, 0.9, seed=11, draws=200))  # seeded
+    assert js_draws(logits, 0, 1, seed=5, draws=50)[int(np.argmax(logits))] == 50  # temperature 0: the argmax
+
+
 # -- the web page in headless Chromium (onnxruntime-web, WebAssembly) -------------------------------------
 
 BROWSER_EXPORTS = [EXPORTS[0], EXPORTS[1], EXPORTS[3]]  # a dynamic and a static decoder, a static encoder-decoder (Marian)
@@ -305,6 +349,23 @@ def test_browser_reproduces_the_vectors(vectors, page_server):
         assert len(shown["text"].splitlines()) == len(golden.cases) == 3 - (key[0] == "seq2seq")  # + verify for decoders
         for name, trace in golden.cases.items():
             assert f"case '{name}': {len(trace.steps)} graph calls match, greedy tokens {json.dumps(trace.tokens, separators=(',', ':'))}" in shown["text"]
+
+
+def test_kvgraph_web_serves_the_page_to_a_browser_and_refuses_bad_input(vectors, tmp_path, capsys):
+    _, directory, out = vectors(EXPORTS[0])
+    assert main(["web", str(tmp_path)]) == 1 and "no kvgraph.json here" in capsys.readouterr().err
+    assert main(["web", str(directory), "--vectors", str(tmp_path)]) == 1 and "no vectors.json here" in capsys.readouterr().err
+    assert main(["web", str(directory), "--page", str(tmp_path)]) == 1 and "the web page is not here" in capsys.readouterr().err
+    server = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.cli", "web", str(directory), "--vectors", str(out), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("open http://127.0.0.1:"), line + server.stderr.read()
+        [shown] = browser(line.split()[1])
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=20) == 0
+    assert shown["state"] == "done" and "case 'verify': 2 graph calls match" in shown["text"], shown["text"]
 
 
 class _CutDownload(_Handler):

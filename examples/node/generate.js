@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 // A kvgraph export in Node.js: onnxruntime-node under the shared contract driver (../js/kvgraph.js).
 //   node generate.js EXPORT_DIR VECTORS_DIR                        reproduce golden vectors (kvgraph vectors)
-//   node generate.js EXPORT_DIR --ids 5,9,17 [--max-new-tokens 8] [--time]
-//                                                                  print the greedy token ids (one session: the weights
-//                                                                  once); --time adds a JSON line of timings
+//   node generate.js EXPORT_DIR --ids 5,9,17 [--max-new-tokens 8] [--temperature T --top-p P --seed S] [--stream] [--time]
+//       print the new token ids (greedy unless --temperature; one session, so the weights once in memory);
+//       --stream prints each id as it is chosen first, --time adds a JSON line of timings
 // Exit codes: 0 ok, 1 the run differs from the vectors, 2 unusable input (not an export, newer format).
 import fs from 'node:fs';
 import path from 'node:path';
@@ -28,11 +28,15 @@ async function main([dir, second, ...rest]) {
   if (!dir || !second) fail(2, 'usage: node generate.js EXPORT_DIR VECTORS_DIR | EXPORT_DIR --ids 1,2,3 [--max-new-tokens N]');
   const t0 = performance.now();
   if (second === '--ids') {
+    const option = (name, fallback) => { const i = rest.indexOf(name); return i > 0 ? Number(rest[i + 1]) : fallback; };
+    const sampling = { maxNewTokens: option('--max-new-tokens', 16), temperature: option('--temperature', 0), topP: option('--top-p', 1), seed: option('--seed', 0) };
+    for (const [name, value] of Object.entries(sampling)) if (!Number.isFinite(value) || value < 0) fail(2, `${name}: a number >= 0, got ${value}`);
     const model = await Export.open(ort, directoryStore(dir), { oneGraph: true });
     await model.session(model.graphFor('prefill'));
-    const loaded = performance.now(), maxNewTokens = rest[1] === '--max-new-tokens' ? Number(rest[2]) : 16;
+    const loaded = performance.now(), stream = rest.includes('--stream');
     let first = null;
-    const { tokens } = await generate(model, [rest[0].split(',').map(Number)], { maxNewTokens, onToken: () => { first ??= performance.now(); } });
+    const onToken = (_, id) => { first ??= performance.now(); if (stream) console.log(id); };
+    const { tokens } = await generate(model, [rest[0].split(',').map(Number)], { ...sampling, onToken });
     const done = performance.now();
     console.log(JSON.stringify(tokens[0]));
     if (rest.includes('--time')) {

@@ -180,7 +180,8 @@ async function checkVectors(base, backend) {
 
 async function loadChat(base, backend, report) {
   const store = webStore(base, backend.ep, report);
-  const model = await Export.open(ort, store, { oneGraph: true }); // one session: the weights once in memory
+  // one session: the weights once in memory; a quantized export may use onnxruntime's fused int4/int8 kernel (not bit-exact)
+  const model = await Export.open(ort, store, { oneGraph: true, exact: false });
   const files = model.manifest.files;
   if (model.seq2seq) throw new ExportError(`${base}: an encoder-decoder export; this page chats with decoder-only exports`);
   if (!files.tokenizer) throw new ExportError(`${base}: the export has no tokenizer.json, so the page cannot turn text into ids`);
