@@ -123,16 +123,21 @@ def test_browser_answers_a_chat_question(smollm2, tmp_path):
     _, onnx_dir = smollm2
     server = PageServer({"/export/": onnx_dir}).start()
     shot = tmp_path / "page.png"
+    poem = "Write a poem about the sea."
     try:
-        first, again = browser(page_url(server, export="/export/", prompt=QUESTION, max_new_tokens=24), reload=True, screenshot=shot)
+        first, sampled, again = browser(page_url(server, export="/export/", prompt=QUESTION, max_new_tokens=24),
+                                        page_url(server, export="/export/", prompt=poem, max_new_tokens=24, temperature=1.0, seed=5),
+                                        reload=True, screenshot=shot)
     finally:
         server.close()
     generator = Generator.load(onnx_dir)
     ours = generator.generate(QUESTION, chat=True, max_new_tokens=24)
+    assert sampled["state"] == again["state"] == "done" and sampled["tokens"] == again["tokens"]  # seeded: the same answer
+    assert json.loads(sampled["tokens"]) != generator.generate(poem, chat=True, max_new_tokens=24).token_ids  # not greedy
     assert first["state"] == "done", first["text"]
     assert json.loads(first["promptIds"]) == generator.codec.encode_chat([{"role": "user", "content": QUESTION}])
     assert json.loads(first["tokens"]) == ours.token_ids and first["text"] == ours.text and "Paris" in first["text"]
-    assert first["weightsSource"] == "network" and again["weightsSource"] == "cache" and again["tokens"] == first["tokens"]
+    assert first["weightsSource"] == "network" and sampled["weightsSource"] == again["weightsSource"] == "cache"
     assert first["backend"].startswith("WebAssembly") and float(first["tokensPerSecond"]) > 0
     assert shot.stat().st_size > 10_000
     if os.environ.get("KVGRAPH_SCREENSHOT"):  # how the README's picture is made

@@ -400,8 +400,10 @@ def test_browser_shows_bad_input_as_one_line_in_the_page(vectors, page_server, t
     for name in ("empty", "newer", "unweighted", "bad-vectors"):
         page_server.mount(f"/bad/{name}/", tmp_path / name)
     shown = browser(page_url(page_server, export="/bad/empty/"), page_url(page_server, export="/bad/newer/"),
-                    page_url(page_server, export="/bad/unweighted/", vectors=good), page_url(page_server, export=export, vectors="/bad/bad-vectors/"))
-    assert [s["state"] for s in shown] == ["error"] * 4 and all(len(s["text"].splitlines()) == 1 for s in shown)
+                    page_url(page_server, export="/bad/unweighted/", vectors=good), page_url(page_server, export=export, vectors="/bad/bad-vectors/"),
+                    page_url(page_server, export=export, prompt="hi", temperature="-1"))
+    assert [s["state"] for s in shown] == ["error"] * 5 and all(len(s["text"].splitlines()) == 1 for s in shown)
+    assert shown[4]["text"] == "error: temperature=-1: out of range"
     assert "/bad/empty/kvgraph.json: HTTP 404: the manifest is not there; is" in shown[0]["text"] and "a kvgraph export directory?" in shown[0]["text"]
     assert "format_version 2.0 is newer than this driver reads (1.x)" in shown[1]["text"]
     assert "/bad/unweighted/model.onnx.data: HTTP 404: the weights file is not there" in shown[2]["text"]

@@ -3,6 +3,7 @@
 //
 //   index.html?export=URL                   chat with the export (URL: its directory, default ../export/)
 //   index.html?export=URL&prompt=TEXT       ask TEXT at once (max_new_tokens=N, backend=wasm|webgpu optional)
+//   ...&temperature=T&top_p=P&seed=S         sample instead of greedy decoding (seeded: the same seed, the same answer)
 //   index.html?export=URL&vectors=URL       reproduce golden vectors (kvgraph vectors) and show each case's result
 //
 // The outcome is also in #result (data-state running|done|error), which the headless test reads.
@@ -200,12 +201,26 @@ async function loadChat(base, backend, report) {
   return { model, tokenizer, encode };
 }
 
-async function ask(chat, question, backend, report, maxNewTokens) {
+function samplingOptions() { // greedy unless temperature > 0; every value checked before anything runs
+  const read = (name, fallback, ok) => {
+    const raw = params.get(name), value = raw === null ? fallback : Number(raw);
+    if (raw !== null && !(raw.trim() !== '' && Number.isFinite(value) && ok(value))) throw new ExportError(`${name}=${raw}: out of range`);
+    return value;
+  };
+  return {
+    maxNewTokens: read('max_new_tokens', 128, (v) => Number.isInteger(v) && v > 0),
+    temperature: read('temperature', 0, (v) => v >= 0),
+    topP: read('top_p', 1, (v) => v > 0 && v <= 1),
+    seed: read('seed', 0, (v) => Number.isInteger(v) && v >= 0),
+  };
+}
+
+async function ask(chat, question, backend, report, sampling) {
   const ids = chat.encode(question), answer = [];
   $('answer').textContent = '';
   let t0 = performance.now(), first = null;
   const { tokens } = await generate(chat.model, [ids], {
-    maxNewTokens,
+    ...sampling,
     onToken: async (_, id) => {
       first ??= seconds(t0);
       if (!chat.model.eos.includes(id)) answer.push(id);
@@ -228,16 +243,14 @@ async function main() {
   const backend = await pickBackend();
   status(`backend: ${backend.label}`);
   if (params.has('vectors')) return checkVectors(base, backend);
-  const report = {};
+  const report = {}, sampling = samplingOptions();
   const chat = await loadChat(base, backend, report);
-  const maxNewTokens = Number(params.get('max_new_tokens') || 128);
-  if (!(Number.isInteger(maxNewTokens) && maxNewTokens > 0)) throw new ExportError(`max_new_tokens=${params.get('max_new_tokens')}: a positive integer, please`);
   status(`ready on ${backend.label} (loaded in ${report.loadSeconds} s)`);
   $('chat').hidden = false;
   $('ask').disabled = false;
   $('ask').onclick = () => {
     $('ask').disabled = true;
-    ask(chat, $('prompt').value, backend, report, maxNewTokens).catch(fail).finally(() => { $('ask').disabled = false; });
+    ask(chat, $('prompt').value, backend, report, sampling).catch(fail).finally(() => { $('ask').disabled = false; });
   };
   if (params.has('prompt')) {
     $('prompt').value = params.get('prompt');
