@@ -18,6 +18,7 @@ import http.server
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 from ..graphs.errors import KvgraphError
 from ..graphs.manifest import MANIFEST_NAME
@@ -39,7 +40,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         super().__init__(*args, **kwargs)
 
     def translate_path(self, path: str) -> str:
-        path = http.server.urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
+        path = unquote(path.split("?", 1)[0].split("#", 1)[0])
         for prefix, root in sorted(self.mounts.items(), key=lambda item: -len(item[0])):
             if path.startswith(prefix):
                 target = (root / path[len(prefix):]).resolve()

@@ -368,6 +368,31 @@ def test_kvgraph_web_serves_the_page_to_a_browser_and_refuses_bad_input(vectors,
     assert shown["state"] == "done" and "case 'verify': 2 graph calls match" in shown["text"], shown["text"]
 
 
+def test_page_server_serves_only_its_mounts_with_the_isolation_headers(vectors):
+    """What lets the page use WebAssembly threads (COOP/COEP) and load modules (MIME types); nothing outside a mount."""
+    import http.client
+
+    _, directory, _ = vectors(EXPORTS[0])
+    server = PageServer({"/export/": directory}).start()
+    try:
+        def get(path: str):
+            connection = http.client.HTTPConnection(*server.httpd.server_address[:2], timeout=10)
+            connection.request("GET", path)  # sent as written: no client-side normalisation of ".."
+            response = connection.getresponse()
+            return response.status, response.headers, response.read()  # headers: case-insensitive
+
+        status, headers, body = get("/export/kvgraph.json")
+        assert status == 200 and json.loads(body)["format"] == "kvgraph" and headers["Content-Type"] == "application/json"
+        assert headers["Cross-Origin-Opener-Policy"] == "same-origin" and headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+        assert get("/web/")[0] == 200 and get("/js/kvgraph.js")[1]["Content-Type"] == "text/javascript"
+        wasm = next((ROOT / "examples" / "web" / "node_modules" / "onnxruntime-web" / "dist").glob("*.wasm")).name
+        assert get(f"/web/node_modules/onnxruntime-web/dist/{wasm}")[1]["Content-Type"] == "application/wasm"
+        for path in ("/export/../../README.md", "/export/%2e%2e/%2e%2e/README.md", "/export/", "/README.md", "/tests/browser.py"):
+            assert get(path)[0] == 404, path
+    finally:
+        server.close()
+
+
 class _CutDownload(_Handler):
     """Sends the weights file's full Content-Length, then half of it, then hangs up: a network error mid-download."""
 
