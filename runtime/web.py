@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -129,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise KvgraphError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     query = "export=/export/" + ("&vectors=/vectors/" if args.vectors is not None else "")
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (a background job)
+        signal.signal(signum, _stop)
     print(f"open {server.url}/web/?{query}  (Ctrl-C stops)", flush=True)
     try:
         server.httpd.serve_forever()
@@ -137,3 +140,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.httpd.server_close()
     return 0
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -363,8 +363,8 @@ def test_kvgraph_web_serves_the_page_to_a_browser_and_refuses_bad_input(vectors,
         assert line.startswith("open http://127.0.0.1:"), line + server.stderr.read()
         [shown] = browser(line.split()[1])
     finally:
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=20) == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0 and "stopped" in server.stderr.read()
     assert shown["state"] == "done" and "case 'verify': 2 graph calls match" in shown["text"], shown["text"]
 
 

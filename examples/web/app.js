@@ -70,7 +70,8 @@ async function fetchWeights(url, expectedSize) {
     await cache.delete(url);
   }
   const response = await fetchOk(url, 'the weights file');
-  const total = Number(response.headers.get('content-length')) || expectedSize || 0;
+  // weights.json's size first: a server that compresses announces the compressed length, the stream gives the bytes
+  const total = expectedSize || Number(response.headers.get('content-length')) || 0;
   // the cache reads its own copy of the stream while the page reads the other: nothing is buffered twice
   const stored = cache ? cache.put(url, response.clone()).then(() => null, (err) => err) : Promise.resolve(null);
   let bytes;
@@ -91,14 +92,18 @@ async function fetchWeights(url, expectedSize) {
 
 async function readAll(response, total, url) {
   const reader = response.body.getReader(), bar = $('progress');
-  const bytes = new Uint8Array(total);
-  let received = 0;
+  let bytes = new Uint8Array(total), received = 0;
   bar.hidden = false;
   try {
     for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
-      if (received + value.length > bytes.length) throw new ExportError(`${url}: more bytes than the ${mb(total)} MB announced`);
+      if (received + value.length > bytes.length) {
+        if (total) throw new ExportError(`${url}: more bytes than the ${mb(total)} MB announced`);
+        const grown = new Uint8Array(Math.max(2 * bytes.length, received + value.length)); // no size known: grow
+        grown.set(bytes.subarray(0, received));
+        bytes = grown;
+      }
       bytes.set(value, received);
       received += value.length;
       bar.value = total ? received / total : 0;
@@ -110,6 +115,7 @@ async function readAll(response, total, url) {
   } finally {
     bar.hidden = true;
   }
+  if (!total) return bytes.subarray(0, received);
   if (received !== total) throw new ExportError(`${url}: the download ended at ${mb(received)} of ${mb(total)} MB; reload to try again`);
   return bytes;
 }
