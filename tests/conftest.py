@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -19,20 +21,35 @@ class Exported:
         self.contract = manifest.contract
 
 
+def shared_export(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """An export made once per test run and shared by the xdist workers: the first worker to ask builds it (export
+    publishes a directory only when complete), the others wait for it. Tests treat shared exports as read-only."""
+    from filelock import FileLock
+
+    run = tmp_path_factory.getbasetemp()
+    run = run.parent if os.environ.get("PYTEST_XDIST_WORKER") else run  # under xdist: the run's folder, above each worker's
+    out = run / "shared-exports" / name
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "kvgraph.json").is_file():
+            build(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def export_cache(tmp_path_factory):
-    """Each tiny family model is exported once per test session, on first use."""
+    """Each tiny family model is exported once per test run (shared by the workers), on first use."""
     from kvgraph.export import export_model
+    from kvgraph.graphs import Manifest
 
     cache = {}
 
     def get(family: str, mode: str = "dynamic") -> Exported:
         if (family, mode) not in cache:
-            model = tiny_model(family)
-            out = tmp_path_factory.mktemp("exports") / f"{family}-{mode}"
+            model = tiny_model(family)  # seeded: the same weights in every worker
             options = {"cache": "static", "max_length": STATIC_LENGTH} if mode == "static" else {}
-            result = export_model(model, out, **options)
-            cache[family, mode] = Exported(family, model, out, result.manifest)
+            out = shared_export(tmp_path_factory, f"{family}-{mode}", lambda out: export_model(model, out, **options))
+            cache[family, mode] = Exported(family, model, out, Manifest.load(out))
         return cache[family, mode]
 
     return get
@@ -44,18 +61,19 @@ SEQ2SEQ_STATIC_LENGTH = 32
 
 @pytest.fixture(scope="session")
 def seq2seq_exports(tmp_path_factory):
-    """Each tiny encoder-decoder exported once per session and cache mode: (model, directory, manifest)."""
+    """Each tiny encoder-decoder exported once per run and cache mode: (model, directory, manifest)."""
     from families import tiny_seq2seq
     from kvgraph.export import export_model
+    from kvgraph.graphs import Manifest
 
     cache = {}
 
     def get(family: str, mode: str = "dynamic"):
         if (family, mode) not in cache:
             model = tiny_seq2seq(family)
-            out = tmp_path_factory.mktemp("seq2seq") / f"{family}-{mode}"
             options = {"cache": "static", "max_length": SEQ2SEQ_STATIC_LENGTH} if mode == "static" else {}
-            cache[family, mode] = (model, out, export_model(model, out, **options).manifest)
+            out = shared_export(tmp_path_factory, f"seq2seq-{family}-{mode}", lambda out: export_model(model, out, **options))
+            cache[family, mode] = (model, out, Manifest.load(out))
         return cache[family, mode]
 
     return get
@@ -75,8 +93,7 @@ def text_export(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     model_dir = text_model_dir(tmp_path_factory.mktemp("hf") / "text-llama")
-    out = tmp_path_factory.mktemp("exports") / "text-llama"
-    export_model(model_dir, out)
+    out = shared_export(tmp_path_factory, "text-llama", lambda out: export_model(model_dir, out))
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), out
 
 
@@ -89,10 +106,11 @@ def text_export_static(tmp_path_factory, text_export):
     from families import text_model_dir
     from kvgraph.export import export_model
 
-    model_dir = text_model_dir(tmp_path_factory.mktemp("hf") / "text-llama")  # same seed: same weights
-    out = tmp_path_factory.mktemp("exports") / "text-llama-static"
-    export_model(model_dir, out, cache="static", max_length=TEXT_STATIC_LENGTH)
-    return text_export[0], out
+    def build(out: Path) -> None:
+        model_dir = text_model_dir(tmp_path_factory.mktemp("hf") / "text-llama")  # same seed: same weights
+        export_model(model_dir, out, cache="static", max_length=TEXT_STATIC_LENGTH)
+
+    return text_export[0], shared_export(tmp_path_factory, "text-llama-static", build)
 
 
 def _long_model_dir(tmp_path_factory):
@@ -110,7 +128,7 @@ def long_export(tmp_path_factory):
     (a request long enough to time out, or to be running when the server is told to stop)."""
     from kvgraph.export import export_model
 
-    return export_model(_long_model_dir(tmp_path_factory), tmp_path_factory.mktemp("exports") / "long-llama").directory
+    return shared_export(tmp_path_factory, "long-llama", lambda out: export_model(_long_model_dir(tmp_path_factory), out))
 
 
 @pytest.fixture(scope="session")
@@ -118,8 +136,8 @@ def long_export_static(tmp_path_factory):
     """The same, with a static cache of 4,096 positions."""
     from kvgraph.export import export_model
 
-    out = tmp_path_factory.mktemp("exports") / "long-llama-static"
-    return export_model(_long_model_dir(tmp_path_factory), out, cache="static", max_length=4096).directory
+    return shared_export(tmp_path_factory, "long-llama-static",
+                         lambda out: export_model(_long_model_dir(tmp_path_factory), out, cache="static", max_length=4096))
 
 
 def pytest_collection_modifyitems(items):
