@@ -33,21 +33,21 @@ token, frees its row and raises RequestTimeout.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from ..graphs import KvgraphError
-from .generator import GenerationResult, Generator
+from .engine_base import Engine, Job, RequestTimeout, remaining
+from .generator import Generator
 from .loop import BatchRun, Request
 from .sampling import Sampling
 from .steps import StaticCache, _BoundDecode, prefill
-from .text import IncrementalText
+
+__all__ = ["BatchEngine", "Engine", "RequestEngine", "RequestTimeout", "batch_refusal", "make_engine"]
 
 
 @dataclass
@@ -60,27 +60,6 @@ class _Row:
     logits: np.ndarray | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     prefill_s: float = 0.0
-
-
-@dataclass
-class _Job:
-    request: Request
-    run: BatchRun
-    prefill_s: float
-    leave: Callable[[], None]  # gives the row back (once the request's thread is done with it)
-
-
-class RequestTimeout(KvgraphError):
-    """A request ran past its timeout. queued: it never got a row; new_tokens: what it had generated."""
-
-    def __init__(self, seconds: float, queued: bool, new_tokens: int = 0) -> None:
-        where = "waiting for a free row" if queued else f"after {new_tokens} new tokens"
-        super().__init__(f"the request timed out ({seconds:g} s) {where}")
-        self.seconds, self.queued, self.new_tokens = seconds, queued, new_tokens
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class _Slots:
@@ -121,106 +100,7 @@ class _FirstRows:
         return list(zip(graphs.contract.past_names(), graphs.contract.present_names(), self.values))
 
 
-class _Engine:
-    """What both engines share: the callers' side (generate, stream, events) and each request's thread."""
-
-    kind = ""  # named in /health
-
-    def __init__(self, generator: Generator, max_batch: int) -> None:
-        if max_batch < 1:
-            raise KvgraphError(f"max_batch must be >= 1, got {max_batch}")
-        self.generator, self.graphs, self.max_batch = generator, generator.graphs, max_batch
-        self._lock = threading.Condition()
-        self._closed = False
-
-    # -- the callers' side ----------------------------------------------------------------------
-
-    def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-                 min_new_tokens: int = 0, **sampling) -> GenerationResult:
-        for event in self.events(prompt, max_new_tokens, chat=chat, stop=stop, min_new_tokens=min_new_tokens, **sampling):
-            if isinstance(event, GenerationResult):
-                return event
-        raise KvgraphError(f"the request ended without a result{self._why()}")
-
-    def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-               min_new_tokens: int = 0, **sampling) -> Iterator[str]:
-        """Text pieces as tokens arrive; closing the iterator early frees the row at once."""
-        for piece in self.events(prompt, max_new_tokens, chat=chat, stop=stop, min_new_tokens=min_new_tokens, **sampling):
-            if isinstance(piece, str):
-                yield piece
-
-    def events(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-               min_new_tokens: int = 0, cancel: threading.Event | None = None, timeout: float | None = None,
-               **sampling) -> Iterator[str | GenerationResult]:
-        """Text pieces as tokens arrive, then the GenerationResult (finish reason, token counts).
-
-        The request's token loop runs in its own thread, so a consumer that stops reading (a client gone
-        silent) never holds up the other rows' steps. Setting `cancel`, or closing this iterator, ends the
-        request at its next token and frees its row. `timeout` (seconds, from this call, waiting for a row
-        included): past it the request ends the same way and RequestTimeout is raised."""
-        cancel = cancel or threading.Event()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        codec = self.generator.codec  # without a tokenizer: no text pieces, the result only
-        text = IncrementalText(codec, hold=max((len(s) for s in stop), default=1) - 1) if codec else None
-        request = self.generator._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
-        self.generator.check([request])
-        constraint = sampling.pop("constraint", None)
-        settings = Sampling(**sampling)
-        job = self._start(request, settings, deadline, timeout, constraint)
-        tokens: queue.Queue = queue.Queue()
-        threading.Thread(target=self._work, args=(job, tokens, cancel, deadline, timeout), name="kvgraph-request", daemon=True).start()
-        try:
-            while True:
-                kind, value = tokens.get()
-                if kind == "token" and text is not None:
-                    piece = text.push(value)
-                    if piece:
-                        yield piece
-                elif kind == "done":
-                    last = text.finish(value.text) if text is not None else ""
-                    if last:
-                        yield last
-                    yield value
-                    return
-                elif kind == "error":
-                    raise value
-                elif kind == "end":  # cancelled: no result
-                    return
-        finally:
-            cancel.set()
-
-    def _work(self, job: _Job, tokens: queue.Queue, cancel: threading.Event, deadline: float | None, timeout: float | None) -> None:
-        """The request's token loop, handing each token to the consumer's queue; stops when cancelled or late."""
-        try:
-            for _, token in job.run:
-                row = job.run.rows[0]
-                if row.finish_reason != "stop":  # the stop string's token: its text is cut at the end
-                    tokens.put(("token", token))
-                if cancel.is_set():
-                    break
-                if deadline is not None and time.monotonic() > deadline and not row.finished:
-                    tokens.put(("error", RequestTimeout(timeout, queued=False, new_tokens=len(row.tokens))))
-                    break
-            else:
-                tokens.put(("done", self.generator.result(job.request, job.run.rows[0], job.prefill_s, job.run)))
-        except Exception as exc:  # the engine stopped: the consumer raises it
-            tokens.put(("error", exc))
-        finally:
-            job.leave()
-            tokens.put(("end", None))
-
-    @property
-    def free_rows(self) -> int:
-        return self.max_batch - self.rows_in_use
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class BatchEngine(_Engine):
+class BatchEngine(Engine):
     """Requests from many threads, decoded together over one static-cache export."""
 
     kind = "continuous batching"
@@ -261,7 +141,7 @@ class BatchEngine(_Engine):
             self._lock.notify_all()
         self._thread.join()
 
-    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None, constraint=None) -> _Job:
+    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None, constraint=None) -> Job:
         """Wait for a row and its prefill; the job's run generates when iterated."""
         row, admitted = _Row(-1, 0), threading.Event()
         entry = (request, row, admitted)
@@ -270,7 +150,7 @@ class BatchEngine(_Engine):
                 raise KvgraphError(f"the engine is closed{self._why()}")
             self._waiting.append(entry)
             self._lock.notify_all()
-        if not admitted.wait(_remaining(deadline)):
+        if not admitted.wait(remaining(deadline)):
             with self._lock:
                 if entry in self._waiting:  # still waiting: leave the queue (else the engine is admitting it now)
                     self._waiting.remove(entry)
@@ -280,7 +160,7 @@ class BatchEngine(_Engine):
             raise KvgraphError(f"the engine stopped before the request ran{self._why()}")
         run = BatchRun([request], row.logits, np.ones((1, row.length), dtype=np.int64), lambda feed, mask: self._step(row, feed),
                        settings, self.generator, constraint)
-        return _Job(request, run, row.prefill_s, lambda: self._leave(row))
+        return Job(request, run, row.prefill_s, lambda: self._leave(row))
 
     def _step(self, row: _Row, feed: np.ndarray) -> np.ndarray:
         """The row's next token in, its logits (1, V) out, once the engine has run the step."""
@@ -377,7 +257,7 @@ class BatchEngine(_Engine):
             row.ready.set()
 
 
-class RequestEngine(_Engine):
+class RequestEngine(Engine):
     """Each request on its own cache (Generator's own steps) in its own thread, at most max_batch at once,
     the others waiting in arrival order. For exports the batch engine cannot share a step of."""
 
@@ -409,13 +289,13 @@ class RequestEngine(_Engine):
             self._closed = True
             self._lock.notify_all()
 
-    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None, constraint=None) -> _Job:
+    def _start(self, request: Request, settings: Sampling, deadline: float | None, timeout: float | None, constraint=None) -> Job:
         turn = object()
         with self._lock:
             self._queue.append(turn)
             try:
                 while not self._closed and (self._running >= self.max_batch or self._queue[0] is not turn):
-                    if not self._lock.wait(_remaining(deadline)) and deadline is not None and time.monotonic() >= deadline:
+                    if not self._lock.wait(remaining(deadline)) and deadline is not None and time.monotonic() >= deadline:
                         raise RequestTimeout(timeout, queued=True)
                 if self._closed:
                     raise KvgraphError("the engine is closed")
@@ -429,7 +309,7 @@ class RequestEngine(_Engine):
         except BaseException:
             self._leave()
             raise
-        return _Job(request, run, prefill_s, self._leave)
+        return Job(request, run, prefill_s, self._leave)
 
     def _leave(self) -> None:
         with self._lock:
@@ -450,7 +330,7 @@ def batch_refusal(generator: Generator) -> str:
     return ""
 
 
-def make_engine(generator: Generator, max_batch: int = 8) -> tuple[_Engine, str]:
+def make_engine(generator: Generator, max_batch: int = 8) -> tuple[Engine, str]:
     """The batch engine where the export allows it, else one cache per request; and why that one."""
     reason = batch_refusal(generator)
     if reason:

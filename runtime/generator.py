@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..graphs import GraphContract, KvgraphError
+from ..graphs import KvgraphError
 from ..graphs.contract import VERIFY
-from ..graphs.modes import Positions, step_adapter
+from ..graphs.modes import Positions
 from .beam import BeamOptions, beam_search
+from .budget import cache_need, default_cache_budget, size_text
 from .constrain import Constraint
 from .speculative import SpeculativeSteps, common_prefix, drafter_for
 from .loop import BatchRun, Request, RowState
@@ -278,8 +278,8 @@ class Generator:
             return
         need, how = cache_need(self.graphs.contract, [len(r.prompt_ids) for r in requests], max(r.max_new_tokens for r in requests))
         if need > self.max_cache_bytes:
-            raise KvgraphError(f"this request needs {_size(need)} of KV cache ({how}), over the cache budget of "
-                               f"{_size(self.max_cache_bytes)} (Generator.load(max_cache_bytes=...), kvgraph generate --max-cache-memory)")
+            raise KvgraphError(f"this request needs {size_text(need)} of KV cache ({how}), over the cache budget of "
+                               f"{size_text(self.max_cache_bytes)} (Generator.load(max_cache_bytes=...), kvgraph generate --max-cache-memory)")
 
     def decoder_prefix(self, request: Request) -> list[int]:
         """The decoder's sequence before the first new token: the prompt, or an encoder-decoder's start token."""
@@ -297,38 +297,6 @@ class Generator:
         stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate,
                                 drafts.proposed if drafts else 0, drafts.accepted if drafts else 0)
         return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)
-
-
-def cache_need(contract: GraphContract, prompt_lengths: list[int], max_new_tokens: int) -> tuple[int, str]:
-    """Bytes of KV cache a batch needs at its longest, and how that number is made up."""
-    steps = step_adapter(contract)
-    rows, per_position = len(prompt_lengths), contract.cache_bytes_per_token()
-    layout = f"{contract.num_layers} layers x 2 x {contract.num_kv_heads} KV heads x {contract.head_dim} x {np.dtype(contract.dtype).itemsize} bytes"
-    need = steps.kind.positions(max(prompt_lengths), max_new_tokens)
-    held, copies = steps.cache.cache_positions(contract, need.decoder)  # a dynamic step holds its past and its present at once
-    total = rows * (steps.cache.row_bytes(contract, need.decoder) + per_position * need.source)  # + cross K/V over the source
-    note = ", x 2 while a step holds past and present" if copies == 2 else ""
-    if contract.ring_windows:  # a static cache's windowed layers hold W positions, not N
-        rings = [w for w in contract.ring_windows if w]
-        note = f", but {len(rings)} windowed layers hold rings of {max(rings)}"
-    if need.source:
-        return total, f"{rows} rows x ({held} decoder{' x 2' if copies == 2 else ''} + {need.source} source positions) x {layout}"
-    return total, f"{rows} rows x {held} positions x {layout}{note}"
-
-
-def default_cache_budget() -> int | None:
-    """Half of physical memory, or None where the platform does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return f"{count} bytes"
 
 
 class _CachedSteps:

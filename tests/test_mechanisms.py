@@ -34,7 +34,8 @@ def test_sliding_window_layers_are_recorded_and_the_static_cache_outgrows_the_wi
 
 def test_a_static_window_layer_is_a_ring_of_w_positions(export_cache):
     """The windowed layer's buffers hold W = 8 positions, the global layer's N = 48; the runtime allocates them so."""
-    from kvgraph.runtime.generator import Generator, cache_need
+    from kvgraph.runtime.budget import cache_need
+    from kvgraph.runtime.generator import Generator
     from kvgraph.runtime.steps import StaticCache
 
     exported = export_cache("gemma2", "static")

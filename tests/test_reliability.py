@@ -14,7 +14,7 @@ from kvgraph.export import export_model
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime import GenerationInterrupted, Generator
 from kvgraph.runtime.cli import main
-from kvgraph.runtime.generator import cache_need
+from kvgraph.runtime.budget import cache_need
 
 REQUESTS = ["Once upon a time", "a", "héllo wörld €", "The quick brown fox jumps over", "1 2 3 4 5 6 7 8", "x y",
             "abc" * 5, "Tell me", "zz", "Why is the sky blue? Because"]
