@@ -15,7 +15,8 @@ import torch
 from ..graphs import GraphContract, KvgraphError, io_mismatches
 from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE, VERIFY
 from ..graphs.derive import prefill_from_extend
-from ..graphs.onnx_files import (apply_shapes, logits_at_every_position, attend_grouped_heads_directly, drop_zero_additions, read_io,
+from ..graphs.modes import step_adapter
+from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, keep_every_position, drop_zero_additions, read_io,
                                  share_embeddings_across_graphs, store_embedding_transposed, strip_exporter_metadata,
                                  untie_transposed_copies)
 from .experts import traceable_experts
@@ -82,8 +83,8 @@ def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphCon
     for name in contract.graphs():
         if name not in graphs:
             graphs[name] = copy.deepcopy(next(graphs[source] for source in COPIES[name] if source in graphs))
-    if contract.verify and not (contract.static and contract.all_logits):  # else the copied graph keeps every position already
-        logits_at_every_position(graphs[VERIFY])
+    if contract.verify:  # a copy of the graph that runs Q tokens after a past
+        keep_every_position(graphs[VERIFY], contract, step_adapter(contract).graph("extend"))
     share_embeddings_across_graphs(graphs)  # encoder-decoders: the encoder's embedding is the decoder's lm_head
     graphs = {name: graphs[name] for name in contract.graphs()}
     for name, proto in graphs.items():

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
-from .contract import TensorSpec
+from .contract import GraphContract, TensorSpec
 from .manifest import WEIGHTS_FORMAT, WEIGHTS_VERSION
 
 INLINE_LIMIT = 1024  # initializers smaller than this (bytes) stay inside the graph file
@@ -308,6 +308,13 @@ def logits_at_every_position(model: onnx.ModelProto, logits: str = "logits") -> 
     _drop_unused(graph)
     output = next(o for o in graph.output if o.name == logits)
     output.type.tensor_type.shape.dim[1].dim_param = "sequence"
+
+
+def keep_every_position(model: onnx.ModelProto, contract: GraphContract, graph: str) -> None:
+    """`graph` of an export with `contract`, in place, with logits at every new position (the verify graph; a text's
+    scores). A prefill exported with all_logits has them already and is left as it is."""
+    if not (contract.all_logits and graph == "prefill"):
+        logits_at_every_position(model)
 
 
 def _last_position_slice(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:

@@ -131,17 +131,16 @@ class _Scorer:
     """The export's prefill graph, changed in memory to return logits at every position."""
 
     def __init__(self, directory: Path, threads: int | None) -> None:
-        from ..graphs.onnx_files import logits_at_every_position
+        from ..graphs.onnx_files import keep_every_position
 
         manifest = Manifest.load(directory)
         self.steps = step_adapter(manifest.contract)
         name = graph_file(self.steps.graph("prefill"))
         model = check_graph_file(directory, name)  # the header, without the weights
-        if not manifest.contract.all_logits:
-            try:
-                logits_at_every_position(model)
-            except ValueError as exc:
-                raise KvgraphError(f"{directory / name}: cannot score a text with it: {exc}") from exc
+        try:
+            keep_every_position(model, manifest.contract, "prefill")
+        except ValueError as exc:
+            raise KvgraphError(f"{directory / name}: cannot score a text with it: {exc}") from exc
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:

@@ -116,17 +116,16 @@ class LoadedGraphs:
     def _derived_verify(self) -> ort.InferenceSession:
         """An export written before verify.onnx (format < 1.4): its verify graph (graphs/README.md section 4.2),
         derived in memory from the graph that runs Q new tokens after a past (extend, or a static export's prefill)."""
-        from ..graphs.onnx_files import logits_at_every_position
+        from ..graphs.onnx_files import keep_every_position
 
         if self.contract.seq2seq:
             raise KvgraphError(f"{self.directory}: speculative decoding takes decoder-only exports")
         base = self.steps.graph("extend")
         model = check_graph_file(self.directory, graph_file(base))
-        if not (self.contract.static and self.contract.all_logits):  # else every position's logits are there already
-            try:
-                logits_at_every_position(model)
-            except ValueError as exc:
-                raise KvgraphError(f"{self.directory / graph_file(base)}: cannot verify drafted tokens with it: {exc}") from exc
+        try:
+            keep_every_position(model, self.contract, base)
+        except ValueError as exc:
+            raise KvgraphError(f"{self.directory / graph_file(base)}: cannot verify drafted tokens with it: {exc}") from exc
         options = self.options(VERIFY, weights_of=base)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.directory))
         return ort.InferenceSession(model.SerializeToString(), options, providers=[(self.provider_name, self.provider_options(base))])

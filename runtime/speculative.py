@@ -57,13 +57,7 @@ class DraftModel:
     """Drafts with a smaller export of the same tokenizer: its greedy guess of the next k tokens. Its own cache
     follows the accepted text (truncated to the common prefix, then extended), so a step costs k small decodes."""
 
-    def __init__(self, generator, target) -> None:
-        if generator.graphs.contract.seq2seq or generator.graphs.contract.vocab_size != target.graphs.contract.vocab_size:
-            raise KvgraphError(f"{generator.graphs.directory}: a draft export must be decoder-only with the target's vocabulary "
-                               f"({target.graphs.contract.vocab_size} tokens), not {generator.graphs.contract.vocab_size}")
-        mine, theirs = (Path(g.graphs.directory, "tokenizer.json") for g in (generator, target))
-        if mine.is_file() and theirs.is_file() and mine.read_bytes() != theirs.read_bytes():
-            raise KvgraphError(f"{generator.graphs.directory}: its tokenizer.json differs from the target's; a draft export needs the same tokenizer")
+    def __init__(self, generator) -> None:  # checked against the target by drafter_for
         self.generator, self.name = generator, str(generator.graphs.directory)
         self.cache, self.fed = None, []
 
@@ -146,15 +140,27 @@ def drafter_for(speculative, target, draft_cache: dict):
     from .generator import Generator
 
     if isinstance(speculative, Generator):
-        return DraftModel(speculative, target)
+        return DraftModel(_checked_draft(speculative, target))
     if isinstance(speculative, (str, Path)):
         if not Path(speculative, "kvgraph.json").is_file():
             raise KvgraphError(f"speculative must be 'prompt-lookup' or a draft export's directory; {speculative} has no kvgraph.json")
         key = str(Path(speculative).resolve())
-        if key not in draft_cache:
-            draft_cache[key] = Generator.load(speculative, provider=target.graphs.device.provider, threads=target.graphs.threads)
-        return DraftModel(draft_cache[key], target)
+        if key not in draft_cache:  # loaded and checked once
+            loaded = Generator.load(speculative, provider=target.graphs.device.provider, threads=target.graphs.threads)
+            draft_cache[key] = _checked_draft(loaded, target)
+        return DraftModel(draft_cache[key])
     raise KvgraphError(f"speculative must be 'prompt-lookup', a draft export's directory or a Generator, got {type(speculative).__name__}")
+
+
+def _checked_draft(generator, target):
+    """The draft generator, if it can draft for the target: decoder-only, the same vocabulary and tokenizer."""
+    if generator.graphs.contract.seq2seq or generator.graphs.contract.vocab_size != target.graphs.contract.vocab_size:
+        raise KvgraphError(f"{generator.graphs.directory}: a draft export must be decoder-only with the target's vocabulary "
+                           f"({target.graphs.contract.vocab_size} tokens), not {generator.graphs.contract.vocab_size}")
+    mine, theirs = (Path(g.graphs.directory, "tokenizer.json") for g in (generator, target))
+    if mine.is_file() and theirs.is_file() and mine.read_bytes() != theirs.read_bytes():
+        raise KvgraphError(f"{generator.graphs.directory}: its tokenizer.json differs from the target's; a draft export needs the same tokenizer")
+    return generator
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

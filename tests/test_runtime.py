@@ -335,7 +335,8 @@ def test_cuda_graph_needs_cuda_and_a_static_export(text_export, text_export_stat
 
 @pytest.fixture(scope="module")
 def draft_export(tmp_path_factory):
-    """A second byte-level llama (another seed: other weights, the same tokenizer) to draft for the text model."""
+    """A second byte-level llama (another seed: other weights, the same tokenizer) to draft for the text model; its
+    vocabulary is the byte one of text_model_dir (a ByT5-like byte model) because a draft must share the target's."""
     from families import CHAT_TEMPLATE, byte_tokenizer, tiny_model
     from kvgraph.export import export_model
 

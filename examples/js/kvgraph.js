@@ -167,19 +167,18 @@ export class Driver {
     return (await this.call('prefill', { ...s, input_ids: m.ints(ids), attention_mask: this.decoderMask(), position_ids: m.ints(positions(mask)) }, ids[0].length)).logits;
   }
 
-  /** Q tokens per row after what is cached: Q = 1 is a decode step; more (or `graph` 'verify') are extend/verify. */
-  async more(tokens, graph = 'decode') {
+  /** Q tokens per row after what is cached, through `graph`: a decode step (Q = 1) or a verify call. */
+  async more(tokens, graph) {
     const m = this.model, q = tokens[0].length;
     this.room(q);
     const s = m.static ? this.staticFeeds(tokens.length) : {};
     if (m.seq2seq) return (await this.call('decode', { ...s, ...this.cross, input_ids: m.ints(tokens), encoder_attention_mask: this.sourceMask }, 1)).logits;
     this.mask = this.mask.map((row) => [...row, ...tokens[0].map(() => 1)]);
     const position = positions(this.mask).map((row) => row.slice(row.length - q));
-    const name = graph === 'decode' && q > 1 ? (m.static ? 'prefill' : 'extend') : graph;
-    return (await this.call(name, { ...s, input_ids: m.ints(tokens), attention_mask: this.decoderMask(), position_ids: m.ints(position) }, q)).logits;
+    return (await this.call(graph, { ...s, input_ids: m.ints(tokens), attention_mask: this.decoderMask(), position_ids: m.ints(position) }, q)).logits;
   }
 
-  next(tokens) { return this.more(tokens.map((t) => [t])); } // one id per row
+  next(tokens) { return this.more(tokens.map((t) => [t]), 'decode'); } // one id per row
 
   /** Speculative decoding's check (graphs/README.md 4.2): Q drafted ids per row -> logits (B, Q, V), one per drafted token. */
   verify(draft) { return this.more(draft, 'verify'); }

@@ -17,7 +17,9 @@ export function directoryStore(dir) {
   return {
     json(name) {
       const file = path.join(dir, name);
-      if (!fs.existsSync(file)) throw new ExportError(`${file}: no manifest here; is ${dir} a kvgraph export directory?`);
+      if (!fs.existsSync(file)) {
+        throw new ExportError(name === 'kvgraph.json' ? `${file}: no manifest here; is ${dir} a kvgraph export directory?` : `${file}: not found`);
+      }
       try { return JSON.parse(fs.readFileSync(file, 'utf8')); } catch (err) { throw new ExportError(`${file}: ${err.message}`); }
     },
     session: (ortModule, file, options) => ortModule.InferenceSession.create(path.join(dir, file), options),
