@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kvgraph.runtime import Generator
-from kvgraph.runtime.steps import decode_one, prefill
+from kvgraph.runtime.core.steps import decode_one, prefill
 
 MODES = ("static", "static-copy", "dynamic", "recompute")
 

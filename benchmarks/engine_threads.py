@@ -14,7 +14,7 @@ import threading
 import time
 
 from kvgraph.runtime import Generator
-from kvgraph.runtime.engine import BatchEngine
+from kvgraph.runtime.serving.engine import BatchEngine
 
 NEW_TOKENS = 64
 PROMPT = list(range(1000, 1024))

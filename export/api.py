@@ -16,20 +16,20 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel
 
-from ..graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTokens, ValidationError
-from ..graphs.contract import CACHE_MODES, MIN_STATIC_LENGTH
-from ..graphs.manifest import METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, graph_file
-from ..graphs.onnx_files import embed_metadata, write_graphs
-from ..graphs.quantize import QuantScheme, thresholds
-from ..graphs.staging import check_destination, staged
-from ..graphs.report import DiffRow, TOLERANCES, failures, format_table
-from .config import ModelDims
-from .families import family_for
-from .load import Source, first_line, library_versions, load_source
-from .scatter import SCATTER_OPSET
-from .trace import IR_VERSION, OPSET, optimize_graphs, trace_graphs
-from .validate import DECODE_STEPS, PROMPT_LENGTHS, SOURCE_LENGTHS
-from .validate import validate as validate_graphs
+from kvgraph.graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTokens, ValidationError
+from kvgraph.graphs.contract import CACHE_MODES, MIN_STATIC_LENGTH
+from kvgraph.graphs.manifest import METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, graph_file
+from kvgraph.graphs.onnx_files import embed_metadata, write_graphs
+from kvgraph.graphs.quantization import QuantScheme, thresholds
+from kvgraph.graphs.staging import check_destination, staged
+from kvgraph.graphs.report import DiffRow, TOLERANCES, failures, format_table
+from kvgraph.export.config import ModelDims
+from kvgraph.export.families import family_for
+from kvgraph.export.load import Source, first_line, library_versions, load_source
+from kvgraph.export.scatter import SCATTER_OPSET
+from kvgraph.export.trace import IR_VERSION, OPSET, optimize_graphs, trace_graphs
+from kvgraph.export.validate import DECODE_STEPS, PROMPT_LENGTHS, SOURCE_LENGTHS
+from kvgraph.export.validate import validate as validate_graphs
 
 WEIGHTS_SLACK = 1.1  # the weights file may exceed the parameter bytes by at most 10 %
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
@@ -103,7 +103,7 @@ def export_model(
 def _export_quantized(source: Source, family, contract: GraphContract, out: Path, validate: bool, force: bool, scheme: QuantScheme,
                       min_top1: float | None, max_ppl_ratio: float | None, log) -> ExportResult:
     """The float export into a temporary directory, then `kvgraph quantize` of it into `out`."""
-    from ..runtime.quantize_cli import quantize_export
+    from kvgraph.runtime.tools.quantize_export import quantize_export
 
     with tempfile.TemporaryDirectory(prefix="kvgraph-float-") as scratch:
         with staged(Path(scratch) / "float", False) as staging, _remembered_interrupts() as interrupts:

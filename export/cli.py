@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..graphs.manifest import MANIFEST_NAME
-from ..graphs.quantize import add_scheme_arguments, scheme_from_arguments
+from kvgraph.graphs.manifest import MANIFEST_NAME
+from kvgraph.graphs.quantization import add_scheme_arguments, scheme_from_arguments
 
 
 HELP = "export a Hugging Face causal LM to prefill + decode ONNX graphs"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from . import export_model
+        from kvgraph.export import export_model
     except ImportError as exc:
         print(f"kvgraph export needs the export extra (pip install 'kvgraph[export]'): {exc}", file=sys.stderr)
         return 2

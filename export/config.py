@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicCache
 
 from optimum.utils import NormalizedConfigManager
 
-from ..graphs import KvgraphError
+from kvgraph.graphs import KvgraphError
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def _alibi_from_padding_mask(model, padding_mask):
 
 # Families with a quirk, by model_type. The parity suite proves gpt2, gpt_neox, opt, llama, mistral,
 # qwen2, qwen3, phi3, gemma, gemma2, mixtral, falcon, bloom, t5, bart, marian, mbart and pegasus
-# (tests/families.py lists the checkpoint each stands for); only bloom needs an entry.
+# (tests/tiny_models.py lists the checkpoint each stands for); only bloom needs an entry.
 _FAMILIES: dict[str, Family] = {
     "bloom": Family("bloom", static_step=_alibi_from_padding_mask),
 }

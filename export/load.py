@@ -11,8 +11,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from ..graphs import KvgraphError
-from .families import UNSUPPORTED
+from kvgraph.graphs import KvgraphError
+from kvgraph.export.families import UNSUPPORTED
 
 transformers.utils.logging.disable_progress_bar()
 

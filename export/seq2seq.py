@@ -17,9 +17,9 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from ..graphs import GraphContract
-from ..graphs.contract import BATCH, ENCODER_SEQUENCE, PAST, SEQUENCE
-from .wrappers import ScatterLayer, static_mask
+from kvgraph.graphs import GraphContract
+from kvgraph.graphs.contract import BATCH, ENCODER_SEQUENCE, PAST, SEQUENCE
+from kvgraph.export.wrappers import ScatterLayer, static_mask
 
 _BATCH, _SOURCE, _TARGET, _PAST = 2, 7, 3, 5  # distinct and > 1: no dimension gets specialised
 

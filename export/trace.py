@@ -12,21 +12,25 @@ from typing import Any
 import onnx
 import torch
 
-from ..graphs import GraphContract, KvgraphError, io_mismatches
-from ..graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE, VERIFY
-from ..graphs.derive import prefill_from_extend
-from ..graphs.modes import step_adapter
-from ..graphs.onnx_files import (apply_shapes, attend_grouped_heads_directly, keep_every_position, drop_zero_additions, read_io,
-                                 share_embeddings_across_graphs, store_embedding_transposed, strip_exporter_metadata,
-                                 untie_transposed_copies)
-from .experts import traceable_experts
-from .families import Family
-from .optimize import optimize
-from .scatter import to_standard_tensor_scatter
-from .translations import custom_translations
-from .seq2seq import (seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_static_dynamic_shapes, seq2seq_static_examples,
+from kvgraph.graphs import GraphContract, KvgraphError, io_mismatches
+from kvgraph.graphs.contract import BATCH, NEW, PAST, PAST_PLUS_NEW, SEQUENCE, VERIFY
+from kvgraph.graphs.derive import prefill_from_extend
+from kvgraph.graphs.modes import step_adapter
+from kvgraph.graphs.onnx_files import apply_shapes, read_io
+from kvgraph.graphs.rewrites.every_position import keep_every_position
+from kvgraph.graphs.rewrites.grouped_heads import attend_grouped_heads_directly
+from kvgraph.graphs.rewrites.strip_metadata import strip_exporter_metadata
+from kvgraph.graphs.rewrites.transposed_embeddings import share_embeddings_across_graphs, store_embedding_transposed
+from kvgraph.graphs.rewrites.untie_transposed import untie_transposed_copies
+from kvgraph.graphs.rewrites.zero_additions import drop_zero_additions
+from kvgraph.export.experts import traceable_experts
+from kvgraph.export.families import Family
+from kvgraph.export.optimize import optimize
+from kvgraph.export.scatter import to_standard_tensor_scatter
+from kvgraph.export.translations import custom_translations
+from kvgraph.export.seq2seq import (seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_static_dynamic_shapes, seq2seq_static_examples,
                       seq2seq_static_steps, seq2seq_steps)
-from .wrappers import DecodeStep, PrefillStep, StaticStep
+from kvgraph.export.wrappers import DecodeStep, PrefillStep, StaticStep
 
 OPSET = 23  # the exporter fuses RMSNormalization / RotaryEmbedding / Attention at exactly 23
 IR_VERSION = 10  # onnxruntime reads IR <= 13; onnx writes 14 by default

@@ -16,16 +16,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..graphs import GraphContract, KvgraphError
-from ..graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, INPUT_IDS, LOGITS
-from ..graphs.conventions import extend_position_ids, left_pad, right_pad
-from ..graphs.manifest import graph_file
-from ..graphs.modes import step_adapter
-from ..graphs.report import DiffRow, compare, compare_step
-from .families import Family
-from .load import first_line
-from .seq2seq import seq2seq_steps
-from .wrappers import DecodeStep, PrefillStep
+from kvgraph.graphs import GraphContract, KvgraphError
+from kvgraph.graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, INPUT_IDS, LOGITS
+from kvgraph.graphs.conventions import extend_position_ids, left_pad, right_pad
+from kvgraph.graphs.manifest import graph_file
+from kvgraph.graphs.modes import step_adapter
+from kvgraph.graphs.report import DiffRow, compare, compare_step
+from kvgraph.export.families import Family
+from kvgraph.export.load import first_line
+from kvgraph.export.seq2seq import seq2seq_steps
+from kvgraph.export.wrappers import DecodeStep, PrefillStep
 
 PROMPT_LENGTHS = (7, 4)  # the second row is left-padded by 3
 SOURCE_LENGTHS = (7, 4)  # the second source is right-padded by 3

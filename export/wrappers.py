@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .config import attention_layout, text_config
-from .families import Family
-from .scatter import tensor_scatter
+from kvgraph.export.config import attention_layout, text_config
+from kvgraph.export.families import Family
+from kvgraph.export.scatter import tensor_scatter
 
 
 class _CausalLMStep(torch.nn.Module):

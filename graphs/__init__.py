@@ -4,9 +4,9 @@ Importing this package needs only numpy; `kvgraph.graphs.onnx_files` (graph rewr
 shared weights file) needs the `onnx` package from the export extra.
 """
 
-from .contract import GraphContract, TensorSpec, io_mismatches
-from .errors import KvgraphError, ManifestError, ValidationError
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ModelInfo, SpecialTokens
+from kvgraph.graphs.contract import GraphContract, TensorSpec, io_mismatches
+from kvgraph.graphs.errors import KvgraphError, ManifestError, ValidationError
+from kvgraph.graphs.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ModelInfo, SpecialTokens
 
 __all__ = [
     "FORMAT_VERSION",

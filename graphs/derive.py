@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .contract import INPUT_IDS, GraphContract
+from kvgraph.graphs.contract import INPUT_IDS, GraphContract
 
 EMPTY_PAST = "kvgraph.empty_past"
 

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .contract import format_shape
-from .manifest import Manifest
+from kvgraph.graphs.contract import format_shape
+from kvgraph.graphs.manifest import Manifest
 
 
 HELP = "show what an export directory holds"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import conventions
-from .contract import GraphContract, TensorSpec
-from .errors import ManifestError
-from .safety import check_inside
+from kvgraph.graphs import conventions
+from kvgraph.graphs.contract import GraphContract, TensorSpec
+from kvgraph.graphs.errors import ManifestError
+from kvgraph.graphs.safety import check_inside
 
 MANIFEST_NAME = "kvgraph.json"
 FORMAT_VERSION = "1.4"  # 1.1: contract.cache / contract.max_length (static cache); 1.0 files read as dynamic

@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from .contract import ATTENTION_MASK, ENCODER_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRITE_INDICES, GraphContract
-from .conventions import extend_position_ids, left_pad, right_pad
-from .errors import KvgraphError
+from kvgraph.graphs.contract import ATTENTION_MASK, ENCODER_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRITE_INDICES, GraphContract
+from kvgraph.graphs.conventions import extend_position_ids, left_pad, right_pad
+from kvgraph.graphs.errors import KvgraphError
 
 ROLES = ("prefill", "decode", "extend", "verify")  # verify: extend with logits at every new position
 

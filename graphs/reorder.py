@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .contract import GraphContract
+from kvgraph.graphs.contract import GraphContract
 
 BEAM_INDEX = "beam_idx"
 REORDER_OPSET = 21

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from .errors import KvgraphError
+from kvgraph.graphs.errors import KvgraphError
 
 
 def check_inside(directory: Path, name: str, referrer: str) -> Path:

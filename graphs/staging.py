@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import KvgraphError
+from kvgraph.graphs.errors import KvgraphError
 
 
 def check_destination(out: Path, force: bool) -> Path:

@@ -14,19 +14,19 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..graphs import KvgraphError
-from ..graphs.contract import VERIFY
-from ..graphs.modes import Positions
-from .beam import BeamOptions, beam_search
-from .budget import cache_need, default_cache_budget, size_text
-from .constrain import Constraint
-from .speculative import SpeculativeSteps, common_prefix, drafter_for
-from .loop import BatchRun, Request, RowState
-from .sampling import Sampling
-from .seq2seq import Seq2SeqSteps
-from .session import LoadedGraphs, load_graphs
-from .steps import KVCache, decode_one, extend, prefill
-from .text import IncrementalText, TextCodec
+from kvgraph.graphs import KvgraphError
+from kvgraph.graphs.contract import VERIFY
+from kvgraph.graphs.modes import Positions
+from kvgraph.runtime.core.budget import cache_need, default_cache_budget, size_text
+from kvgraph.runtime.core.loop import BatchRun, Request, RowState
+from kvgraph.runtime.core.sampling import Sampling
+from kvgraph.runtime.core.session import LoadedGraphs, load_graphs
+from kvgraph.runtime.core.steppers import CachedSteps, stepper_for
+from kvgraph.runtime.core.steps import KVCache, extend
+from kvgraph.runtime.core.text import IncrementalText, TextCodec
+from kvgraph.runtime.decoding.beam import BeamOptions, beam_search
+from kvgraph.runtime.decoding.constrained import Constraint
+from kvgraph.runtime.decoding.speculative import DraftModel, PromptLookup, SpeculativeSteps, checked_draft, common_prefix
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Generator:
         """
         batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer))
         prompts = list(prompt) if batch else [prompt]
-        requests = [self._request(p, max_new_tokens, chat, stop, min_new_tokens) for p in prompts]
+        requests = [self.request(p, max_new_tokens, chat, stop, min_new_tokens) for p in prompts]
         beams = BeamOptions(num_beams, length_penalty, early_stopping, num_return_sequences)
         settings = Sampling(**sampling)
         constraint = constraint or Constraint.build(self, json_schema, regex, grammar)
@@ -127,12 +127,12 @@ class Generator:
                grammar: str | None = None, constraint: Constraint | None = None, speculative=None, draft_tokens: int = 4,
                **sampling) -> Iterator[str]:
         """Yield text pieces as tokens arrive; their concatenation equals generate(...).text."""
-        request = self._request(prompt, max_new_tokens, chat, stop, min_new_tokens)
+        request = self.request(prompt, max_new_tokens, chat, stop, min_new_tokens)
         text = IncrementalText(self.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
         constraint = constraint or Constraint.build(self, json_schema, regex, grammar)
         speculation = self._speculation(speculative, draft_tokens, use_cache, BeamOptions())
         with self.graphs.request_turn():
-            run, _ = self._start([request], Sampling(**sampling), use_cache, constraint, speculation)
+            run, _ = self.start([request], Sampling(**sampling), use_cache, constraint, speculation)
             try:
                 for b, token in run:
                     if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
@@ -158,7 +158,9 @@ class Generator:
             raise KvgraphError(f"{self.graphs.directory}: no tokenizer.json in this export; pass token ids")
         return self.codec
 
-    def _request(self, prompt, max_new_tokens: int, chat: bool, stop: Sequence[str], min_new_tokens: int = 0) -> Request:
+    def request(self, prompt, max_new_tokens: int = 64, chat: bool = False, stop: Sequence[str] = (),
+                min_new_tokens: int = 0) -> Request:
+        """A prompt (text, encoded with the chat template when chat, or token ids) as the loop's Request."""
         if isinstance(prompt, str):
             if not prompt:
                 raise KvgraphError("the prompt is empty")
@@ -185,14 +187,31 @@ class Generator:
         if self.graphs.contract.static and self.graphs.contract.ring_windows:
             raise KvgraphError("speculative decoding rolls the cache back, which the rings of this static export's windowed layers "
                                "cannot do (they overwrite old positions); use its dynamic-cache export")
-        drafter = drafter_for(speculative, self, self._drafts)
+        drafter = self._drafter(speculative)
         self.graphs.session(VERIFY)  # opened now, not inside the first step's timing
         return drafter, int(draft_tokens)
+
+    def _drafter(self, speculative):
+        """"prompt-lookup", a draft export's directory, or a loaded Generator -> the drafter."""
+        if speculative == "prompt-lookup":
+            return PromptLookup()
+        if isinstance(speculative, Generator):
+            return DraftModel(checked_draft(speculative, self))
+        if not isinstance(speculative, (str, Path)):
+            raise KvgraphError(f"speculative must be 'prompt-lookup', a draft export's directory or a Generator, "
+                               f"got {type(speculative).__name__}")
+        if not Path(speculative, "kvgraph.json").is_file():
+            raise KvgraphError(f"speculative must be 'prompt-lookup' or a draft export's directory; {speculative} has no kvgraph.json")
+        key = str(Path(speculative).resolve())
+        if key not in self._drafts:  # loaded and checked once
+            loaded = Generator.load(speculative, provider=self.graphs.device.provider, threads=self.graphs.threads)
+            self._drafts[key] = checked_draft(loaded, self)
+        return DraftModel(self._drafts[key])
 
     def _run(self, requests: list[Request], sampling: Sampling, use_cache: bool, constraint: Constraint | None = None,
              speculation=None) -> list[GenerationResult]:
         with self.graphs.request_turn():
-            run, prefill_s = self._start(requests, sampling, use_cache, constraint, speculation)
+            run, prefill_s = self.start(requests, sampling, use_cache, constraint, speculation)
             try:
                 run.run()
             except KeyboardInterrupt:
@@ -212,7 +231,7 @@ class Generator:
         ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)
         decoder_prompt = np.array([self.decoder_prefix(Request(list(row), 1)) for row in ids], dtype=np.int64)
         with self.graphs.request_turn():
-            found = beam_search(STEPPERS[self.graphs.contract.kind](self.graphs, use_cache), ids, decoder_prompt, mask, requests[0],
+            found = beam_search(stepper_for(self.graphs, use_cache), ids, decoder_prompt, mask, requests[0],
                                 sampling, beams, self.eos_ids, len(requests))
         rate = found.decode_steps / found.decode_seconds if found.decode_seconds > 0 else 0.0
         results = []
@@ -225,15 +244,16 @@ class Generator:
             results.append(out if beams.num_return_sequences > 1 else out[0])
         return results
 
-    def _start(self, requests: list[Request], sampling: Sampling, use_cache: bool,
-               constraint: Constraint | None = None, speculation=None) -> tuple[BatchRun, float]:
-        """Check the requests, run the prefill; the returned BatchRun generates when iterated."""
+    def start(self, requests: list[Request], sampling: Sampling, use_cache: bool = True,
+              constraint: Constraint | None = None, speculation=None) -> tuple[BatchRun, float]:
+        """Check the requests, run the prefill: (the BatchRun that generates when iterated, the prefill's seconds).
+        The caller holds graphs.request_turn() while it runs (the serving engines do)."""
         self.check(requests)
         ids, mask = self.graphs.steps.kind.pad([r.prompt_ids for r in requests], self.pad_id)
         if speculation is not None:
             stepper = SpeculativeSteps(self.graphs, *speculation, requests[0].prompt_ids)
         else:
-            stepper = STEPPERS[self.graphs.contract.kind](self.graphs, use_cache)
+            stepper = stepper_for(self.graphs, use_cache)
         start = time.perf_counter()
         logits = stepper.first(ids, mask)
         run = BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self, constraint,
@@ -299,49 +319,6 @@ class Generator:
         return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)
 
 
-class _CachedSteps:
-    """prefill once, then one decode step per token, the cache handed over on the device."""
-
-    def __init__(self, graphs: LoadedGraphs, cache: KVCache | None = None) -> None:
-        self.graphs = graphs
-        self.cache = cache
-        self.mask: np.ndarray | None = None  # (B, P): the attention mask of everything fed so far
-
-    def first(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        logits, self.cache = prefill(self.graphs, ids, mask)
-        self.mask = mask
-        return logits[:, -1]
-
-    def next(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        logits, self.cache = decode_one(self.graphs, self.cache, tokens, mask)
-        return logits[:, -1]
-
-    def reorder(self, index: np.ndarray) -> None:
-        """Beam search: row r continues from row index[r]; the cache follows on the device."""
-        self.cache = self.cache.reordered(self.graphs, index)
-
-
-class _RecomputeSteps(_CachedSteps):
-    """No cache: every step runs the prefill graph over the whole sequence so far."""
-
-    def first(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        self.ids, self.mask = ids, mask
-        return prefill(self.graphs, ids, mask)[0][:, -1]
-
-    def next(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        self.ids = np.concatenate([self.ids, tokens], axis=1)
-        return prefill(self.graphs, self.ids, mask)[0][:, -1]
-
-    def reorder(self, index: np.ndarray) -> None:
-        self.ids = self.ids[index]
-
-
-STEPPERS = {  # contract kind -> (graphs, use_cache) -> the stepper BatchRun drives
-    "decoder": lambda graphs, use_cache: _CachedSteps(graphs) if use_cache else _RecomputeSteps(graphs),
-    "encoder-decoder": lambda graphs, use_cache: Seq2SeqSteps(graphs, graphs.manifest.special_tokens.decoder_start_token_id, use_cache),
-}
-
-
 @dataclass
 class Conversation:
     """A multi-turn chat that keeps its cache: a follow-up turn processes only its new tokens."""
@@ -377,7 +354,7 @@ class Conversation:
         common = self.cache.reusable(common) if self.cache is not None else 0
         graphs = self.generator.graphs
         if common == 0 or self.cache is None:
-            stepper = _CachedSteps(graphs)
+            stepper = CachedSteps(graphs)
             array = np.array([ids], dtype=np.int64)
             logits = stepper.first(array, np.ones_like(array))
             self.processed_tokens.append(len(ids))
@@ -385,7 +362,7 @@ class Conversation:
         mask = np.ones((1, len(ids)), dtype=np.int64)
         new = np.array([ids[common:]], dtype=np.int64)
         logits, cache = extend(graphs, self.cache.truncated(common), new, mask)  # all new tokens in one call
-        stepper = _CachedSteps(graphs, cache)
+        stepper = CachedSteps(graphs, cache)
         logits = logits[:, -1]
         self.processed_tokens.append(len(ids) - common)
         return stepper, logits, mask

@@ -7,9 +7,9 @@ from typing import Callable
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests' own helpers (families, oracle)
+sys.path.insert(0, str(Path(__file__).parent))  # tests' own helpers (tiny_models, oracle)
 
-from families import TINY_CONFIGS, tiny_model  # noqa: E402
+from tiny_models import TINY_CONFIGS, tiny_model  # noqa: E402
 
 
 class Exported:
@@ -62,7 +62,7 @@ SEQ2SEQ_STATIC_LENGTH = 32
 @pytest.fixture(scope="session")
 def seq2seq_exports(tmp_path_factory):
     """Each tiny encoder-decoder exported once per run and cache mode: (model, directory, manifest)."""
-    from families import tiny_seq2seq
+    from tiny_models import tiny_seq2seq
     from kvgraph.export import export_model
     from kvgraph.graphs import Manifest
 
@@ -88,7 +88,7 @@ def exported(request, export_cache) -> Exported:
 @pytest.fixture(scope="session")
 def text_export(tmp_path_factory):
     """A tiny llama with a byte-level tokenizer and chat template, exported once: (model, directory)."""
-    from families import text_model_dir
+    from tiny_models import text_model_dir
     from kvgraph.export import export_model
     from transformers import AutoModelForCausalLM
 
@@ -103,7 +103,7 @@ TEXT_STATIC_LENGTH = 96
 @pytest.fixture(scope="session")
 def text_export_static(tmp_path_factory, text_export):
     """The same tiny text llama exported with a static cache of 96 positions: (model, directory)."""
-    from families import text_model_dir
+    from tiny_models import text_model_dir
     from kvgraph.export import export_model
 
     def build(out: Path) -> None:
@@ -114,7 +114,7 @@ def text_export_static(tmp_path_factory, text_export):
 
 
 def _long_model_dir(tmp_path_factory):
-    from families import CHAT_TEMPLATE, byte_tokenizer, tiny_model
+    from tiny_models import CHAT_TEMPLATE, byte_tokenizer, tiny_model
 
     model_dir = tmp_path_factory.mktemp("hf") / "long-llama"
     tiny_model("llama", vocab_size=260, max_position_embeddings=4096).save_pretrained(model_dir)

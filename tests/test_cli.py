@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from families import tiny_model
-from kvgraph.runtime.cli import main
+from tiny_models import tiny_model
+from kvgraph.runtime.commands.main import main
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
@@ -153,7 +153,7 @@ def test_inspect_a_directory_that_is_not_an_export(tmp_path, capsys):
 
 
 def test_console_script_parses_without_importing_torch():
-    probe = "import sys; from kvgraph.runtime.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    probe = "import sys; from kvgraph.runtime.commands.main import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     help_text = subprocess.run([str(Path(sys.executable).with_name("kvgraph")), "export", "--help"], capture_output=True, text=True, check=True).stdout

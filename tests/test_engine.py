@@ -13,12 +13,12 @@ import pytest
 
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime import Generator
-from kvgraph.runtime.engine import BatchEngine, RequestEngine, RequestTimeout
+from kvgraph.runtime.serving.engine import BatchEngine, RequestEngine, RequestTimeout
 
 
 @pytest.fixture(scope="module")
 def static_export(tmp_path_factory):
-    from families import tiny_model
+    from tiny_models import tiny_model
 
     from kvgraph.export import export_model
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from families import tiny_model
+from tiny_models import tiny_model
 from kvgraph.export import TraceError, export_model
 from kvgraph.graphs import KvgraphError, Manifest, ValidationError
 from kvgraph.graphs import report
@@ -110,7 +110,7 @@ def test_untested_family_goes_through_the_generic_path(tmp_path):
 @pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
 def test_failed_validation_publishes_nothing(tmp_path, monkeypatch, kind, capsys):
     """One gate for every kind: a failed validation prints the table and writes nothing, not even the parents it made."""
-    from families import tiny_seq2seq
+    from tiny_models import tiny_seq2seq
 
     monkeypatch.setitem(report.TOLERANCES, "float32", {"atol": 0.0, "rtol": 0.0})  # float noise alone now fails
     model = tiny_model("llama") if kind == "decoder" else tiny_seq2seq("t5")
@@ -189,7 +189,7 @@ def test_model_that_cannot_trace_names_type_and_step(tmp_path):
 
 
 def test_encoder_decoder_directory_loads_as_seq2seq(tmp_path):
-    from families import tiny_seq2seq
+    from tiny_models import tiny_seq2seq
 
     tiny_seq2seq("marian").save_pretrained(tmp_path / "hf")
     result = export_model(tmp_path / "hf", tmp_path / "out", task="text2text-generation")

@@ -35,9 +35,9 @@ def test_sliding_window_layers_are_recorded_and_the_static_cache_outgrows_the_wi
 
 def test_a_static_window_layer_is_a_ring_of_w_positions(export_cache):
     """The windowed layer's buffers hold W = 8 positions, the global layer's N = 48; the runtime allocates them so."""
-    from kvgraph.runtime.budget import cache_need
+    from kvgraph.runtime.core.budget import cache_need
     from kvgraph.runtime.generator import Generator
-    from kvgraph.runtime.steps import StaticCache
+    from kvgraph.runtime.core.steps import StaticCache
 
     exported = export_cache("gemma2", "static")
     contract = exported.contract
@@ -164,7 +164,7 @@ def test_latent_attention_caches_keys_and_values_of_different_widths(tmp_path):
 def test_a_conversation_on_a_ring_cache_equals_one_shot(tmp_path):
     """A two-turn chat on a static cache with a ring equals generating the whole conversation at once, past the
     window of 8 (turn two reuses the cache as far as StaticCache.reusable allows)."""
-    from families import text_model_dir
+    from tiny_models import text_model_dir
 
     from kvgraph.export import export_model
     from kvgraph.runtime import Generator

@@ -16,13 +16,13 @@ import onnxruntime as ort
 import pytest
 
 from kvgraph.graphs import KvgraphError, Manifest
-from kvgraph.graphs.quantize import QuantScheme, dequantize, quantize_blocks
+from kvgraph.graphs.quantization import QuantScheme, dequantize, quantize_blocks
 from kvgraph.runtime import Generator
-from kvgraph.runtime.cli import main
-from kvgraph.runtime.quantize_cli import quantize_export
-from kvgraph.runtime.trace import replay
-from kvgraph.runtime.vectors import first_mismatch, read_vectors
-from kvgraph.runtime.vectors_cli import check_vectors, make_vectors
+from kvgraph.runtime.commands.main import main
+from kvgraph.runtime.tools.quantize_export import quantize_export
+from kvgraph.runtime.tools.step_trace import replay
+from kvgraph.runtime.tools.golden_vectors import first_mismatch, read_vectors
+from kvgraph.runtime.tools.golden_runs import check_vectors, make_vectors
 
 SMOLLM2_LIKE = dict(vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M: 49152 tied, GQA
 ANY_QUALITY = dict(min_top1=0.0, max_ppl_ratio=1e9)  # random-init logits are nearly flat: top-1 agreement means little there
@@ -31,7 +31,7 @@ ANY_QUALITY = dict(min_top1=0.0, max_ppl_ratio=1e9)  # random-init logits are ne
 @pytest.fixture(scope="module")
 def float_exports(tmp_path_factory):
     """The SmolLM2-like tiny model exported in float, dynamic and static: {mode: directory}."""
-    from families import tiny_model
+    from tiny_models import tiny_model
 
     from kvgraph.export import export_model
 
@@ -179,7 +179,7 @@ def test_bad_quantize_input_is_refused_and_writes_nothing(float_exports, quantiz
 
 
 def test_export_quantize_end_to_end_and_block_size_refused_before_tracing(tmp_path, capsys):
-    from families import text_model_dir
+    from tiny_models import text_model_dir
 
     model_dir = text_model_dir(tmp_path / "hf")
     assert main(["export", str(model_dir), str(tmp_path / "bad"), "--block-size", "64"]) == 1

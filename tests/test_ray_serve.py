@@ -32,7 +32,7 @@ def test_ray_serve_two_replicas_spread_requests_with_identical_tokens(text_expor
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.cli", "serve", str(directory), "--ray", "--replicas", "2",
+    process = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.commands.main", "serve", str(directory), "--ray", "--replicas", "2",
                                 "--port", str(port), "--threads", "1", "--max-batch", "2", "--grace", "10"],
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

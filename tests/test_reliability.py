@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import STATIC_LENGTH
-from families import tiny_model
+from tiny_models import tiny_model
 from kvgraph.export import export_model
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime import GenerationInterrupted, Generator
-from kvgraph.runtime.cli import main
-from kvgraph.runtime.budget import cache_need
+from kvgraph.runtime.commands.main import main
+from kvgraph.runtime.core.budget import cache_need
 
 REQUESTS = ["Once upon a time", "a", "héllo wörld €", "The quick brown fox jumps over", "1 2 3 4 5 6 7 8", "x y",
             "abc" * 5, "Tell me", "zz", "Why is the sky blue? Because"]
@@ -57,7 +57,7 @@ def test_cache_budget_is_checked_before_running(directory, monkeypatch):
 
     tight = Generator.load(directory, max_cache_bytes=need - 1)
     ran = []
-    monkeypatch.setattr("kvgraph.runtime.generator.prefill", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr("kvgraph.runtime.core.steppers.prefill", lambda *a, **k: ran.append(1))
     with pytest.raises(KvgraphError, match=rf"this request needs {need / 1e3:.2f} kB of KV cache \(2 rows x {positions} positions.*"
                                            rf"over the cache budget of {(need - 1) / 1e3:.2f} kB"):
         tight.generate(prompts, max_new_tokens=10)

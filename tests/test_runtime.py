@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 
 from kvgraph.graphs import KvgraphError, Manifest, ManifestError
 from kvgraph.runtime import Generator
-from kvgraph.runtime.cli import main
+from kvgraph.runtime.commands.main import main
 
 PROMPTS = ["Once upon a time", "héllo wörld €", "a"]
 
@@ -257,7 +257,7 @@ def test_static_cache_is_written_in_place(text_export_static):
     """The decode step's present buffers are the past buffers: same OrtValue, same memory, new rows written."""
     import numpy as np
 
-    from kvgraph.runtime.steps import StaticCache, decode_one, prefill
+    from kvgraph.runtime.core.steps import StaticCache, decode_one, prefill
 
     graphs = Generator.load(text_export_static[1]).graphs
     ids, mask = np.array([[1, 40, 41, 42]]), np.ones((1, 4), dtype=np.int64)
@@ -337,7 +337,7 @@ def test_cuda_graph_needs_cuda_and_a_static_export(text_export, text_export_stat
 def draft_export(tmp_path_factory):
     """A second byte-level llama (another seed: other weights, the same tokenizer) to draft for the text model; its
     vocabulary is the byte one of text_model_dir (a ByT5-like byte model) because a draft must share the target's."""
-    from families import CHAT_TEMPLATE, byte_tokenizer, tiny_model
+    from tiny_models import CHAT_TEMPLATE, byte_tokenizer, tiny_model
     from kvgraph.export import export_model
 
     model_dir = tmp_path_factory.mktemp("hf") / "draft-llama"
@@ -381,7 +381,7 @@ def test_a_draft_with_another_tokenizer_is_refused(gen, draft_export, tmp_path):
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
-    from kvgraph.runtime.speculative import PromptLookup
+    from kvgraph.runtime.decoding.speculative import PromptLookup
 
     lookup = PromptLookup()
     assert lookup.propose([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]  # the bigram 6 7 occurred before: what came after it

@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from kvgraph.graphs import KvgraphError
-from kvgraph.runtime.sampling import Sampling, next_tokens, processed_logits
+from kvgraph.runtime.core.sampling import Sampling, next_tokens, processed_logits
 
 LOGITS = np.random.default_rng(0).normal(size=(3, 40)).astype(np.float32) * 3
 SEEN = [np.array([1, 5, 5, 7]), np.array([0, 39]), np.array([12])]

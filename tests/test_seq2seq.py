@@ -17,14 +17,14 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from conftest import SEQ2SEQ_STATIC_LENGTH
-from families import SEQ2SEQ_CONFIGS, tiny_seq2seq
+from tiny_models import SEQ2SEQ_CONFIGS, tiny_seq2seq
 from kvgraph.export import export_model
 from kvgraph.graphs import KvgraphError
 from kvgraph.graphs.conventions import right_pad
 from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.report import compare, failures, format_table
 from kvgraph.runtime import Generator
-from kvgraph.runtime.cli import main
+from kvgraph.runtime.commands.main import main
 
 DECODE_STEPS = 8
 _RNG = np.random.default_rng(0)
@@ -210,7 +210,7 @@ def test_seq2seq_bad_input(seq2seq_exports, tmp_path):
     with pytest.raises(KvgraphError, match="--task text-generation was asked for, but model type 'bart' is an encoder-decoder"):
         export_model(model, tmp_path / "a", task="text-generation")
     with pytest.raises(KvgraphError, match="--task text2text-generation was asked for, but model type 'llama' is a causal LM"):
-        from families import tiny_model
+        from tiny_models import tiny_model
 
         export_model(tiny_model("llama"), tmp_path / "b", task="text2text-generation")
     startless = tiny_seq2seq("bart")

@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from kvgraph.runtime import Generator
-from kvgraph.runtime.engine import BatchEngine, RequestEngine, make_engine
-from kvgraph.runtime.server import create_app
+from kvgraph.runtime.serving.engine import BatchEngine, RequestEngine, make_engine
+from kvgraph.runtime.serving.app import create_app
 
 
 class _Server:
@@ -307,7 +307,7 @@ def test_requests_past_their_timeout_end_and_free_their_row(long_export):
 @pytest.fixture(scope="module")
 def seq2seq_text_export(tmp_path_factory):
     """A BART-shaped encoder-decoder on the byte vocabulary (pad 0, bos 1, eos 2 = decoder start), with its tokenizer."""
-    from families import byte_tokenizer, tiny_seq2seq
+    from tiny_models import byte_tokenizer, tiny_seq2seq
     from kvgraph.export import export_model
 
     model_dir = tmp_path_factory.mktemp("hf") / "byte-bart"
@@ -343,7 +343,7 @@ def test_sigterm_drains_running_requests_then_exits(long_export):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.cli", "serve", str(long_export), "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.commands.main", "serve", str(long_export), "--port", str(port),
                                 "--grace", "30"], stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_healthy(url, process)
@@ -384,7 +384,7 @@ def _wait_healthy(url: str, process, seconds: float = 120) -> None:
     (["--request-timeout", "-1"], "--request-timeout must be >= 0"),
 ])
 def test_serve_refuses_bad_options_in_one_line(text_export_static, capsys, argv, message):
-    from kvgraph.runtime.cli import main
+    from kvgraph.runtime.commands.main import main
 
     assert main(["serve", str(text_export_static[1]), *argv]) == 1
     err = capsys.readouterr().err.strip()
@@ -392,7 +392,7 @@ def test_serve_refuses_bad_options_in_one_line(text_export_static, capsys, argv,
 
 
 def test_serve_refuses_a_directory_that_is_not_an_export(tmp_path, capsys):
-    from kvgraph.runtime.cli import main
+    from kvgraph.runtime.commands.main import main
 
     assert main(["serve", str(tmp_path)]) == 1
     assert "not a kvgraph export (no kvgraph.json)" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def test_browser_answers_a_chat_question(smollm2, tmp_path):
     from browser import browser, page_url
 
     from kvgraph.runtime import Generator
-    from kvgraph.runtime.web import PageServer
+    from kvgraph.runtime.serving.page_server import PageServer
 
     _, onnx_dir = smollm2
     server = PageServer({"/export/": onnx_dir}).start()
@@ -150,8 +150,8 @@ def test_golden_vectors_of_the_real_model_reproduce_in_node(smollm2, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from kvgraph.runtime.vectors import read_vectors
-    from kvgraph.runtime.vectors_cli import make_vectors
+    from kvgraph.runtime.tools.golden_vectors import read_vectors
+    from kvgraph.runtime.tools.golden_runs import make_vectors
 
     hf_dir, onnx_dir = smollm2
     vectors = read_vectors(make_vectors(onnx_dir, tmp_path / "vectors"))
@@ -170,8 +170,8 @@ def test_golden_vectors_of_the_real_model_reproduce_in_node(smollm2, tmp_path):
     from test_vectors import reference_runner
 
     from kvgraph.graphs import Manifest
-    from kvgraph.runtime.trace import replay
-    from kvgraph.runtime.vectors import first_mismatch
+    from kvgraph.runtime.tools.step_trace import replay
+    from kvgraph.runtime.tools.golden_vectors import first_mismatch
 
     manifest = Manifest.load(onnx_dir)
     run = reference_runner(onnx_dir)
@@ -186,7 +186,7 @@ def test_quantized_smollm2_reports_its_quality_and_still_answers(smollm2, tmp_pa
     published only with lowered thresholds; both still answer."""
     from kvgraph.graphs import Manifest
     from kvgraph.runtime import Generator
-    from kvgraph.runtime.cli import main
+    from kvgraph.runtime.commands.main import main
 
     onnx_dir = smollm2[1]
     assert main(["quantize", str(onnx_dir), str(tmp_path / "int8"), "--bits", "8"]) == 0

@@ -19,8 +19,8 @@ import pytest
 
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime import Generator
-from kvgraph.runtime.constrain import Constraint
-from kvgraph.runtime.engine import BatchEngine, RequestEngine
+from kvgraph.runtime.decoding.constrained import Constraint
+from kvgraph.runtime.serving.engine import BatchEngine, RequestEngine
 
 COMPACT = {"x-guidance": {"whitespace_flexible": False}}
 SCHEMAS = [
@@ -114,7 +114,7 @@ def test_a_grammar_the_tokenizer_cannot_produce_is_refused(long_export, tmp_path
 
 
 def test_cli_json_schema_from_a_file(long_export, tmp_path, capsys):
-    from kvgraph.runtime.cli import main
+    from kvgraph.runtime.commands.main import main
 
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMAS[1]))

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from kvgraph.graphs import KvgraphError, Manifest, ManifestError
 from kvgraph.graphs.contract import GraphContract
 from kvgraph.runtime import Generator
-from kvgraph.runtime.session import load_graphs
+from kvgraph.runtime.core.session import load_graphs
 
 
 @pytest.fixture

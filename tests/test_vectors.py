@@ -25,11 +25,11 @@ from onnx.reference import ReferenceEvaluator
 
 from kvgraph.graphs import KvgraphError, Manifest, ManifestError
 from kvgraph.graphs.contract import GraphContract
-from kvgraph.runtime.cli import main
-from kvgraph.runtime.trace import replay
-from kvgraph.runtime.vectors import first_mismatch, read_vectors
-from kvgraph.runtime.vectors_cli import check_vectors, make_vectors
-from kvgraph.runtime.web import PageServer, _Handler
+from kvgraph.runtime.commands.main import main
+from kvgraph.runtime.tools.step_trace import replay
+from kvgraph.runtime.tools.golden_vectors import first_mismatch, read_vectors
+from kvgraph.runtime.tools.golden_runs import check_vectors, make_vectors
+from kvgraph.runtime.serving.page_server import PageHandler, PageServer
 
 from browser import browser, page_url
 
@@ -225,7 +225,7 @@ def test_node_driver_reproduces_the_vectors(case):
 
 def test_node_and_browser_reproduce_a_float16_export(tmp_path, page_server):
     """float16 logits and buffers travel as raw half bits in JavaScript; the vectors' tolerance is float16's."""
-    from families import tiny_model
+    from tiny_models import tiny_model
     from kvgraph.export import export_model
 
     export_model(tiny_model("llama"), tmp_path / "fp16", dtype="float16", cache="static", max_length=32)
@@ -305,10 +305,10 @@ def js_draws(logits: np.ndarray, temperature: float, top_p: float, seed: int, dr
 def test_js_sampler_draws_from_the_python_samplers_distribution():
     """The JavaScript driver's temperature + top-p draws (seeded) follow the probabilities kvgraph's Python sampler
     computes from the same logits: never a token top-p removes, and a chi-square test on the rest."""
-    from kvgraph.runtime.sampling import Sampling, _softmax, processed_logits
+    from kvgraph.runtime.core.sampling import Sampling, processed_logits, softmax
 
     logits = np.random.default_rng(0).normal(size=64).astype(np.float32) * 2.5
-    probs = _softmax(processed_logits(logits[None], [], Sampling(temperature=0.7, top_p=0.9)))[0]
+    probs = softmax(processed_logits(logits[None], [], Sampling(temperature=0.7, top_p=0.9)))[0]
     counts = js_draws(logits, 0.7, 0.9, seed=11, draws=20000)
     kept = probs > 0
     assert counts[~kept].sum() == 0 and 2 < kept.sum() < 64  # top-p removed some tokens, and left a choice
@@ -356,7 +356,7 @@ def test_kvgraph_web_serves_the_page_to_a_browser_and_refuses_bad_input(vectors,
     assert main(["web", str(tmp_path)]) == 1 and "no kvgraph.json here" in capsys.readouterr().err
     assert main(["web", str(directory), "--vectors", str(tmp_path)]) == 1 and "no vectors.json here" in capsys.readouterr().err
     assert main(["web", str(directory), "--page", str(tmp_path)]) == 1 and "the web page is not here" in capsys.readouterr().err
-    server = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.cli", "web", str(directory), "--vectors", str(out), "--port", "0"],
+    server = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.commands.main", "web", str(directory), "--vectors", str(out), "--port", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -393,7 +393,7 @@ def test_page_server_serves_only_its_mounts_with_the_isolation_headers(vectors):
         server.close()
 
 
-class _CutDownload(_Handler):
+class _CutDownload(PageHandler):
     """Sends the weights file's full Content-Length, then half of it, then hangs up: a network error mid-download."""
 
     def copyfile(self, source, outputfile) -> None:

@@ -1,0 +1,294 @@
+"""Weight-only quantization of an export's graphs (int4 / int8), in standard ONNX.
+
+The numbers come from onnxruntime.quantization's round-to-nearest block quantizer kernels, the
+ones its MatMulNBits quantizer runs. Its own QDQ output covers 4-bit MatMul only (no 8-bit, no
+Gather), so the rewrite into standard nodes is written here:
+
+    MatMul(x, W (K, N)):
+        W.q (K, N) int4|uint4|int8|uint8 ─┐
+        W.scales (K/bs, N) ───────────────┼─ DequantizeLinear(axis 0, block_size bs) ─▶ MatMul(x, ·)
+        W.zero_points (K/bs, N), if asym ─┘
+
+onnxruntime fuses each DequantizeLinear → MatMul pair into its MatMulNBits kernel when it loads
+the graph (checked by tests/test_quantize.py). A matrix that is gathered (the embedding, tied
+to the lm_head or not) cannot be int4: standard Gather does not read int4. It is quantized to
+`embedding_bits` (8) and gathered before it is dequantized, so a step dequantizes a few rows:
+
+    Gather(W (H, V), ids, axis 1):
+        W.q (H, V) int8 ──Gather(axis 1)──▶ (H, *ids) ─┐
+        W.scales ─────────Gather(axis 1)──▶ ───────────┼─ DequantizeLinear(block axis) ─▶ (H, *ids)
+        W.zero_points ────Gather(axis 1)──▶ ───────────┘
+
+Every MatMul reading the matrix gets its own DequantizeLinear (onnxruntime fuses a pair only when
+the DequantizeLinear has one consumer). Identical matrices in several graphs are quantized once
+and give identical initializers, which the weights file then stores once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import argparse
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from kvgraph.graphs.errors import KvgraphError
+from kvgraph.graphs.rewrites.graph_edit import attr
+
+BITS = (4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two from 16: what onnxruntime's MatMulNBits kernel takes
+EMBEDDING_BITS = 8  # standard Gather reads int8, not int4 (llama.cpp's Q4_1 files keep token_embd at Q8_0 too)
+QUANTIZED_OPSET = 21  # blocked DequantizeLinear (block_size) and int4 types
+# bits -> (min top-1 agreement, max perplexity ratio) a quantized export must reach against its float export
+# to be published, unless the user says otherwise (--min-top1 / --max-ppl-ratio)
+THRESHOLDS = {8: (0.90, 1.05), 4: (0.75, 1.25)}
+_FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+_TYPES = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What a quantized export holds; recorded in the manifest's `quantization`."""
+
+    bits: int
+    block_size: int = 32
+    symmetric: bool = False
+    embedding_bits: int = EMBEDDING_BITS
+
+    def check(self) -> None:
+        if self.bits not in BITS:
+            raise KvgraphError(f"unsupported bit width {self.bits}; choose one of {list(BITS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise KvgraphError(f"unsupported block size {self.block_size}; choose one of {list(BLOCK_SIZES)}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}, block {self.block_size}, {'symmetric' if self.symmetric else 'asymmetric'}"
+
+
+def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `kvgraph quantize` and `kvgraph export --quantize` share (besides the bit width)."""
+    parser.add_argument("--block-size", type=int, default=None,
+                        help=f"weights per scale along the input dimension, one of {list(BLOCK_SIZES)} (default 32)")
+    parser.add_argument("--symmetric", action="store_true", help="no zero points (signed integers around 0)")
+    parser.add_argument("--min-top1", type=float, default=None, metavar="FRACTION",
+                        help="refuse below this next-token top-1 agreement with the float export "
+                             f"(default {THRESHOLDS[8][0]} for int8, {THRESHOLDS[4][0]} for int4)")
+    parser.add_argument("--max-ppl-ratio", type=float, default=None, metavar="RATIO",
+                        help=f"refuse above this perplexity ratio to the float export (default {THRESHOLDS[8][1]} for int8, "
+                             f"{THRESHOLDS[4][1]} for int4)")
+
+
+def scheme_from_arguments(args: argparse.Namespace, bits: int | None) -> QuantScheme | None:
+    """The scheme of `kvgraph quantize` / `export --quantize`; None when not quantizing (then no scheme option may be given)."""
+    given = [flag for flag, value in (("--block-size", args.block_size), ("--symmetric", args.symmetric or None),
+                                      ("--min-top1", args.min_top1), ("--max-ppl-ratio", args.max_ppl_ratio)) if value is not None]
+    if bits is None:
+        if given:
+            raise KvgraphError(f"{given[0]} applies to quantized exports only; add --quantize int4 or int8")
+        return None
+    return QuantScheme(bits, args.block_size or 32, args.symmetric)
+
+
+def thresholds(bits: int, min_top1: float | None, max_ppl_ratio: float | None) -> tuple[float, float]:
+    """(min top-1, max perplexity ratio): the user's, else the defaults for the bit width; checked."""
+    default_top1, default_ratio = THRESHOLDS.get(bits, THRESHOLDS[4])
+    top1 = default_top1 if min_top1 is None else min_top1
+    ratio = default_ratio if max_ppl_ratio is None else max_ppl_ratio
+    if not 0 <= top1 <= 1:
+        raise KvgraphError(f"--min-top1 must be a fraction between 0 and 1, got {top1}")
+    if not ratio >= 1:
+        raise KvgraphError(f"--max-ppl-ratio must be at least 1, got {ratio}")
+    return top1, ratio
+
+
+@dataclass
+class QuantReport:
+    """Which tensors were quantized, at how many bits, and the bytes before and after."""
+
+    matmul: list[str] = field(default_factory=list)  # initializer names (the first graph that holds each)
+    gathered: list[str] = field(default_factory=list)  # quantized at embedding_bits
+    kept: list[str] = field(default_factory=list)  # float matrices left as they are, with the reason
+    float_bytes: int = 0  # of the matrices quantized
+    quantized_bytes: int = 0  # their integers, scales and zero points
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A matrix quantized in blocks of `block` along its axis 0: q (K, N), scales and zero points (K/bs, N)."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        bits = 4 if self.q.dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8
+        zero = 0 if self.zero_points is None else self.zero_points.size * bits // 8
+        return self.q.size * bits // 8 + self.scales.nbytes + zero
+
+
+def quantize_blocks(matrix: np.ndarray, bits: int, block: int, symmetric: bool) -> _Blocks:
+    """Round-to-nearest blocks along axis 0 of a (K, N) float matrix, by onnxruntime's kernels."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    rows, cols = matrix.shape  # (K, N)
+    blocks = rows // block
+    per_byte = 8 // bits
+    packed = np.zeros((cols, blocks, block // per_byte), dtype=np.uint8)  # (N, K/bs, bytes per block)
+    scales = np.zeros((cols, blocks), dtype=matrix.dtype)
+    zero = np.zeros((cols, -(-blocks // per_byte)), dtype=np.uint8)
+    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    kernel(packed, np.ascontiguousarray(matrix), scales, zero, block, cols, rows, symmetric)
+    q = _unpack(packed.reshape(cols, -1), bits, rows).astype(np.int16)  # (N, K), unsigned
+    if symmetric:  # the kernel's symmetric codes are offset by 2^(bits-1); the signed type stores them centred
+        signed = _TYPES[(bits, True)]
+        return _Blocks(np.ascontiguousarray((q - (1 << (bits - 1))).T).astype(signed), np.ascontiguousarray(scales.T), None)
+    points = _unpack(zero, bits, blocks)
+    unsigned = _TYPES[(bits, False)]
+    return _Blocks(np.ascontiguousarray(q.T).astype(unsigned), np.ascontiguousarray(scales.T),
+                   np.ascontiguousarray(points.T).astype(unsigned))
+
+
+def _unpack(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
+    """(rows, bytes) of packed codes, low nibble first for 4 bits -> (rows, length) uint8."""
+    if bits == 8:
+        return packed[:, :length]
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)[:, :length]
+
+
+def dequantize(blocks: _Blocks, block: int) -> np.ndarray:
+    """The float matrix the graph computes from the blocks (for tests and reports)."""
+    q = blocks.q.astype(np.float32)
+    zero = 0.0 if blocks.zero_points is None else np.repeat(blocks.zero_points.astype(np.float32), block, axis=0)
+    return ((q - zero) * np.repeat(blocks.scales.astype(np.float32), block, axis=0)).astype(blocks.scales.dtype)
+
+
+class Quantizer:
+    """Rewrites graphs in place; one instance for all graphs of an export, so shared weights quantize once."""
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        scheme.check()
+        self.scheme = scheme
+        self.report = QuantReport()
+        self._done: dict[tuple, _Blocks] = {}
+
+    def quantize(self, models: dict[str, onnx.ModelProto]) -> QuantReport:
+        for name, model in models.items():
+            self._graph(name, model)
+        return self.report
+
+    def _graph(self, graph_name: str, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        if any(n.op_type == "DequantizeLinear" for n in graph.node):
+            raise KvgraphError(f"{graph_name}.onnx is already quantized (it has DequantizeLinear nodes); quantize the float export")
+        users: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in set(node.input):
+                users.setdefault(name, []).append(node)
+        for tensor in [t for t in graph.initializer if t.data_type in _FLOATS and len(t.dims) == 2]:
+            plan = self._plan(graph_name, tensor, users.get(tensor.name, []))
+            if plan is not None:
+                self._rewrite(graph, tensor, *plan)
+        _set_opset(model)
+
+    def _plan(self, graph_name: str, tensor: onnx.TensorProto, readers: list[onnx.NodeProto]) -> tuple[int, int, list] | None:
+        """(bits, axis holding the blocks, readers) for a matrix every reader of which is a MatMul weight or a Gather, else None."""
+        matmuls = [n for n in readers if n.op_type == "MatMul" and list(n.input).index(tensor.name) == 1]
+        gathers = [n for n in readers if n.op_type == "Gather" and n.input[0] == tensor.name]
+        others = sorted({f"{n.op_type} ({n.name})" for n in readers if n not in matmuls and n not in gathers})
+        if not readers or others:
+            if matmuls or gathers:
+                self.report.kept.append(f"{tensor.name}: also read by {', '.join(others)}")
+            return None
+        axes = {0} if matmuls else set()
+        axes |= {1 - attr(n, "axis", 0) for n in gathers}  # blocks run along the gathered rows' features
+        if len(axes) != 1:
+            self.report.kept.append(f"{tensor.name}: gathered and multiplied along different axes")
+            return None
+        axis = axes.pop()
+        length = tensor.dims[axis]
+        if length % self.scheme.block_size:
+            fits = [b for b in BLOCK_SIZES if length % b == 0]
+            raise KvgraphError(f"block size {self.scheme.block_size} does not divide the input dimension {length} of "
+                               f"{tensor.name} {list(tensor.dims)} in {graph_name}.onnx; block sizes that do: {fits or 'none'}")
+        return (self.scheme.embedding_bits if gathers else self.scheme.bits), axis, readers
+
+    def _blocks(self, tensor: onnx.TensorProto, bits: int, axis: int, gathered: bool) -> _Blocks:
+        array = numpy_helper.to_array(tensor)
+        key = (bits, axis, array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        if key not in self._done:
+            blocks = quantize_blocks(array if axis == 0 else array.T, bits, self.scheme.block_size, self.scheme.symmetric)
+            if axis == 1:
+                blocks = _Blocks(*(None if a is None else np.ascontiguousarray(a.T) for a in (blocks.q, blocks.scales, blocks.zero_points)))
+            self._done[key] = blocks
+            (self.report.gathered if gathered else self.report.matmul).append(tensor.name)
+            self.report.float_bytes += array.nbytes
+            self.report.quantized_bytes += blocks.nbytes
+        return self._done[key]
+
+    def _rewrite(self, graph: onnx.GraphProto, tensor: onnx.TensorProto, bits: int, axis: int, readers: list) -> None:
+        blocks = self._blocks(tensor, bits, axis, any(node.op_type == "Gather" for node in readers))
+        parts = [f"{tensor.name}.q{bits}", f"{tensor.name}.scales"] + ([f"{tensor.name}.zero_points"] if blocks.zero_points is not None else [])
+        arrays = [blocks.q, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
+        graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in zip(parts, arrays))
+        matmuls = [node for node in readers if node.op_type == "MatMul"]
+        rows = _twins(graph, parts, "rows") if matmuls else parts  # a tied matrix: the Gathers read their own twins
+        for i, node in enumerate(readers):
+            if node.op_type == "MatMul":
+                _dequantize_for_matmul(graph, node, tensor.name, parts, axis, self.scheme.block_size, i)
+            else:
+                _gather_then_dequantize(graph, node, rows, axis, self.scheme.block_size)
+        graph.initializer.remove(tensor)
+
+
+def _dequantize_for_matmul(graph: onnx.GraphProto, matmul: onnx.NodeProto, name: str, parts: list[str], axis: int, block: int, i: int) -> None:
+    dequantized = f"{name}.dequantized.{i}"
+    node = helper.make_node("DequantizeLinear", parts, [dequantized], axis=axis, block_size=block, name=f"{matmul.name}/dequantize")
+    graph.node.insert(list(graph.node).index(matmul), node)
+    matmul.input[1] = dequantized
+
+
+def _gather_then_dequantize(graph: onnx.GraphProto, gather: onnx.NodeProto, parts: list[str], axis: int, block: int) -> None:
+    """Gather(W, ids) -> DequantizeLinear(Gather(W.q, ids), Gather(W.scales, ids), ...): the same rows, dequantized."""
+    at = list(graph.node).index(gather)
+    gather_axis = attr(gather, "axis", 0)
+    roles = ("q", "scales", "zero_points")[: len(parts)]
+    rows = [f"{gather.output[0]}.{role}" for role in roles]
+    nodes = [helper.make_node("Gather", [part, gather.input[1]], [row], axis=gather_axis, name=f"{gather.name}/{role}")
+             for part, row, role in zip(parts, rows, roles)]
+    # the gathered rows keep W's block axis: axis 0 of (H, *ids) for a column gather, the last of (*ids, H) for a row gather
+    block_axis = 0 if axis == 0 else -1
+    nodes.append(helper.make_node("DequantizeLinear", rows, [gather.output[0]], axis=block_axis, block_size=block,
+                                  name=f"{gather.name}/dequantize"))
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
+
+
+def _twins(graph: onnx.GraphProto, parts: list[str], suffix: str) -> list[str]:
+    """Second initializers with the same contents (the weights file stores them once): onnxruntime fuses a
+    DequantizeLinear into MatMulNBits only when nothing else reads its integers."""
+    stored = {t.name: t for t in graph.initializer}
+    names = []
+    for part in parts:
+        twin = onnx.TensorProto()
+        twin.CopyFrom(stored[part])
+        twin.name = f"{part}.{suffix}"
+        graph.initializer.append(twin)
+        names.append(twin.name)
+    return names
+
+
+def _set_opset(model: onnx.ModelProto) -> None:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < QUANTIZED_OPSET:
+            opset.version = QUANTIZED_OPSET
+

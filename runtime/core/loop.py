@@ -1,0 +1,141 @@
+"""The token loop over a batch: sample, append, check each row's stop conditions, step again.
+
+Rows stop on their own (eos id, a stop string, or max_new_tokens); a finished row is fed the pad
+token from then on and its tokens and text no longer change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from kvgraph.runtime.core.sampling import Sampling, ban, banned_ngram_tokens, masked, next_tokens
+
+Step = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens (B, 1), mask (B, P+1)) -> logits (B, V)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0  # eos cannot be chosen before this many new tokens (Hugging Face's min_new_tokens)
+
+
+@dataclass
+class RowState:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "eos", "stop" or "length" once finished
+    text: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Vocabulary(Protocol):
+    eos_ids: frozenset[int]
+    pad_id: int
+
+    def text_of(self, token_ids: list[int]) -> str: ...
+
+    def decoder_prefix(self, request: Request) -> list[int]: ...  # what the decoder saw before the first new token
+
+
+class BatchRun:
+    """Iterate to run; yields (row, token) after each token is appended and the row checked."""
+
+    def __init__(self, requests: list[Request], first_logits: np.ndarray, mask: np.ndarray, step: Step,
+                 sampling: Sampling, vocab: Vocabulary, constraint=None, speculation=None) -> None:
+        self.requests = requests
+        self.speculation = speculation  # speculative decoding's stepper: its drafted / accepted counts go into the results
+        self.logits = first_logits  # (B, V) for the next token of every row
+        self.mask = mask  # (B, P) attention mask of everything fed so far
+        self.step = step
+        self.sampling = sampling
+        self.vocab = vocab
+        self.rows = [RowState() for _ in requests]
+        self.matchers = [constraint.matcher() for _ in requests] if constraint is not None else None  # structured output
+        self.decode_seconds = 0.0
+        self.decode_steps = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng(self.sampling.seed)
+        while True:
+            seen = self._seen() if self.sampling.repetition_penalty != 1.0 else []
+            chosen = next_tokens(self._allowed(self._banned(self._without_early_eos(self.logits))), seen, self.sampling, rng)
+            for b, row in enumerate(self.rows):
+                if not row.finished:
+                    self._append(b, int(chosen[b]))
+                    yield b, int(chosen[b])
+            if all(row.finished for row in self.rows):
+                break
+            feed = np.array([[self.vocab.pad_id if row.finished else row.tokens[-1]] for row in self.rows], dtype=np.int64)
+            self.mask = np.concatenate([self.mask, np.ones_like(feed)], axis=1)
+            start = time.perf_counter()
+            self.logits = self.step(feed, self.mask)
+            self.decode_seconds += time.perf_counter() - start
+            self.decode_steps += 1
+        for row in self.rows:
+            if row.finish_reason != "stop":
+                row.text = self.vocab.text_of(row.tokens)
+
+    def _without_early_eos(self, logits: np.ndarray) -> np.ndarray:
+        """Rows short of their min_new_tokens get -inf at the eos ids (before any other processing, as in Hugging Face)."""
+        early = [b for b, (r, row) in enumerate(zip(self.requests, self.rows)) if len(row.tokens) < r.min_new_tokens]
+        if not early or not self.vocab.eos_ids:
+            return logits
+        logits = np.array(logits, dtype=np.float32)
+        eos = [t for t in sorted(self.vocab.eos_ids) if t < logits.shape[-1]]  # an eos id past the vocab is never chosen anyway
+        logits[np.ix_(early, eos)] = -np.inf
+        return logits
+
+    def _allowed(self, logits: np.ndarray) -> np.ndarray:
+        """Structured output: each row's grammar mask (constrain.py). Where it leaves nothing (the grammar is
+        complete, only eos fits, and min_new_tokens bars eos), the grammar wins."""
+        if self.matchers is None:
+            return logits
+        out = masked(logits, [None if row.finished else m for row, m in zip(self.rows, self.matchers)])
+        stuck = [b for b, row in enumerate(self.rows) if not row.finished and np.isneginf(out[b]).all()]
+        if stuck:
+            out[stuck] = masked(self.logits[stuck], [self.matchers[b] for b in stuck])
+        return out
+
+    def _banned(self, logits: np.ndarray) -> np.ndarray:
+        """no_repeat_ngram_size: tokens that would repeat an n-gram of a row's prompt and tokens at -inf."""
+        n = self.sampling.no_repeat_ngram_size
+        if not n:
+            return logits
+        return ban(logits, banned_ngram_tokens([self.vocab.decoder_prefix(r) + row.tokens for r, row in zip(self.requests, self.rows)], n))
+
+    def _seen(self) -> list[np.ndarray]:
+        """Each row's prompt and generated ids, for the repetition penalty."""
+        return [np.array(r.prompt_ids + row.tokens, dtype=np.int64) for r, row in zip(self.requests, self.rows)]
+
+    def run(self) -> BatchRun:
+        for _ in self:
+            pass
+        return self
+
+    def _append(self, b: int, token: int) -> None:
+        row, request = self.rows[b], self.requests[b]
+        row.tokens.append(token)
+        if self.matchers is not None:
+            self.matchers[b].feed(token)
+        if token in self.vocab.eos_ids or (self.matchers is not None and self.matchers[b].done):
+            row.finish_reason = "eos"
+        elif request.stop and self._cut_at_stop(row, request.stop):
+            row.finish_reason = "stop"
+        elif len(row.tokens) >= request.max_new_tokens:
+            row.finish_reason = "length"
+
+    def _cut_at_stop(self, row: RowState, stops: tuple[str, ...]) -> bool:
+        text = self.vocab.text_of(row.tokens)
+        hits = [text.find(s) for s in stops if s and s in text]
+        if not hits:
+            return False
+        row.text = text[: min(hits)]  # text is cut before the stop string
+        return True

@@ -1,0 +1,327 @@
+"""An OpenAI-compatible HTTP server over a serving engine (the `serve` extra: FastAPI, uvicorn).
+
+    engine, why = make_engine(Generator.load("out-static/"), max_batch=8)
+    app = create_app(engine, model="smollm2", max_queue=64, request_timeout=600)
+
+Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
+`n`, `stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`).
+Encoder-decoder exports serve /v1/completions (the prompt is the source). Bad input is answered 400
+with an OpenAI-shaped error body naming the field; a full queue 429 with Retry-After; a request past
+its timeout 503 (still waiting for a row) or 504 (generating; a stream ends with an error event);
+nothing a client sends is a 500. Every response names the process that answered in the
+`x-kvgraph-instance` header (which replica, behind a load balancer or Ray Serve).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+from kvgraph.graphs import KvgraphError
+from kvgraph.runtime.generator import GenerationResult, Generator
+from kvgraph.runtime.serving.engine import make_engine
+from kvgraph.runtime.serving.engine_base import Engine, RequestTimeout
+from kvgraph.runtime.serving.openai_request import BadRequest, parse_request, tool_schema
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "interrupted": "stop"}
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry): requests by endpoint and status, tokens in and
+    out, time to first token and inter-token latency, queue depth and rows in use."""
+
+    def __init__(self, engine: Engine) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kvgraph_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("kvgraph_prompt_tokens", "prompt tokens of finished requests", registry=self.registry)
+        self.completion_tokens = Counter("kvgraph_completion_tokens", "generated tokens of finished requests", registry=self.registry)
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+        self.ttft = Histogram("kvgraph_time_to_first_token_seconds", "request arrival to its first text", buckets=latency,
+                              registry=self.registry)
+        self.itl = Histogram("kvgraph_inter_token_latency_seconds", "between a request's text pieces", buckets=latency,
+                             registry=self.registry)
+        Gauge("kvgraph_queue_depth", "requests waiting for a row", registry=self.registry).set_function(lambda: engine.waiting)
+        Gauge("kvgraph_rows_in_use", "rows of the batch decoding a request", registry=self.registry).set_function(lambda: engine.rows_in_use)
+
+    def timed(self, events: Iterator, start: float) -> Iterator:
+        """The events, unchanged; their timing and token counts recorded on the way."""
+        last = None
+        for event in events:
+            now = time.perf_counter()
+            if isinstance(event, GenerationResult):
+                self.prompt_tokens.inc(event.stats.prompt_tokens)
+                self.completion_tokens.inc(event.stats.new_tokens)
+            elif event:
+                (self.ttft.observe(now - start) if last is None else self.itl.observe(now - last))
+                last = now
+            yield event
+
+
+INSTANCE = f"{socket.gethostname()}-{os.getpid()}"
+
+
+def create_app(engine: Engine, model: str, max_queue: int = 64, request_timeout: float | None = None):
+    """The FastAPI app over `engine`: at most engine.max_batch requests run and max_queue wait, each for
+    at most request_timeout seconds (None: no limit)."""
+    import anyio
+    from fastapi import Body, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # a waiting or non-streaming request holds a worker thread: the pool must hold a full queue
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, engine.max_batch + max_queue + 16)
+        yield
+
+    app = FastAPI(title="kvgraph", lifespan=lifespan)
+    metrics = Metrics(engine)
+    serving = _Serving(engine, metrics, model, max_queue, request_timeout)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["x-kvgraph-instance"] = INSTANCE
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        return _error(400, str(exc), exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return _error(400, "the request body must be a JSON object", None)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "instance": INSTANCE, "engine": engine.kind, "rows": engine.max_batch,
+                "running": engine.rows_in_use, "waiting": engine.waiting}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "kvgraph"}]}
+
+    # plain `def` endpoints: FastAPI runs them in its thread pool, where waiting on the engine blocks no one else
+    @app.post("/v1/completions")
+    def completions(body: dict[str, Any] = Body(...)):
+        return serving.respond(body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: dict[str, Any] = Body(...)):
+        return serving.respond(body, chat=True)
+
+    return app
+
+
+def _error(status: int, message: str, param: str | None, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(_error_body(status, message, param), status_code=status, headers=headers)
+
+
+def _error_body(status: int, message: str, param: str | None) -> dict:
+    kind = {400: "invalid_request_error", 429: "rate_limit_exceeded", 503: "timeout", 504: "timeout"}.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class _Serving:
+    """One completion request: parse, admit (or 429), run its n choices, answer as JSON or as a stream."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, model: str, max_queue: int, timeout: float | None) -> None:
+        self.engine, self.metrics, self.model, self.max_queue, self.timeout = engine, metrics, model, max_queue, timeout
+
+    def respond(self, body: dict, chat: bool):
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        start = time.perf_counter()
+        prompt, n, options = parse_request(self.engine, body, chat)
+        engine, capacity = self.engine, self.engine.max_batch + self.max_queue
+        if engine.load + n > capacity:
+            return _error(429, f"the server is full ({engine.max_batch} rows busy, {self.max_queue} requests waiting); retry later", None,
+                          {"Retry-After": "1"})
+        created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if "num_beams" in options:
+            return self._beams(prompt, n, options, chat, created, ident)
+        cancels = [threading.Event() for _ in range(n)]  # one per choice: a choice that ends sets its own
+
+        def cancel() -> None:
+            for event in cancels:
+                event.set()
+
+        try:
+            events = self._choices(prompt, options, chat, cancels, start)
+            first = next(events)  # admission and the request's own checks happen here: errors are still a 400
+        except RequestTimeout as exc:  # still waiting for a row: 503, come back; late in its first token: 504
+            return _error(503, str(exc), None, {"Retry-After": "1"}) if exc.queued else _error(504, str(exc), None)
+        except KvgraphError as exc:
+            raise BadRequest(str(exc)) from exc
+        head = {"id": ident, "created": created, "model": self.model}
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_sse(_chunks(itertools.chain([first], events), head, n, chat, usage), cancel),
+                                     media_type="text/event-stream")
+        try:
+            texts, results = _collect(itertools.chain([first], events), n)
+        except RequestTimeout as exc:
+            return _error(504, str(exc), None)
+        finally:
+            cancel()
+        tool_call = chat and tool_schema(body)[0] is not None
+        return JSONResponse(_completion(texts, results, head, chat, tool_call))
+
+    def _beams(self, prompt, n: int, options: dict, chat: bool, created: int, ident: str):
+        """best_of > n: one beam search on its own cache (not on the engine's rows), the best n beams as the choices."""
+        from fastapi.responses import JSONResponse
+
+        options = {key: value for key, value in options.items() if key not in ("temperature", "top_p", "seed")}
+        try:
+            ranked = self.engine.generator.generate(prompt, chat=False, num_return_sequences=n, **options)
+        except KvgraphError as exc:
+            raise BadRequest(str(exc)) from exc
+        ranked = ranked if isinstance(ranked, list) else [ranked]
+        return JSONResponse(_completion([r.text for r in ranked], ranked, {"id": ident, "created": created, "model": self.model}, chat))
+
+    def _choices(self, prompt, options: dict, chat: bool, cancels: list[threading.Event], start: float) -> Iterator[tuple[int, Any]]:
+        """(choice index, event) as the choices run; choice i samples with seed + i."""
+        seed = options.pop("seed")
+        streams = [self.metrics.timed(self.engine.events(prompt, chat=chat, cancel=cancel, timeout=self.timeout, **options,
+                                                         seed=None if seed is None else seed + i), start) for i, cancel in enumerate(cancels)]
+        if len(streams) == 1:
+            return ((0, event) for event in streams[0])
+        return _merged(streams)
+
+
+_END = object()
+
+
+def _merged(streams: list[Iterator]) -> Iterator[tuple[int, Any]]:
+    """Several event streams at once, each pulled by its own thread: (index, event) in arrival order."""
+    out: queue.Queue = queue.Queue()
+
+    def pull(index: int, events: Iterator) -> None:
+        try:
+            for event in events:
+                out.put((index, event))
+        except Exception as exc:
+            out.put((index, exc))
+        finally:
+            out.put((index, _END))
+
+    for index, events in enumerate(streams):
+        threading.Thread(target=pull, args=(index, events), name="kvgraph-choice", daemon=True).start()
+    ended = 0
+    while ended < len(streams):
+        index, event = out.get()
+        if event is _END:
+            ended += 1
+        elif isinstance(event, Exception):
+            raise event
+        else:
+            yield index, event
+
+
+def _collect(events: Iterator[tuple[int, Any]], n: int) -> tuple[list[str], list[GenerationResult]]:
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    results: list[GenerationResult | None] = [None] * n
+    for index, event in events:
+        if isinstance(event, GenerationResult):
+            results[index] = event
+        else:
+            pieces[index].append(event)
+    if any(r is None for r in results):
+        raise KvgraphError("the generation ended without a result")
+    return ["".join(p) for p in pieces], results
+
+
+def _usage(results: list[GenerationResult]) -> dict:
+    prompt, new = results[0].stats.prompt_tokens, sum(r.stats.new_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+
+def _completion(texts: list[str], results: list[GenerationResult], head: dict, chat: bool, tool_call: bool = False) -> dict:
+    choices = []
+    for index, (text, result) in enumerate(zip(texts, results)):
+        finish = FINISH.get(result.finish_reason, "stop")
+        if tool_call:
+            choices.append(_tool_choice(index, text, finish))
+            continue
+        choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
+                       else {"index": index, "text": text, "logprobs": None, "finish_reason": finish})
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": _usage(results)}
+
+
+def _tool_choice(index: int, text: str, finish: str) -> dict:
+    """A constrained answer {"name", "arguments"} as OpenAI's tool call (the text as content if it did not complete)."""
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    function = {"name": call["name"], "arguments": json.dumps(call["arguments"])}
+    message = {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}]}
+    return {"index": index, "message": message, "finish_reason": "tool_calls"}
+
+
+def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, chat: bool, usage: bool) -> Iterator[dict]:
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    if chat:
+        for index in range(n):
+            yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    results = {}
+    for index, event in events:
+        if isinstance(event, GenerationResult):
+            finish = FINISH.get(event.finish_reason, "stop")
+            last = {"index": index, "delta": {}, "finish_reason": finish} if chat else {"index": index, "text": "", "finish_reason": finish}
+            yield {**head, "choices": [last]}
+            results[index] = event
+            continue
+        piece = ({"index": index, "delta": {"content": event}, "finish_reason": None} if chat
+                 else {"index": index, "text": event, "finish_reason": None})
+        yield {**head, "choices": [piece]}
+    if usage and len(results) == n:
+        yield {**head, "choices": [], "usage": _usage([results[i] for i in range(n)])}
+
+
+async def _sse(chunks: Iterator[dict], cancel: Callable[[], None]):
+    """Server-sent events. An async generator, so a client that disconnects cancels it here (the
+    finally runs at once) and the request ends at its next token, freeing its row. A request that
+    fails mid-stream (its timeout) ends with an OpenAI-shaped error event and no [DONE]."""
+    import anyio
+
+    try:
+        while True:
+            try:
+                chunk = await anyio.to_thread.run_sync(next, chunks, None)
+            except KvgraphError as exc:
+                yield f"data: {json.dumps(_error_body(504 if isinstance(exc, RequestTimeout) else 500, str(exc), None))}\n\n"
+                return
+            if chunk is None:
+                break
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel()
+
+
+def build_app(directory: str, max_batch: int, max_queue: int, timeout: float | None, threads: int | None, model: str, log=None):
+    """Load the export, pick its engine and wrap it in the HTTP app: (app, engine). A Ray replica runs this too."""
+    engine, why = make_engine(Generator.load(directory, threads=threads), max_batch=max_batch)
+    if log:
+        log(f"kvgraph serve: {model}: {why}")
+    return create_app(engine, model, max_queue, timeout), engine

@@ -1,0 +1,124 @@
+"""An OpenAI request body as kvgraph arguments: the prompt, the number of choices, the engine's options and any
+constraint (response_format, a required tool call), or BadRequest naming the field at fault (the server's 400)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvgraph.graphs import KvgraphError
+from kvgraph.runtime.serving.engine_base import Engine
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def parse_request(engine: Engine, body: dict, chat: bool) -> tuple[Any, int, dict]:
+    """The prompt, the number of choices and the engine's options, or BadRequest naming the field."""
+    try:
+        prompt = _chat_prompt(engine, body) if chat else _prompt(body)
+    except KvgraphError as exc:
+        raise BadRequest(str(exc), "messages" if chat else "prompt") from exc
+    room = engine.generator.room(len(prompt)) if isinstance(prompt, list) else None
+    default = room if chat and room else 16  # chat: as many as the cache holds, as OpenAI's; completions: 16, as OpenAI's
+    options = {"max_new_tokens": _number(body, "max_tokens", int, default, 1, None),
+               "min_new_tokens": _number(body, "min_tokens", int, 0, 0, None),  # an extension (vLLM's name): eos not before
+               "temperature": _number(body, "temperature", (int, float), 1.0, 0, 2),
+               "top_p": _number(body, "top_p", (int, float), 1.0, 0, 1)}
+    n = _number(body, "n", int, 1, 1, engine.max_batch)
+    best_of = _number(body, "best_of", int, n, n, 16)
+    if best_of > n:  # the best n of best_of beams (beam search), as transformers' num_beams / num_return_sequences
+        if options["temperature"] != 0 or body.get("stream"):
+            raise BadRequest("best_of > n runs a beam search: it needs temperature 0 and no stream", "best_of")
+        options["num_beams"] = best_of
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise BadRequest("seed must be an integer", "seed")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
+    if options["top_p"] == 0:
+        raise BadRequest("top_p must be greater than 0", "top_p")
+    constraint = _constraint(engine, body, chat)
+    if constraint is not None:
+        if "num_beams" in options:
+            raise BadRequest("best_of > n does not combine with response_format or tool_choice", "best_of")
+        options["constraint"] = constraint
+    return prompt, n, {**options, "seed": seed, "stop": tuple(stop)}
+
+
+def _constraint(engine: Engine, body: dict, chat: bool):
+    """response_format (json_object, json_schema) or a required tool call, as a grammar over the tokenizer."""
+    from kvgraph.runtime.decoding.constrained import Constraint
+
+    schema, param = tool_schema(body) if chat else (None, "tools")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            schema, param = {"type": "object"}, "response_format"
+        elif kind == "json_schema" and isinstance(fmt.get("json_schema"), dict) and isinstance(fmt["json_schema"].get("schema"), dict):
+            schema, param = fmt["json_schema"]["schema"], "response_format"
+        elif kind != "text":
+            raise BadRequest("response_format must be {type: text}, {type: json_object} or {type: json_schema, json_schema: {name, schema}}",
+                             "response_format")
+    if schema is None:
+        return None
+    try:
+        return Constraint.build(engine.generator, json_schema=schema)
+    except KvgraphError as exc:
+        raise BadRequest(str(exc), param) from exc
+
+
+def tool_schema(body: dict) -> tuple[dict | None, str]:
+    """tool_choice "required" or a named function: the answer is a call, {"name": ..., "arguments": {...}}."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or choice in (None, "auto", "none"):
+        return None, "tools"
+    if not isinstance(tools, list) or not tools or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise BadRequest("tools must be a non-empty list of {type: function, function: {name, parameters}}", "tools")
+    functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict) and choice["function"].get("name") in functions:
+        functions = {choice["function"]["name"]: functions[choice["function"]["name"]]}
+    elif choice != "required":
+        raise BadRequest("tool_choice must be auto, none, required or {type: function, function: {name}} naming one of the tools",
+                         "tool_choice")
+    if body.get("stream"):
+        raise BadRequest("a required tool call is not streamed here; ask without stream", "stream")
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters}, "required": ["name", "arguments"],
+              "additionalProperties": False} for name, parameters in functions.items()]
+    schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    return {**schema, "x-guidance": {"whitespace_flexible": False}}, "tools"  # a call is compact JSON: no room to wander
+
+
+def _chat_prompt(engine: Engine, body: dict) -> list[int]:
+    if engine.graphs.contract.seq2seq:
+        raise BadRequest("this model is an encoder-decoder: it has no chat turns; send the source to /v1/completions", "messages")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise BadRequest("messages must be a non-empty list of {role, content} objects with string values", "messages")
+    return engine.generator.need_codec().encode_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def _prompt(body: dict):
+    prompt = body.get("prompt")
+    if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        raise BadRequest("prompt must be a non-empty string or a list of token ids", "prompt")
+    return prompt
+
+
+def _number(body: dict, name: str, kind, default, low, high):
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, kind) or value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise BadRequest(f"{name} must be a number {bounds}, got {value!r}", name)
+    return value
