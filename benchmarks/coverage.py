@@ -1,6 +1,6 @@
 """Coverage, measured: every causal-LM and seq2seq-LM model type in transformers, exported and checked.
 
-    python benchmarks/coverage.py [--jobs 2] [--only gpt2,bloom] [--readme README.md]
+    python benchmarks/coverage.py [--jobs 2] [--only gpt2,bloom]
 
 For each model type of transformers' MODEL_FOR_CAUSAL_LM and MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM auto
 mappings, a tiny random-init model is built from the type's default config by one generic shrinker
@@ -11,7 +11,7 @@ which validates the graphs against PyTorch; then the export's greedy tokens (kvg
 7-token prompt, 24 new tokens: past 2x the window) must equal transformers `generate`.
 
 Each model type runs in its own process (a crash or hang costs one row). The table goes to
-benchmarks/results/coverage.md (and .json) and, with --readme, between the README's coverage markers.
+benchmarks/results/coverage.md (and .json); the README links it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 STATIC_LENGTH = 48
 PROMPT, NEW_TOKENS = 7, 24
-MARKERS = ("<!-- coverage:start -->", "<!-- coverage:end -->")
+KINDS = ("decoder", "encoder-decoder")  # by is-encoder-decoder
+MARKS = {True: "✓", False: "✗"}
+MODE_OPTIONS = {"dynamic": {}, "static": {"cache": "static", "max_length": STATIC_LENGTH}}  # cache mode -> export_model options
 
 # The shrinker: config fields set to a tiny value when the default config has them.
 WIDTH = {"hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "word_embed_proj_dim": 64}
@@ -115,7 +117,7 @@ def check(model_type: str, seq2seq: bool) -> dict:
         config = AutoConfig.for_model(model_type)
         config = AutoConfig.for_model(model_type, **shrink(config.to_dict()))
         torch.manual_seed(0)
-        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config).eval()
+        model = (AutoModelForCausalLM, AutoModelForSeq2SeqLM)[seq2seq].from_config(config).eval()
         _no_zero_matrices(model)
     except Exception as exc:  # the shrinker's limit, not kvgraph's: say so
         return _failed(model_type, seq2seq, f"no tiny model from the default config: {_reason(exc)}")
@@ -123,7 +125,7 @@ def check(model_type: str, seq2seq: bool) -> dict:
         theirs = _transformers_greedy(model)
     except Exception as exc:
         return _failed(model_type, seq2seq, f"the tiny model does not generate in transformers itself: {_reason(exc)}")
-    row = {"family": model_type, "kind": "encoder-decoder" if seq2seq else "decoder", "vocab": config.get_text_config().vocab_size,
+    row = {"family": model_type, "kind": KINDS[seq2seq], "vocab": config.get_text_config().vocab_size,
            "class": type(model).__name__}
     for mode in ("dynamic", "static"):
         started = time.perf_counter()
@@ -136,7 +138,7 @@ def _check_mode(model, mode: str, theirs: list[int]) -> tuple[bool, str]:
     from kvgraph.export import export_model
     from kvgraph.runtime import Generator
 
-    options = {"cache": "static", "max_length": STATIC_LENGTH} if mode == "static" else {}
+    options = MODE_OPTIONS[mode]
     with tempfile.TemporaryDirectory() as tmp:
         try:
             export_model(model, Path(tmp) / "out", **options)
@@ -194,7 +196,7 @@ def model_types() -> dict[str, bool]:
 
 
 def run_child(model_type: str, seq2seq: bool, timeout: float) -> dict:
-    command = [sys.executable, __file__, "--one", model_type] + (["--seq2seq"] if seq2seq else [])
+    command = [sys.executable, __file__, "--one", model_type] + ["--seq2seq"] * seq2seq
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
@@ -217,7 +219,7 @@ def _child_reason(errors: list[str]) -> str:
 
 
 def _failed(model_type: str, seq2seq: bool, reason: str) -> dict:
-    return {"family": model_type, "kind": "encoder-decoder" if seq2seq else "decoder", "dynamic": False, "static": False,
+    return {"family": model_type, "kind": KINDS[seq2seq], "dynamic": False, "static": False,
             "dynamic_reason": reason, "static_reason": reason}
 
 
@@ -230,14 +232,8 @@ def table(rows: list[dict]) -> str:
         reasons = [r["dynamic_reason"]] if r["dynamic_reason"] == r["static_reason"] else [
             f"{mode}: {r[f'{mode}_reason']}" for mode in ("dynamic", "static") if r[f"{mode}_reason"]]
         reason = "; ".join(x for x in reasons if x).replace("|", "\\|")
-        lines.append(f"| {r['family']} | {r['kind']} | {'✓' if r['dynamic'] else '✗'} | {'✓' if r['static'] else '✗'} | {reason} |")
+        lines.append(f"| {r['family']} | {r['kind']} | {MARKS[r['dynamic']]} | {MARKS[r['static']]} | {reason} |")
     return "\n".join(lines) + "\n"
-
-
-def write_readme(readme: Path, text: str) -> None:
-    content = readme.read_text()
-    start, end = content.index(MARKERS[0]) + len(MARKERS[0]), content.index(MARKERS[1])
-    readme.write_text(content[:start] + "\n" + text + content[end:])
 
 
 def main() -> None:
@@ -247,7 +243,6 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated model types (default: all)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--readme", type=Path, help="write the table between the coverage markers of this README")
     parser.add_argument("--merge", action="store_true", help="with --only: replace those rows in the saved results, rewrite the table")
     args = parser.parse_args()
     if args.one:
@@ -269,7 +264,7 @@ def main() -> None:
     rows.sort(key=lambda r: r["family"])
     text = table(rows) + note
     if not args.only or args.merge:
-        save(rows, text, args.readme)
+        save(rows, text)
     print(text)
 
 
@@ -280,17 +275,18 @@ def run_all(types: dict[str, bool], jobs: int, timeout: float) -> list[dict]:
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             rows.append(r)
-            print(f"[{len(rows)}/{len(types)}] {r['family']}: dynamic {'ok' if r['dynamic'] else r['dynamic_reason']}; "
-                  f"static {'ok' if r['static'] else r['static_reason']}", flush=True)
+            print(f"[{len(rows)}/{len(types)}] {r['family']}: " + "; ".join(f"{mode} {_status(r, mode)}" for mode in MODE_OPTIONS), flush=True)
     return rows
 
 
-def save(rows: list[dict], text: str, readme: Path | None) -> None:
+def _status(row: dict, mode: str) -> str:
+    return "ok" if row[mode] else row[f"{mode}_reason"]
+
+
+def save(rows: list[dict], text: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "coverage.json").write_text(json.dumps(rows, indent=1) + "\n")
     (RESULTS / "coverage.md").write_text(text)
-    if readme:
-        write_readme(readme, text)
 
 
 if __name__ == "__main__":

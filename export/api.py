@@ -17,8 +17,10 @@ import torch
 from transformers import PreTrainedModel
 
 from kvgraph.graphs import GraphContract, KvgraphError, Manifest, ModelInfo, SpecialTokens, ValidationError
-from kvgraph.graphs.contract import CACHE_MODES, MIN_STATIC_LENGTH
+from kvgraph.graphs.contract import CACHE_MODES
 from kvgraph.graphs.manifest import METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, graph_file
+from kvgraph.graphs.modes import CACHE_MODES as MODE_ADAPTERS
+from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.onnx_files import embed_metadata, write_graphs
 from kvgraph.graphs.quantization import QuantScheme, thresholds
 from kvgraph.graphs.staging import check_destination, staged
@@ -30,6 +32,12 @@ from kvgraph.export.scatter import SCATTER_OPSET
 from kvgraph.export.trace import IR_VERSION, OPSET, optimize_graphs, trace_graphs
 from kvgraph.export.validate import DECODE_STEPS, PROMPT_LENGTHS, SOURCE_LENGTHS
 from kvgraph.export.validate import validate as validate_graphs
+
+OPSETS = {"dynamic": OPSET, "static": SCATTER_OPSET}  # cache mode -> the opset its graphs need (TensorScatter: 24)
+VALIDATION_BATCHES = {  # graph kind -> the batch export validation runs, as the manifest records it
+    "decoder": f"2 rows, prompt lengths {PROMPT_LENGTHS[0]} and {PROMPT_LENGTHS[1]} (left-padded)",
+    "encoder-decoder": f"2 sources, lengths {SOURCE_LENGTHS[0]} and {SOURCE_LENGTHS[1]} (right-padded)",
+}
 
 WEIGHTS_SLACK = 1.1  # the weights file may exceed the parameter bytes by at most 10 %
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
@@ -90,7 +98,7 @@ def export_model(
     contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length,
                              kind, dims.hidden_size if dims.encoder_decoder else None, dims.value_head_dim, rings,
                              verify=not dims.encoder_decoder and not rings)
-    mode = f"static cache of {max_length} positions" if contract.static else "dynamic cache"
+    mode = step_adapter(contract).cache.describe(contract)
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
     if quantize is not None:
         _check_blocks(source.model, quantize)
@@ -234,18 +242,15 @@ def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[D
     info = ModelInfo(dims.family, type(source.model).__name__, source.description, dims.max_positions, parameter_bytes, windows)
     validation = None
     if validated:
-        batch = (f"2 sources, lengths {SOURCE_LENGTHS[0]} and {SOURCE_LENGTHS[1]} (right-padded)" if contract.seq2seq
-                 else f"2 rows, prompt lengths {PROMPT_LENGTHS[0]} and {PROMPT_LENGTHS[1]} (left-padded)")
         validation = {
             "passed": not failures(rows),
-            "batch": batch,
+            "batch": VALIDATION_BATCHES[contract.kind],
             "decode_steps": DECODE_STEPS,
             "tolerance": TOLERANCES[contract.dtype],
             "rows": [row.to_json() for row in rows],
         }
     files = {**{name: graph_file(name) for name in contract.graphs()}, "weights": WEIGHTS_FILE, "weights_index": WEIGHTS_INDEX, **files}
-    opset = SCATTER_OPSET if contract.static else OPSET
-    return Manifest(contract, info, _special_tokens(source), opset, IR_VERSION, library_versions(), files, validation)
+    return Manifest(contract, info, _special_tokens(source), OPSETS[contract.cache], IR_VERSION, library_versions(), files, validation)
 
 
 def _special_tokens(source: Source) -> SpecialTokens:
@@ -281,13 +286,9 @@ def _copy_tokenizer(source: Source, staging: Path) -> dict[str, str]:
 def _check_cache_options(cache: str, max_length: int | None) -> None:
     if cache not in CACHE_MODES:
         raise KvgraphError(f"--cache must be one of {list(CACHE_MODES)}, got {cache!r}")
-    if cache == "dynamic" and max_length is not None:
-        raise KvgraphError("--max-length sets the static cache's size; it needs --cache static")
-    if cache == "static":
-        if max_length is None:
-            raise KvgraphError("--cache static needs --max-length N (prompt + new tokens the buffers hold)")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_STATIC_LENGTH:
-            raise KvgraphError(f"--max-length must be an integer >= {MIN_STATIC_LENGTH}, got {max_length!r}")
+    problem = MODE_ADAPTERS[cache].option_problem(max_length)
+    if problem:
+        raise KvgraphError(problem)
 
 
 TASKS = {"text-generation": False, "text2text-generation": True}  # task -> is encoder-decoder
@@ -315,10 +316,9 @@ def _check_seq2seq_options(dims: ModelDims, cache: str, all_logits: bool, quanti
 
 def _rings(dims: ModelDims, cache: str, max_length: int | None) -> tuple[int | None, ...] | None:
     """Static decoder cache: windowed layers whose window W < N keep a ring of W positions."""
-    if cache != "static" or dims.encoder_decoder or len(dims.windows) != dims.num_layers:
+    if dims.encoder_decoder or len(dims.windows) != dims.num_layers:
         return None
-    rings = tuple(w if w is not None and w < max_length else None for w in dims.windows)
-    return rings if any(rings) else None
+    return MODE_ADAPTERS[cache].rings(tuple(dims.windows), max_length)
 
 
 def _check_static_fits(dims: ModelDims, max_length: int | None) -> None:

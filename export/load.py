@@ -17,6 +17,7 @@ from kvgraph.export.families import UNSUPPORTED
 transformers.utils.logging.disable_progress_bar()
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+AUTO_CLASSES = {False: (AutoModelForCausalLM, "causal-LM"), True: (AutoModelForSeq2SeqLM, "sequence-to-sequence")}  # is_encoder_decoder ->
 
 
 @dataclass
@@ -58,12 +59,10 @@ def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None) -> Sou
         raise KvgraphError(f"{name}: model path not found")
     config = _config(name, trust_remote_code)
     check_supported(config, name)
-    seq2seq = getattr(config, "is_encoder_decoder", False)
-    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    auto, kind = AUTO_CLASSES[bool(getattr(config, "is_encoder_decoder", False))]
     try:
         model = auto.from_pretrained(name, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except ValueError as exc:
-        kind = "sequence-to-sequence" if seq2seq else "causal-LM"
         raise KvgraphError(f"{name}: model type {config.model_type!r} has no {kind} class in transformers: {first_line(exc)}") from exc
     except OSError as exc:
         raise KvgraphError(f"{name}: cannot load the weights: {first_line(exc)}") from exc

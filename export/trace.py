@@ -29,7 +29,7 @@ from kvgraph.export.optimize import optimize
 from kvgraph.export.scatter import to_standard_tensor_scatter
 from kvgraph.export.translations import custom_translations
 from kvgraph.export.seq2seq import (seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_static_dynamic_shapes, seq2seq_static_examples,
-                      seq2seq_static_steps, seq2seq_steps)
+                                    seq2seq_static_steps, seq2seq_steps)
 from kvgraph.export.wrappers import DecodeStep, PrefillStep, StaticStep
 
 OPSET = 23  # the exporter fuses RMSNormalization / RotaryEmbedding / Attention at exactly 23
@@ -58,22 +58,36 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
 
 
 def _trace(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
-    if contract.seq2seq:
-        steps, examples, shapes = _seq2seq_tracing(model, contract)
-        return {name: _export(step, examples[name], name, contract, shapes(name, contract)) for name, step in steps.items()}
-    logits_to_keep = 0 if contract.all_logits else 1
-    if contract.static:
-        return {"prefill": _export(StaticStep(model, family, logits_to_keep), _static_example(model, contract), "prefill", contract)}
+    return TRACERS[contract.kind, contract.cache](model, family, contract)
+
+
+def _trace_decoder_dynamic(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
     extend = {"extend": _export(DecodeStep(model, family), _extend_example(model, contract), "extend", contract)}
     if not contract.all_logits:  # prefill is extend after an empty past (optimize_graphs derives it)
         return extend
-    return {"prefill": _export(PrefillStep(model, family, logits_to_keep), _prefill_example(contract), "prefill", contract), **extend}
+    prefill = _export(PrefillStep(model, family, logits_to_keep=0), _prefill_example(contract), "prefill", contract)
+    return {"prefill": prefill, **extend}
 
 
-def _seq2seq_tracing(model: torch.nn.Module, contract: GraphContract):
-    if contract.static:
-        return seq2seq_static_steps(model), seq2seq_static_examples(model, contract), seq2seq_static_dynamic_shapes
-    return seq2seq_steps(model), seq2seq_examples(model, contract), seq2seq_dynamic_shapes
+def _trace_decoder_static(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
+    step = StaticStep(model, family, 0 if contract.all_logits else 1)
+    return {"prefill": _export(step, _static_example(model, contract), "prefill", contract, _static_shapes(contract))}
+
+
+def _seq2seq_tracer(make_steps, make_examples, shapes):
+    def trace(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
+        examples = make_examples(model, contract)
+        return {name: _export(step, examples[name], name, contract, shapes(name, contract)) for name, step in make_steps(model).items()}
+
+    return trace
+
+
+TRACERS = {  # (graph kind, cache mode) -> what is traced; optimize_graphs derives or copies the rest
+    ("decoder", "dynamic"): _trace_decoder_dynamic,
+    ("decoder", "static"): _trace_decoder_static,
+    ("encoder-decoder", "dynamic"): _seq2seq_tracer(seq2seq_steps, seq2seq_examples, seq2seq_dynamic_shapes),
+    ("encoder-decoder", "static"): _seq2seq_tracer(seq2seq_static_steps, seq2seq_static_examples, seq2seq_static_dynamic_shapes),
+}
 
 
 COPIES = {"decode": ("extend", "prefill"), VERIFY: ("extend", "prefill")}  # not traced: a copy of the first traced one of these
@@ -153,11 +167,15 @@ def _static_example(model: torch.nn.Module, contract: GraphContract):
     return (ids, mask, positions, write_indices, *buffers)
 
 
+def _static_shapes(contract: GraphContract):
+    """Only Q and B vary; the buffers' N is fixed."""
+    batch = torch.export.Dim(BATCH)
+    new = {0: batch, 1: torch.export.Dim(SEQUENCE)}
+    return (new, {0: batch}, new, {0: batch}, tuple({0: batch} for _ in contract.cache_slots()))
+
+
 def _dynamic_shapes(graph: str, contract: GraphContract):
     batch = torch.export.Dim(BATCH)
-    if contract.static:  # only Q and B vary; N is fixed
-        new = {0: batch, 1: torch.export.Dim(SEQUENCE)}
-        return (new, {0: batch}, new, {0: batch}, tuple({0: batch} for _ in contract.cache_slots()))
     if graph == "prefill":
         sequence = torch.export.Dim(SEQUENCE)
         token = {0: batch, 1: sequence}

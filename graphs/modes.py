@@ -22,11 +22,13 @@ from typing import Callable
 
 import numpy as np
 
-from kvgraph.graphs.contract import ATTENTION_MASK, ENCODER_MASK, INPUT_IDS, LOGITS, POSITION_IDS, WRITE_INDICES, GraphContract
+from kvgraph.graphs.contract import (ATTENTION_MASK, ENCODER_MASK, INPUT_IDS, LOGITS, MIN_STATIC_LENGTH, POSITION_IDS, WRITE_INDICES,
+                                     GraphContract)
 from kvgraph.graphs.conventions import extend_position_ids, left_pad, right_pad
 from kvgraph.graphs.errors import KvgraphError
 
 ROLES = ("prefill", "decode", "extend", "verify")  # verify: extend with logits at every new position
+CUDA_GRAPH_NEEDS = "cuda_graph needs provider 'cuda' and a static-cache export (kvgraph export --cache static)"
 
 
 class DynamicCacheMode:
@@ -64,6 +66,31 @@ class DynamicCacheMode:
 
     def capacity(self, contract: GraphContract) -> int | None:
         return None
+
+    # -- what the mode can do, asked through StepAdapter: None, or the reason it cannot --
+
+    def describe(self, contract: GraphContract) -> str:
+        return "dynamic cache"
+
+    def option_problem(self, max_length: int | None) -> str | None:
+        """The export options this mode takes: --max-length is the static cache's alone."""
+        return None if max_length is None else "--max-length sets the static cache's size; it needs --cache static"
+
+    def rings(self, windows: tuple[int | None, ...], max_length: int | None) -> tuple[int | None, ...] | None:
+        return None  # a dynamic cache keeps every position; the mask hides what a window does not see
+
+    def budget_note(self, contract: GraphContract) -> str:
+        return ", x 2 while a step holds past and present"
+
+    def rollback(self, contract: GraphContract) -> str | None:
+        return None  # cut to any length
+
+    def batching(self) -> str | None:
+        return ("a dynamic cache grows per row and cannot share a step; continuous batching takes static-cache exports "
+                "(kvgraph export --cache static --max-length N)")
+
+    def cuda_graph(self) -> str | None:
+        return CUDA_GRAPH_NEEDS  # buffers that grow every step cannot be captured
 
 
 class StaticCacheMode:
@@ -124,6 +151,36 @@ class StaticCacheMode:
     def capacity(self, contract: GraphContract) -> int | None:
         return contract.max_length
 
+    def describe(self, contract: GraphContract) -> str:
+        return f"static cache of {contract.max_length} positions"
+
+    def option_problem(self, max_length: int | None) -> str | None:
+        if max_length is None:
+            return "--cache static needs --max-length N (prompt + new tokens the buffers hold)"
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_STATIC_LENGTH:
+            return f"--max-length must be an integer >= {MIN_STATIC_LENGTH}, got {max_length!r}"
+        return None
+
+    def rings(self, windows: tuple[int | None, ...], max_length: int | None) -> tuple[int | None, ...] | None:
+        """Per layer, the ring length W of a windowed layer whose window is shorter than the buffers' N, else None."""
+        rings = tuple(w if w is not None and w < max_length else None for w in windows)
+        return rings if any(rings) else None
+
+    def budget_note(self, contract: GraphContract) -> str:
+        rings = [w for w in contract.ring_windows or () if w]
+        return f", but {len(rings)} windowed layers hold rings of {max(rings)}" if rings else ""
+
+    def rollback(self, contract: GraphContract) -> str | None:
+        if not contract.ring_windows:
+            return None  # the write index moves back
+        return "the rings of this static export's windowed layers cannot roll back (they overwrite old positions); use its dynamic-cache export"
+
+    def batching(self) -> str | None:
+        return None
+
+    def cuda_graph(self) -> str | None:
+        return None
+
 
 def _held(contract: GraphContract, layer: int, length: int) -> np.ndarray:
     """Positions of the first `length` a layer's buffers hold: all of them, or a ring's last W."""
@@ -162,6 +219,13 @@ class DecoderFeeds:
     def pad(self, rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         return left_pad(rows, pad_id)
 
+    def decoder_prefix(self, prompt: list[int], start_token: int | None) -> list[int]:
+        """The decoder's sequence before the first new token: the prompt itself."""
+        return list(prompt)
+
+    def refusal(self, capability: str) -> str | None:
+        return None  # a decoder-only export can chat, speculate, batch and be quantized
+
 
 class Seq2SeqFeeds:
     """Encoder-decoder: decoder tokens and the source mask; prefill emits the cross K/V once."""
@@ -180,6 +244,21 @@ class Seq2SeqFeeds:
 
     def pad(self, rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         return right_pad(rows, pad_id)  # the encoder sees the whole source; the decoder side is never padded
+
+    def decoder_prefix(self, prompt: list[int], start_token: int | None) -> list[int]:
+        """The decoder's sequence before the first new token: the start token (the prompt is the encoder's)."""
+        return [start_token]
+
+    REFUSALS = {
+        "chat": "this export is an encoder-decoder: it has no chat turns (it translates or rewrites a source)",
+        "speculation": "speculative decoding takes decoder-only exports (this one is an encoder-decoder)",
+        "batching": ("an encoder-decoder export carries cross K/V per source; continuous batching takes decoder-only "
+                     "static-cache exports"),
+        "quantization": "quantization covers decoder-only exports for now (this one is an encoder-decoder)",
+    }
+
+    def refusal(self, capability: str) -> str | None:
+        return self.REFUSALS.get(capability)
 
 
 CACHE_MODES = {"dynamic": DynamicCacheMode(), "static": StaticCacheMode()}
@@ -247,6 +326,31 @@ class StepAdapter:
     def step_outputs(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """[logits, *presents, (*cross)] in contract order, as a PyTorch step returns them."""
         return [outputs[LOGITS], *self.presents(outputs), *(outputs[n] for n in self.contract.cross_names() if n in outputs)]
+
+
+    # -- capabilities: None when this export can, else the reason it cannot (each refusal is spelled here once) --
+
+    def chat(self) -> str | None:
+        """Can a conversation keep its cache between turns?"""
+        return self.kind.refusal("chat")
+
+    def speculation(self) -> str | None:
+        """Can drafted tokens be checked in one call and the rejected ones rolled back?"""
+        reason = self.kind.refusal("speculation")
+        rollback = self.cache.rollback(self.contract)
+        return reason or (f"speculative decoding rolls the cache back: {rollback}" if rollback else None)
+
+    def batching(self) -> str | None:
+        """Can rows at different lengths share one decode step (continuous batching)?"""
+        return self.kind.refusal("batching") or self.cache.batching()
+
+    def cuda_graph(self, provider: str) -> str | None:
+        """Can the decode step be captured as a CUDA graph on this provider?"""
+        return CUDA_GRAPH_NEEDS if provider != "cuda" else self.cache.cuda_graph()
+
+    def quantization(self) -> str | None:
+        """Can `kvgraph quantize` rewrite this export's weights?"""
+        return self.kind.refusal("quantization")
 
 
 def step_adapter(contract: GraphContract) -> StepAdapter:

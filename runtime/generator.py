@@ -145,10 +145,8 @@ class Generator:
         yield text.finish(run.rows[0].text)
 
     def chat(self, **sampling) -> Conversation:
-        if self.graphs.contract.seq2seq:
-            raise KvgraphError(f"{self.graphs.directory}: an encoder-decoder export translates or rewrites a source; it has no chat turns")
-        if self.graphs.cuda_graph:
-            raise KvgraphError("a conversation keeps its cache between turns; with cuda_graph the buffers are pooled: load without it")
+        _refuse(self.graphs.steps.chat(), f"{self.graphs.directory}: ")
+        _refuse(self.graphs.captured("a conversation keeps its cache between turns"))
         return Conversation(self, Sampling(**sampling))
 
     # -- internals ---------------------------------------------------------------------------
@@ -178,15 +176,10 @@ class Generator:
             return None
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) or not 1 <= draft_tokens <= 64:
             raise KvgraphError(f"draft_tokens must be an integer between 1 and 64, got {draft_tokens!r}")
-        if self.graphs.contract.seq2seq:
-            raise KvgraphError("speculative decoding takes decoder-only exports (this one is an encoder-decoder)")
+        _refuse(self.graphs.steps.speculation())
         if beams.search or not use_cache:
             raise KvgraphError("speculative decoding does not combine with num_beams > 1 or use_cache=False")
-        if self.graphs.cuda_graph:
-            raise KvgraphError("speculative decoding rolls the cache back; with cuda_graph the buffers are captured: load without it")
-        if self.graphs.contract.static and self.graphs.contract.ring_windows:
-            raise KvgraphError("speculative decoding rolls the cache back, which the rings of this static export's windowed layers "
-                               "cannot do (they overwrite old positions); use its dynamic-cache export")
+        _refuse(self.graphs.captured("speculative decoding rolls the cache back"))
         drafter = self._drafter(speculative)
         self.graphs.session(VERIFY)  # opened now, not inside the first step's timing
         return drafter, int(draft_tokens)
@@ -223,8 +216,7 @@ class Generator:
 
     def _beam_search(self, requests: list[Request], sampling: Sampling, beams: BeamOptions, use_cache: bool) -> list:
         beams.refuse(sampling, requests, use_cache)
-        if self.graphs.cuda_graph:
-            raise KvgraphError("beam search reorders the cache between steps; with cuda_graph the buffers are captured: load without it")
+        _refuse(self.graphs.captured("beam search reorders the cache between steps"))
         k = beams.num_beams
         self.check([r for r in requests for _ in range(k)])  # k rows per prompt
         ids, mask = self.graphs.steps.kind.pad([r.prompt_ids for r in requests], self.pad_id)
@@ -303,9 +295,7 @@ class Generator:
 
     def decoder_prefix(self, request: Request) -> list[int]:
         """The decoder's sequence before the first new token: the prompt, or an encoder-decoder's start token."""
-        if self.graphs.contract.seq2seq:
-            return [self.graphs.manifest.special_tokens.decoder_start_token_id]
-        return list(request.prompt_ids)
+        return self.graphs.steps.kind.decoder_prefix(request.prompt_ids, self.graphs.manifest.special_tokens.decoder_start_token_id)
 
     def text_of(self, token_ids: list[int]) -> str:
         return self.codec.decode(token_ids) if self.codec is not None else ""
@@ -317,6 +307,12 @@ class Generator:
         stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate,
                                 drafts.proposed if drafts else 0, drafts.accepted if drafts else 0)
         return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)
+
+
+def _refuse(reason: str | None, prefix: str = "") -> None:
+    """Raise a capability's refusal (None: allowed)."""
+    if reason:
+        raise KvgraphError(prefix + reason)
 
 
 @dataclass

@@ -18,10 +18,7 @@ def cache_need(contract: GraphContract, prompt_lengths: list[int], max_new_token
     need = steps.kind.positions(max(prompt_lengths), max_new_tokens)
     held, copies = steps.cache.cache_positions(contract, need.decoder)  # a dynamic step holds its past and its present at once
     total = rows * (steps.cache.row_bytes(contract, need.decoder) + per_position * need.source)  # + cross K/V over the source
-    note = ", x 2 while a step holds past and present" if copies == 2 else ""
-    if contract.ring_windows:  # a static cache's windowed layers hold W positions, not N
-        rings = [w for w in contract.ring_windows if w]
-        note = f", but {len(rings)} windowed layers hold rings of {max(rings)}"
+    note = steps.cache.budget_note(contract)  # x 2 (past and present), or the rings' W positions in place of N
     if need.source:
         return total, f"{rows} rows x ({held} decoder{' x 2' if copies == 2 else ''} + {need.source} source positions) x {layout}"
     return total, f"{rows} rows x {held} positions x {layout}{note}"

@@ -90,6 +90,10 @@ class LoadedGraphs:
         """Held for a whole request when requests share pooled buffers (cuda_graph); otherwise free."""
         return self._request_lock if self.cuda_graph else contextlib.nullcontext()
 
+    def captured(self, what: str) -> str | None:
+        """Why `what` (a cache that moves between steps) cannot run on these sessions (None: it can)."""
+        return f"{what}; with cuda_graph the buffers are captured and pooled: load without it" if self.cuda_graph else None
+
     @property
     def contract(self) -> GraphContract:
         return self.manifest.contract
@@ -118,8 +122,9 @@ class LoadedGraphs:
         derived in memory from the graph that runs Q new tokens after a past (extend, or a static export's prefill)."""
         from kvgraph.graphs.rewrites.every_position import keep_every_position
 
-        if self.contract.seq2seq:
-            raise KvgraphError(f"{self.directory}: speculative decoding takes decoder-only exports")
+        reason = self.steps.speculation()
+        if reason:
+            raise KvgraphError(f"{self.directory}: {reason}")
         base = self.steps.graph("extend")
         model = check_graph_file(self.directory, graph_file(base))
         try:
@@ -176,8 +181,9 @@ def load_graphs(directory: str | Path, provider: str = "cpu", threads: int | Non
     """
     directory = Path(directory)
     manifest = Manifest.load(directory)
-    if cuda_graph and (provider != "cuda" or not manifest.contract.static):
-        raise KvgraphError("cuda_graph needs provider 'cuda' and a static-cache export (kvgraph export --cache static)")
+    reason = step_adapter(manifest.contract).cuda_graph(provider) if cuda_graph else None
+    if reason:
+        raise KvgraphError(reason)
     provider_name = resolve_provider(provider)
     _check_graph_files(directory, manifest)
     index = WeightsIndex(directory, manifest.files["weights_index"]) if manifest.files.get("weights_index") else None

@@ -135,8 +135,11 @@ class SpeculativeSteps:
 
 def checked_draft(generator, target):
     """The draft generator, if it can draft for the target: decoder-only, the same vocabulary and tokenizer."""
-    if generator.graphs.contract.seq2seq or generator.graphs.contract.vocab_size != target.graphs.contract.vocab_size:
-        raise KvgraphError(f"{generator.graphs.directory}: a draft export must be decoder-only with the target's vocabulary "
+    reason = generator.graphs.steps.speculation()  # a draft's own cache follows the accepted text: it rolls back too
+    if reason:
+        raise KvgraphError(f"{generator.graphs.directory}: cannot draft: {reason}")
+    if generator.graphs.contract.vocab_size != target.graphs.contract.vocab_size:
+        raise KvgraphError(f"{generator.graphs.directory}: a draft export must have the target's vocabulary "
                            f"({target.graphs.contract.vocab_size} tokens), not {generator.graphs.contract.vocab_size}")
     mine, theirs = (Path(g.graphs.directory, "tokenizer.json") for g in (generator, target))
     if mine.is_file() and theirs.is_file() and mine.read_bytes() != theirs.read_bytes():

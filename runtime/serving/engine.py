@@ -320,11 +320,9 @@ class RequestEngine(Engine):
 def batch_refusal(generator: Generator) -> str:
     """Why continuous batching cannot serve this export ("" when it can)."""
     graphs = generator.graphs
-    if graphs.contract.seq2seq:
-        return "an encoder-decoder export carries cross K/V per source; continuous batching takes decoder-only static-cache exports"
-    if not graphs.contract.static:
-        return ("a dynamic cache grows per row and cannot share a step; continuous batching takes static-cache exports "
-                "(kvgraph export --cache static --max-length N)")
+    reason = graphs.steps.batching()
+    if reason:
+        return reason
     if graphs.device.ort_type != "cpu":
         return "the batch engine keeps its row buffers in host memory: load the export with provider 'cpu'"
     return ""

@@ -97,8 +97,9 @@ def tool_schema(body: dict) -> tuple[dict | None, str]:
 
 
 def _chat_prompt(engine: Engine, body: dict) -> list[int]:
-    if engine.graphs.contract.seq2seq:
-        raise BadRequest("this model is an encoder-decoder: it has no chat turns; send the source to /v1/completions", "messages")
+    reason = engine.graphs.steps.chat()
+    if reason:
+        raise BadRequest(f"{reason}; send the source to /v1/completions", "messages")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):

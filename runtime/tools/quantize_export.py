@@ -13,6 +13,7 @@ import onnx
 
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.manifest import MANIFEST_NAME, METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, Manifest, graph_file
+from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.onnx_files import embed_metadata, write_graphs
 from kvgraph.graphs.quantization import QuantScheme, Quantizer, thresholds
 from kvgraph.graphs.safety import check_graph_file
@@ -55,8 +56,9 @@ def _check_source(source: Path, manifest: Manifest) -> None:
         scheme = manifest.quantization.get("scheme", {})
         raise KvgraphError(f"{source} is already quantized (int{scheme.get('bits')}, block {scheme.get('block_size')}); "
                            "quantize its float export instead")
-    if manifest.contract.seq2seq:
-        raise KvgraphError(f"{source} is an encoder-decoder export; quantization covers decoder-only exports for now")
+    reason = step_adapter(manifest.contract).quantization()
+    if reason:
+        raise KvgraphError(f"{source}: {reason}")
 
 
 def _load_graphs(source: Path, manifest: Manifest) -> dict:
