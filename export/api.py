@@ -24,7 +24,7 @@ from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.onnx_files import embed_metadata, write_graphs
 from kvgraph.graphs.quantization import QuantScheme, thresholds
 from kvgraph.graphs.staging import check_destination, staged
-from kvgraph.graphs.report import DiffRow, TOLERANCES, failures, format_table
+from kvgraph.graphs.report import TOLERANCES, DiffRow, failures, format_table, graph_summaries
 from kvgraph.export.config import ModelDims
 from kvgraph.export.families import family_for
 from kvgraph.export.load import Source, first_line, library_versions, load_source
@@ -67,6 +67,7 @@ def export_model(
     min_top1: float | None = None,
     max_ppl_ratio: float | None = None,
     log: Callable[[str], None] = lambda message: None,
+    verbose: bool = False,
 ) -> ExportResult:
     """Export prefill.onnx, decode.onnx and extend.onnx (+ weights, manifest, tokenizer files) into `out_dir`.
 
@@ -77,7 +78,8 @@ def export_model(
     directory, and publish only if the quality report against that float export passes
     (min_top1 / max_ppl_ratio; defaults by bit width).
 
-    The directory appears only when everything succeeded: output is assembled in a temporary
+    log gets the progress and one validation line per graph; verbose (or a failure) adds the table of every
+    tensor and step. The directory appears only when everything succeeded: output is assembled in a temporary
     directory beside it and renamed at the end. Raises KvgraphError for user errors and
     ValidationError when the graphs disagree with PyTorch beyond the dtype's tolerance.
     """
@@ -102,20 +104,20 @@ def export_model(
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
     if quantize is not None:
         _check_blocks(source.model, quantize)
-        return _export_quantized(source, family, contract, out, validate, force, quantize, min_top1, max_ppl_ratio, log)
+        return _export_quantized(source, family, contract, out, validate, force, quantize, min_top1, max_ppl_ratio, log, verbose)
     with staged(out, force) as staging, _remembered_interrupts() as interrupts:  # nothing half-written, also on Ctrl-C
-        manifest, rows = _build(source, family, contract, staging, validate, log, interrupts)
+        manifest, rows = _build(source, family, contract, staging, validate, log, interrupts, verbose)
     return ExportResult(out, manifest, rows)
 
 
 def _export_quantized(source: Source, family, contract: GraphContract, out: Path, validate: bool, force: bool, scheme: QuantScheme,
-                      min_top1: float | None, max_ppl_ratio: float | None, log) -> ExportResult:
+                      min_top1: float | None, max_ppl_ratio: float | None, log, verbose: bool) -> ExportResult:
     """The float export into a temporary directory, then `kvgraph quantize` of it into `out`."""
     from kvgraph.runtime.tools.quantize_export import quantize_export
 
     with tempfile.TemporaryDirectory(prefix="kvgraph-float-") as scratch:
         with staged(Path(scratch) / "float", False) as staging, _remembered_interrupts() as interrupts:
-            _, rows = _build(source, family, contract, staging, validate, log, interrupts)
+            _, rows = _build(source, family, contract, staging, validate, log, interrupts, verbose)
         del source
         quantize_export(Path(scratch) / "float", out, scheme, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio, force=force, log=log)
     return ExportResult(out, Manifest.load(out), rows)
@@ -134,7 +136,7 @@ def _check_blocks(model: torch.nn.Module, scheme: QuantScheme) -> None:
 
 
 def _build(source: Source, family, contract: GraphContract, staging: Path, validate: bool, log,
-           interrupts: list[int]) -> tuple[Manifest, list[DiffRow]]:
+           interrupts: list[int], verbose: bool = False) -> tuple[Manifest, list[DiffRow]]:
     phase = Phases(log, family.model_type, interrupts)
     with phase("trace"):
         programs = trace_graphs(source.model, family, contract)
@@ -151,7 +153,7 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     if validate:
         with phase("validate"):
             rows = validate_graphs(staging, source.model, family, contract)
-        _gate(rows, contract, log)
+        _gate(rows, contract, log, verbose)
     manifest = _manifest(source, contract, files, rows, validate, parameter_bytes)
     manifest.write(staging)
     for name in contract.graphs():
@@ -159,10 +161,13 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     return manifest, rows
 
 
-def _gate(rows: list[DiffRow], contract: GraphContract, log) -> None:
-    """The one check every kind and cache mode passes before anything is published."""
-    log("validation against PyTorch (max |diff| per tensor and step):\n" + format_table(rows))
+def _gate(rows: list[DiffRow], contract: GraphContract, log, verbose: bool = False) -> None:
+    """The one check every kind and cache mode passes before anything is published. Logs a line per graph; the
+    table of every tensor and step too when something fails, or when verbose."""
     bad = failures(rows)
+    log("validation against PyTorch:\n" + "\n".join(graph_summaries(rows, TOLERANCES[contract.dtype])))
+    if bad or verbose:
+        log("max |diff| per tensor and step:\n" + format_table(rows))
     if bad:
         raise ValidationError(
             f"validation failed: {len(bad)} tensors exceed the {contract.dtype} tolerance {TOLERANCES[contract.dtype]} "

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("text-generation", "text2text-generation"), default=None,
                         help="refuse a model of the other kind (default: take the kind from the config)")
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the validation's max |diff| for every tensor and step (default: a line per graph; the table on failure)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
     parser.add_argument("--quantize", choices=("int4", "int8"), default=None,
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         min_top1=args.min_top1,
         max_ppl_ratio=args.max_ppl_ratio,
         log=lambda message: print(message, file=sys.stderr),
+        verbose=args.verbose,
     )
     print(f"exported to {result.directory} (see {result.directory / MANIFEST_NAME})")
     return 0

@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicCache
 from optimum.utils import NormalizedConfigManager
 
 from kvgraph.graphs import KvgraphError
+from kvgraph.export.hf_cache import cache_keyword, returned_cache
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,11 @@ def probe_cache(model) -> tuple[int, int, int, int]:
     ids = torch.ones(1, 1, dtype=torch.long)
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(), use_cache=True)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{cache_keyword(model): DynamicCache()})
     except Exception as exc:  # any failure of the model's own forward: say which model and what
         raise KvgraphError(f"model type {family!r}: a one-token forward pass with a cache failed: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}"[:400]) from exc
-    cache = getattr(out, "past_key_values", None)
+    cache = returned_cache(out)
     layers = getattr(cache, "layers", None)
     if not layers:
         raise KvgraphError(f"model type {family!r} returns no key/value cache from a forward pass with one (transformers gives "

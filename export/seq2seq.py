@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from kvgraph.graphs import GraphContract
 from kvgraph.graphs.contract import BATCH, ENCODER_SEQUENCE, PAST, SEQUENCE
+from kvgraph.export.hf_cache import cache_keyword, returned_cache
 from kvgraph.export.wrappers import ScatterLayer, static_mask
 
 _BATCH, _SOURCE, _TARGET, _PAST = 2, 7, 3, 5  # distinct and > 1: no dimension gets specialised
@@ -48,10 +49,10 @@ class _DecoderStep(torch.nn.Module):
             attention_mask=encoder_attention_mask,
             decoder_input_ids=input_ids,
             decoder_attention_mask=decoder_mask,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(self.model): cache},
         )
-        return out.logits[:, -1:], out.past_key_values
+        return out.logits[:, -1:], returned_cache(out)
 
 
 def _flat(cache: Cache) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvgraph.export.config import attention_layout, text_config
+from kvgraph.export.hf_cache import cache_keyword, returned_cache
 from kvgraph.export.families import Family
 from kvgraph.export.scatter import tensor_scatter
 
@@ -24,19 +25,20 @@ class _CausalLMStep(torch.nn.Module):
         self.model = model
         self.family = family
         self.logits_to_keep = logits_to_keep  # 0 keeps every position
+        self.cache_keyword = cache_keyword(model)
 
     def _run(self, input_ids, attention_mask, position_ids, cache: DynamicCache) -> tuple[torch.Tensor, ...]:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=self.logits_to_keep,
+            **{self.cache_keyword: cache},
             **self.family.forward_kwargs,
         )
         presents = []
-        for layer in out.past_key_values.layers:
+        for layer in returned_cache(out).layers:
             presents += [layer.keys, layer.values]  # (B, Hkv, S, D) each
         return (out.logits, *presents)
 

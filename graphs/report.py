@@ -65,6 +65,20 @@ def format_table(rows: list[DiffRow]) -> str:
     return "\n".join(lines)
 
 
+def graph_summaries(rows: list[DiffRow], tolerance: dict) -> list[str]:
+    """One line per graph: its worst |diff| (tensor, step), the tolerance, ok or how many rows FAIL."""
+    limit = ", ".join(f"{key} {value:g}" for key, value in tolerance.items() if value)
+    lines = []
+    for graph in dict.fromkeys(row.graph for row in rows):
+        mine = [row for row in rows if row.graph == graph]
+        worst = max(mine, key=lambda row: row.max_abs_diff if row.max_abs_diff == row.max_abs_diff else float("inf"))
+        bad = failures(mine)
+        result = "ok" if not bad else f"FAIL ({len(bad)} of {len(mine)} tensors)"
+        lines.append(f"{graph:8} worst |diff| {worst.max_abs_diff:.2e} ({worst.tensor}, step {worst.step}) "
+                     f"over {len(mine)} tensors, tolerance {limit}: {result}")
+    return lines
+
+
 def failures(rows: list[DiffRow]) -> list[DiffRow]:
     return [row for row in rows if not row.ok]
 

@@ -6,6 +6,8 @@ DynamicCache, exactly as `generate()` would.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -15,6 +17,14 @@ from kvgraph.graphs.conventions import extend_position_ids, prefill_position_ids
 from kvgraph.graphs.modes import step_adapter
 
 
+def forward_with_cache(model, cache, **inputs):
+    """The model's forward with a cache, as the installed transformers takes it (`cache=` from 5.24, `past_key_values=`
+    before): (output, the cache it returned)."""
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(**inputs, use_cache=True, **{keyword: cache})
+    return out, out["cache"] if "cache" in out else out.get("past_key_values")
+
+
 def torch_step(model, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None = None, all_logits: bool = False):
     """One forward in eager PyTorch: returns [logits (B, 1|S, V), key0, value0, key1, ...] as numpy."""
     positions = prefill_position_ids(mask) if past is None else extend_position_ids(mask, ids.shape[1])
@@ -22,12 +32,10 @@ def torch_step(model, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] 
     for layer in range(len(past or []) // 2):
         cache.update(torch.from_numpy(past[2 * layer]), torch.from_numpy(past[2 * layer + 1]), layer)
     with torch.no_grad():
-        out = model(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-            position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True,
-        )
+        out, cache = forward_with_cache(model, cache, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                        position_ids=torch.from_numpy(positions))
     logits = out.logits if all_logits else out.logits[:, -1:]
-    cache_tensors = [t.numpy() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    cache_tensors = [t.numpy() for layer in cache.layers for t in (layer.keys, layer.values)]
     return [logits.numpy(), *cache_tensors]
 
 

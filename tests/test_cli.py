@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -48,6 +49,26 @@ def _run(capsys, *argv):
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     return code, captured.out, captured.err
+
+
+def test_export_prints_a_line_per_graph_and_no_deprecated_cache_argument(model_dir, tmp_path, capsys):
+    """Quiet success: one validation line per graph (the full table with --verbose). transformers >= 5.24 takes the
+    cache as `cache=`, and warns that `past_key_values=` goes in 5.40: a fresh process (warnings shown always, each
+    once-only message for the first time) prints no such warning."""
+    from kvgraph.graphs import Manifest
+
+    kvgraph = str(Path(sys.executable).with_name("kvgraph"))
+    done = subprocess.run([kvgraph, "export", str(model_dir), str(tmp_path / "quiet")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "always"})
+    assert done.returncode == 0, done.stderr
+    assert not [line for line in done.stderr.splitlines() if "past_key_values" in line or "cache_params" in line], done.stderr
+    graphs = list(Manifest.load(tmp_path / "quiet").contract.graphs())
+    lines = [line for line in done.stderr.splitlines() if "worst |diff|" in line]
+    assert [line.split()[0] for line in lines] == graphs and all(line.endswith(": ok") for line in lines), done.stderr
+    assert "max |diff| per tensor and step" not in done.stderr
+    code, _, err = _run(capsys, "export", model_dir, tmp_path / "verbose", "--verbose")
+    assert code == 0 and "max |diff| per tensor and step" in err
+    assert len([line for line in err.splitlines() if line.startswith(tuple(graphs)) and line.rstrip().endswith(" ok")]) > len(graphs)
 
 
 def test_export_from_a_directory_copies_tokenizer_and_generation_config(cli_export):
@@ -188,7 +209,7 @@ def test_runtime_and_graphs_name_no_export_module():
     """runtime/ and graphs/ never import export/, not even by name: the subcommands are entry points in pyproject.toml."""
     root = Path(__file__).resolve().parents[1]
     for folder in ("runtime", "graphs"):
-        for source in (root / folder).glob("*.py"):
+        for source in (root / folder).rglob("*.py"):
             text = source.read_text()
             assert "kvgraph.export" not in text and "..export" not in text, f"{source} names the export package"
     names = {point.name for point in __import__("importlib.metadata").metadata.entry_points(group="kvgraph.commands")}

@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from conftest import SEQ2SEQ_STATIC_LENGTH
+from oracle import forward_with_cache
 from tiny_models import SEQ2SEQ_CONFIGS, tiny_seq2seq
 from kvgraph.export import export_model
 from kvgraph.graphs import KvgraphError
@@ -80,11 +81,11 @@ def torch_decoder(model, tokens, hidden, mask, cache=None):
     """Hugging Face forward with an EncoderDecoderCache: [logits (B, 1, V), self K/V..., cross K/V...] and the cache."""
     cache = cache if cache is not None else EncoderDecoderCache(DynamicCache(), DynamicCache())
     with torch.no_grad():
-        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=torch.from_numpy(hidden)), attention_mask=torch.from_numpy(mask),
-                    decoder_input_ids=torch.from_numpy(tokens), past_key_values=cache, use_cache=True)
-    self_kv = [t.numpy() for layer in out.past_key_values.self_attention_cache.layers for t in (layer.keys, layer.values)]
-    cross_kv = [t.numpy() for layer in out.past_key_values.cross_attention_cache.layers for t in (layer.keys, layer.values)]
-    return [out.logits[:, -1:].numpy(), *self_kv, *cross_kv], out.past_key_values
+        out, cache = forward_with_cache(model, cache, encoder_outputs=BaseModelOutput(last_hidden_state=torch.from_numpy(hidden)),
+                                        attention_mask=torch.from_numpy(mask), decoder_input_ids=torch.from_numpy(tokens))
+    self_kv = [t.numpy() for layer in cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
+    cross_kv = [t.numpy() for layer in cache.cross_attention_cache.layers for t in (layer.keys, layer.values)]
+    return [out.logits[:, -1:].numpy(), *self_kv, *cross_kv], cache
 
 
 def _start(model, batch):
