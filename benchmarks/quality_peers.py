@@ -4,7 +4,7 @@
         --quantized models/smollm2-int8 --quantized models/smollm2-int4 \\
         --llamacpp LLAMACPP_VENV/bin/python SmolLM2-135M-Instruct.Q4_1.gguf
 
-The same figures as the quality report written at quantization time (runtime/quality.py), on the
+The same figures as the quality report written at quantization time (runtime/tools/quality.py), on the
 same text, windows and prompts: next-token top-1 agreement and mean KL(float || other) over
 quality_text.txt, the perplexity of both, and greedy agreement over 64 new tokens on 8 prompts.
 kvgraph's rows are recomputed here (not read from the manifests), with onnxruntime's default kernels.

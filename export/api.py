@@ -74,7 +74,7 @@ def export_model(
     cache="static" writes prefill.onnx and decode.onnx over fixed (B, Hkv, max_length, D) buffers
     instead (no extend.onnx: prefill at a write index past 0 is the extend step).
 
-    quantize: also quantize the weights (graphs/quantize.py) after a float export to a temporary
+    quantize: also quantize the weights (graphs/quantization.py) after a float export to a temporary
     directory, and publish only if the quality report against that float export passes
     (min_top1 / max_ppl_ratio; defaults by bit width).
 

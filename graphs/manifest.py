@@ -25,7 +25,7 @@ FORMAT_VERSION = "1.4"  # 1.1: contract.cache / contract.max_length (static cach
 METADATA_KEY = "kvgraph.manifest"  # key of the manifest JSON in each graph's metadata_props
 WEIGHTS_FILE = "model.onnx.data"
 WEIGHTS_INDEX = "weights.json"  # which bytes of WEIGHTS_FILE each graph's initializers read
-WEIGHTS_FORMAT = "kvgraph-weights"  # weights.json's own format field (written by onnx_files, read by runtime/weights.py)
+WEIGHTS_FORMAT = "kvgraph-weights"  # weights.json's own format field (written by onnx_files, read by runtime/core/weights.py)
 WEIGHTS_VERSION = "1.0"  # a reader accepts the same major version (and files without one, written before 1.0)
 
 
@@ -79,7 +79,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # role -> file name
     validation: dict[str, Any] | None = None
     format_version: str = FORMAT_VERSION
-    quantization: dict[str, Any] | None = None  # graphs/quantize.py's scheme, tensors and quality report
+    quantization: dict[str, Any] | None = None  # graphs/quantization.py's scheme, tensors and quality report
 
     # -- JSON ----------------------------------------------------------------------------------
 

@@ -99,11 +99,11 @@ class Generator:
 
         min_new_tokens: eos cannot end a row before this many new tokens (as in Hugging Face generate).
         num_beams > 1: beam search, as transformers' generate(num_beams=..., length_penalty=..., early_stopping=...)
-        (runtime/beam.py); num_return_sequences > 1 makes each prompt's result a list of that many, best first.
+        (runtime/decoding/beam.py); num_return_sequences > 1 makes each prompt's result a list of that many, best first.
         no_repeat_ngram_size (with the sampling options): no n-gram occurs twice in a sequence.
-        json_schema / regex / grammar (or a prebuilt constraint): structured output (runtime/constrain.py).
+        json_schema / regex / grammar (or a prebuilt constraint): structured output (runtime/decoding/constrained.py).
         speculative: "prompt-lookup" or a draft export's directory, drafting draft_tokens tokens a step
-        (runtime/speculative.py); the tokens are those of decoding without it.
+        (runtime/decoding/speculative.py); the tokens are those of decoding without it.
         """
         batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer))
         prompts = list(prompt) if batch else [prompt]

@@ -1,4 +1,4 @@
-"""Beam search (runtime/beam.py) against transformers' generate(num_beams=k) on the same inputs: token ids
+"""Beam search (runtime/decoding/beam.py) against transformers' generate(num_beams=k) on the same inputs: token ids
 and sequence scores, decoder-only and encoder-decoder (Marian and BART, as translation uses beams), both
 cache modes, a padded batch, length penalties, early stopping, returned sequences and repeated n-grams.
 

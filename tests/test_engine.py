@@ -1,4 +1,4 @@
-"""Continuous batching (runtime/engine.py): requests arriving at different times, with different prompt
+"""Continuous batching (runtime/serving/engine.py): requests arriving at different times, with different prompt
 lengths and finishing at different steps, get exactly the tokens Generator.generate gives each alone.
 
 The model stands for SmolLM2-135M (49,152-token vocabulary, tied embedding, grouped KV heads).

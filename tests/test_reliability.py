@@ -83,9 +83,9 @@ def test_cache_budget_from_the_command_line(text_export, capsys):
 
 def _interrupt_at_decode_step(monkeypatch, step: int) -> None:
     """Raise KeyboardInterrupt (what SIGINT raises) as the given decode step starts."""
-    from kvgraph.runtime import generator
+    from kvgraph.runtime.core import steppers
 
-    real, calls = generator.decode_one, []
+    real, calls = steppers.decode_one, []
 
     def decode_one(*args, **kwargs):
         calls.append(1)
@@ -93,7 +93,7 @@ def _interrupt_at_decode_step(monkeypatch, step: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generator, "decode_one", decode_one)
+    monkeypatch.setattr(steppers, "decode_one", decode_one)  # where the generator's stepper calls it
 
 
 def test_ctrl_c_during_generate_keeps_what_was_generated(directory, monkeypatch, capsys):

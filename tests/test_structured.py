@@ -1,4 +1,4 @@
-"""Structured output (runtime/constrain.py, llguidance over the export's tokenizer.json): every output of
+"""Structured output (runtime/decoding/constrained.py, llguidance over the export's tokenizer.json): every output of
 several JSON schemas, sampled and greedy, parses and validates; regexes and Lark / GBNF grammars hold;
 generation ends where the grammar does; the engines and the server (response_format, a required tool
 call) use it; bad schemas and grammars are one-line errors before anything runs.

@@ -94,7 +94,7 @@ class BatchRun:
         return logits
 
     def _allowed(self, logits: np.ndarray) -> np.ndarray:
-        """Structured output: each row's grammar mask (constrain.py). Where it leaves nothing (the grammar is
+        """Structured output: each row's grammar mask (decoding/constrained.py, through sampling.masked). Where it leaves nothing (the grammar is
         complete, only eos fits, and min_new_tokens bars eos), the grammar wins."""
         if self.matchers is None:
             return logits

@@ -1,4 +1,4 @@
-"""What both serving engines share (runtime/engine.py): the callers' side -- generate, stream, and events with
+"""What both serving engines share (engine.py): the callers' side -- generate, stream, and events with
 cancel and timeout -- and each request's own thread running its token loop; RequestTimeout.
 
 An engine subclass supplies `_start(request, settings, deadline, timeout, constraint) -> Job` (a row for the request

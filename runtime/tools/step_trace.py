@@ -7,7 +7,7 @@
 `run(graph, feeds) -> outputs` is any evaluator of the ONNX graphs: onnxruntime (`ort_runner`),
 onnx's ReferenceEvaluator, or another runtime's bindings. The loop feeds and fetches every tensor
 as numpy (no in-place buffers, no device binding): it is the contract of graphs/README.md written
-out step by step, slower than runtime/steps.py on purpose.
+out step by step, slower than runtime/core/steps.py on purpose.
 """
 
 from __future__ import annotations
