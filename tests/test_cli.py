@@ -155,8 +155,8 @@ def test_missing_parents_are_created(model_dir, tmp_path, capsys):
     """Like save_pretrained and optimum-cli, `kvgraph export MODEL models/new/out` creates models/new (test_export: and removes it on failure)."""
     code, _, err = _run(capsys, "export", model_dir, tmp_path / "models" / "new" / "out")
     assert code == 0, err
-    for phase in ("trace", "optimize", "write", "validate"):  # progress: each phase with its time
-        assert re.search(rf"^{phase} done in \d+\.\d s \(\d+\.\d s so far\)$", err, flags=re.MULTILINE), err
+    for phase in ("trace", "optimize", "write", "validate"):  # progress: each phase with its time and its own peak memory
+        assert re.search(rf"^{phase} done in \d+\.\d s, peak RSS \d+(\.\d)? (MB|GB) \(\d+\.\d s so far\)$", err, flags=re.MULTILINE), err
     assert (tmp_path / "models" / "new" / "out" / "kvgraph.json").is_file()
     assert sorted(p.name for p in (tmp_path / "models" / "new").iterdir()) == ["out"]
 
