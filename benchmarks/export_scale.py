@@ -59,7 +59,7 @@ model.save_pretrained({str(directory)!r})
 
 def baseline_rss() -> int:
     """Peak RSS of a process that only imports what an export imports (bytes)."""
-    probe = "import resource, kvgraph.export; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    probe = "import resource, torch, transformers, onnx, onnxscript, onnxruntime, kvgraph.export.api; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     return int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -70,10 +70,11 @@ def export(model_dir: Path, out: Path, options: list[str]) -> dict:
     start = time.perf_counter()
     done = subprocess.run([kvgraph, "export", str(model_dir), str(out), "--force", *options], capture_output=True, text=True)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # since the child's last peak reset (its last phase)
     phases = {m[1]: (float(m[2]), float(m[3]) * (1e9 if m[4] == "GB" else 1e6)) for m in map(PHASE.match, done.stderr.splitlines()) if m}
     error = done.stderr.strip().splitlines()[-1] if done.returncode else ""
-    return {"ok": done.returncode == 0, "wall": wall, "peak": peak if peak > before * 1024 else None, "phases": phases, "error": error}
+    peaks = [rss for _, rss in phases.values()] + ([peak] if peak > before * 1024 else [])  # each phase resets the peak
+    return {"ok": done.returncode == 0, "wall": wall, "peak": max(peaks, default=None), "phases": phases, "error": error}
 
 
 def weights_bytes(model_dir: Path) -> int:

@@ -24,6 +24,7 @@ from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.onnx_files import embed_metadata, write_graphs
 from kvgraph.graphs.quantization import QuantScheme, thresholds
 from kvgraph.graphs.staging import check_destination, staged
+from kvgraph.graphs.weight_store import WeightStore
 from kvgraph.graphs.report import TOLERANCES, DiffRow, failures, format_table, graph_summaries
 from kvgraph.export import memory
 from kvgraph.export.config import ModelDims
@@ -142,12 +143,13 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     phase = Phases(log, family.model_type, interrupts)
     with phase("trace"):
         programs = trace_graphs(source.model, family, contract)
+    store = WeightStore()  # the weights, once, while the graphs are copied and rewritten
     with phase("optimize"):
-        graphs = optimize_graphs(programs, family, contract)
+        graphs = optimize_graphs(programs, family, contract, store)
         del programs
     with phase("write"):
-        weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX)
-        del graphs
+        weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX, store)
+        del graphs, store
         parameter_bytes = _check_weights_once(source.model, weights_bytes)
         files = _copy_tokenizer(source, staging)
     log(f"wrote {', '.join(graph_file(name) for name in contract.graphs())} and {WEIGHTS_FILE} ({weights_bytes / 1e6:.1f} MB)")

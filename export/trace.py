@@ -10,6 +10,7 @@ import warnings
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 import torch
 
 from kvgraph.graphs import GraphContract, KvgraphError, io_mismatches
@@ -23,6 +24,7 @@ from kvgraph.graphs.rewrites.strip_metadata import strip_exporter_metadata
 from kvgraph.graphs.rewrites.transposed_embeddings import share_embeddings_across_graphs, store_embedding_transposed
 from kvgraph.graphs.rewrites.untie_transposed import untie_transposed_copies
 from kvgraph.graphs.rewrites.zero_additions import drop_zero_additions
+from kvgraph.graphs.weight_store import INLINE_LIMIT, WeightStore, location
 from kvgraph.export.experts import traceable_experts
 from kvgraph.export.families import Family
 from kvgraph.export.optimize import optimize
@@ -93,9 +95,14 @@ TRACERS = {  # (graph kind, cache mode) -> what is traced; optimize_graphs deriv
 COPIES = {"decode": ("extend", "prefill"), VERIFY: ("extend", "prefill")}  # not traced: a copy of the first traced one of these
 
 
-def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphContract) -> dict[str, onnx.ModelProto]:
-    """Optimize each traced program (onnxscript: folding, fusions) and apply kvgraph's rewrites; check the contract."""
-    graphs = {name: _optimized(program, name, family) for name, program in programs.items()}
+def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphContract,
+                    store: WeightStore) -> dict[str, onnx.ModelProto]:
+    """Optimize each traced program (onnxscript: folding, fusions) and apply kvgraph's rewrites; check the contract.
+
+    `programs` is emptied as it goes: each program's in-memory model is dropped once its graph is made, and the
+    graph's weights move into `store` before any copy is made, so the weights are held once, not once per graph.
+    """
+    graphs = {name: _optimized(programs.pop(name), name, family, store) for name in list(programs)}
     if "prefill" not in graphs:
         graphs["prefill"] = prefill_from_extend(graphs["extend"], contract)
     for name in contract.graphs():
@@ -103,7 +110,7 @@ def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphCon
             graphs[name] = copy.deepcopy(next(graphs[source] for source in COPIES[name] if source in graphs))
     if contract.verify:  # a copy of the graph that runs Q tokens after a past
         keep_every_position(graphs[VERIFY], contract, step_adapter(contract).graph("extend"))
-    share_embeddings_across_graphs(graphs)  # encoder-decoders: the encoder's embedding is the decoder's lm_head
+    share_embeddings_across_graphs(graphs, store)  # encoder-decoders: the encoder's embedding is the decoder's lm_head
     graphs = {name: graphs[name] for name in contract.graphs()}
     for name, proto in graphs.items():
         inputs, outputs = contract.graphs()[name]
@@ -115,21 +122,33 @@ def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphCon
     return graphs
 
 
-def _optimized(program, graph: str, family: Family) -> onnx.ModelProto:
+def _optimized(program, graph: str, family: Family, store: WeightStore) -> onnx.ModelProto:
     try:
         with _quiet():
             optimize(program.model)
-            proto = program.model_proto
+            _weights_into_store(program.model, store)
+            proto = program.model_proto  # references only: no weight is copied into the protobuf
     except Exception as exc:  # the optimizer raises many types; all mean "cannot optimize this graph"
         raise TraceError(f"model type {family.model_type!r}: {graph} graph failed while optimizing: {_summary(exc)}") from exc
     proto.ir_version = IR_VERSION
     to_standard_tensor_scatter(proto)
-    untie_transposed_copies(proto)
-    store_embedding_transposed(proto)  # no session folds a second (H, V) copy of a tied embedding
+    untie_transposed_copies(proto, store)
+    store_embedding_transposed(proto, store)  # no session folds a second (H, V) copy of a tied embedding
     attend_grouped_heads_directly(proto)  # GQA: the Attention op reads Hkv heads, no per-step copy of the cache
-    drop_zero_additions(proto)  # BART-like final_logits_bias: zeros, neither stored nor added
+    drop_zero_additions(proto, store)  # BART-like final_logits_bias: zeros, neither stored nor added
     strip_exporter_metadata(proto)
     return proto
+
+
+def _weights_into_store(model: ir.Model, store: WeightStore) -> None:
+    """Every large initializer's bytes into the store (a parameter's own memory, not a copy), a reference in its place."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_LIMIT:
+            continue
+        key = store.put(tensor.numpy(), int(tensor.dtype))
+        value.const_value = ir.ExternalTensor(location(key), offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
+                                              name=value.name)
 
 
 def _prefill_example(contract: GraphContract):

@@ -34,7 +34,8 @@ EXTEND_TOKENS = 3  # the extend graph is checked once, after the decode steps
 
 
 class OrtRunner:
-    """The export's graphs in onnxruntime (numpy in and out); a failure names the model type, graph and step."""
+    """The export's graphs in onnxruntime (numpy in and out); a failure names the model type, graph and step.
+    Only the graph last run has an open session, so validation holds the weights once on this side."""
 
     def __init__(self, directory: Path, model_type: str) -> None:
         self.directory, self.model_type = Path(directory), model_type
@@ -52,6 +53,7 @@ class OrtRunner:
 
     def _session(self, graph: str) -> ort.InferenceSession:
         if graph not in self.sessions:
+            self.sessions.clear()  # one session at a time: each holds its own copy of the weights
             options = ort.SessionOptions()
             options.log_severity_level = 3
             try:

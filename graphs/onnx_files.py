@@ -5,17 +5,16 @@ Needs the `onnx` package. The graph rewrites are in graphs/rewrites/, one a modu
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper
 
 from kvgraph.graphs.contract import TensorSpec
 from kvgraph.graphs.manifest import WEIGHTS_FORMAT, WEIGHTS_VERSION
+from kvgraph.graphs.weight_store import INLINE_LIMIT, WeightStore, content_key
 
-INLINE_LIMIT = 1024  # initializers smaller than this (bytes) stay inside the graph file
 ALIGNMENT = 64  # byte alignment of each tensor in the weights file
 
 _DTYPE_NAMES = {
@@ -57,15 +56,18 @@ def apply_shapes(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list
                     dim.dim_value = want
 
 
-def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_name: str, index_name: str) -> int:
+def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_name: str, index_name: str,
+                 store: WeightStore | None = None) -> int:
     """Save each model as `<name>.onnx` in `directory`, all large initializers in one file.
 
     Initializers with identical contents (across and within graphs) are stored once and
     referenced by offset from every graph. `index_name` (JSON) lists every stored tensor and,
     per graph, which initializer names read it, so a runtime without the onnx package can map
-    the weights once and hand the same memory to every session. Returns the weights file's size.
+    the weights once and hand the same memory to every session. `store` holds the bytes of the
+    initializers taken out of the graphs while they were copied (graphs/weight_store.py).
+    Returns the weights file's size.
     """
-    directory = Path(directory)
+    directory, store = Path(directory), store or WeightStore()
     slots: dict[str, int] = {}  # content key -> index into `tensors`
     tensors: list[dict] = []  # {"offset", "length", "dtype", "shape"} in file order
     graphs: dict[str, dict[str, int]] = {}  # graph -> initializer name -> index into `tensors`
@@ -73,7 +75,7 @@ def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_na
         for name, model in models.items():
             graphs[name] = {}
             for tensor in model.graph.initializer:
-                slot = _externalize(tensor, data, slots, tensors, weights_name)
+                slot = _externalize(tensor, data, slots, tensors, weights_name, store)
                 if slot is not None:
                     graphs[name][tensor.name] = slot
         size = data.tell()
@@ -85,13 +87,14 @@ def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_na
     return size
 
 
-def _externalize(tensor: onnx.TensorProto, data, slots: dict[str, int], tensors: list[dict], location: str) -> int | None:
+def _externalize(tensor: onnx.TensorProto, data, slots: dict[str, int], tensors: list[dict], location: str,
+                 store: WeightStore) -> int | None:
     """Point the tensor at its bytes in the weights file; returns its slot, or None if kept inline."""
-    # raw_data is already the little-endian bytes the file stores; converting it through numpy cost seconds
-    raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-    if len(raw) < INLINE_LIMIT:
+    key = store.key(tensor)
+    raw = None if key in slots else store.raw(tensor)
+    if raw is not None and len(raw) < INLINE_LIMIT:
         return None
-    key = f"{tensor.data_type}:{tuple(tensor.dims)}:{hashlib.sha256(raw).hexdigest()}"
+    key = key or content_key(tensor.data_type, tensor.dims, raw)
     if key not in slots:
         data.write(b"\0" * ((-data.tell()) % ALIGNMENT))
         slots[key] = len(tensors)
@@ -101,8 +104,8 @@ def _externalize(tensor: onnx.TensorProto, data, slots: dict[str, int], tensors:
     stored = tensors[slots[key]]
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)
-    if not tensor.HasField("raw_data"):
-        tensor.raw_data = raw  # set_external_data insists on raw_data being present
+    del tensor.external_data[:]
+    tensor.raw_data = b"\0"  # set_external_data insists on raw_data being present
     external_data_helper.set_external_data(tensor, location=location, offset=stored["offset"], length=stored["length"])
     tensor.data_location = onnx.TensorProto.EXTERNAL
     tensor.ClearField("raw_data")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from kvgraph.graphs.weight_store import INLINE, Tensors
 
 
 def attr(node: onnx.NodeProto, name: str, default):
@@ -41,7 +42,7 @@ def drop_unused(graph: onnx.GraphProto) -> None:
 
 
 
-def transposed_pairs(tensors: list[onnx.TensorProto], candidates: list[onnx.TensorProto]):
+def transposed_pairs(tensors: list[onnx.TensorProto], candidates: list[onnx.TensorProto], values: Tensors = INLINE):
     """(tensor, candidate) pairs, in `tensors` order, where candidate.T equals tensor.
 
     Matrices are first matched on their first row and column (a transpose swaps them), so only
@@ -49,15 +50,15 @@ def transposed_pairs(tensors: list[onnx.TensorProto], candidates: list[onnx.Tens
     """
     by_edges: dict[tuple, list[onnx.TensorProto]] = {}
     for other in candidates:
-        by_edges.setdefault(edges(other, transposed=True), []).append(other)
+        by_edges.setdefault(edges(other, transposed=True, values=values), []).append(other)
     for tensor in tensors:
-        for other in by_edges.get(edges(tensor), []):
-            if other is not tensor and np.array_equal(numpy_helper.to_array(other).T, numpy_helper.to_array(tensor)):
+        for other in by_edges.get(edges(tensor, values=values), []):
+            if other is not tensor and np.array_equal(values.array(other).T, values.array(tensor)):
                 yield tensor, other
 
 
-def edges(tensor: onnx.TensorProto, transposed: bool = False) -> tuple:
+def edges(tensor: onnx.TensorProto, transposed: bool = False, values: Tensors = INLINE) -> tuple:
     """(dtype, shape, first row, first column) of the matrix, or of its transpose."""
-    array = numpy_helper.to_array(tensor)
+    array = values.array(tensor)
     array = array.T if transposed else array
     return tensor.data_type, array.shape, array[0].tobytes(), array[:, 0].tobytes()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from kvgraph.graphs.rewrites.graph_edit import attr, rename_input, transposed_pairs
+from kvgraph.graphs.weight_store import INLINE, Tensors
 
 
 # A tied embedding is then read two ways: Gather(W) for the input embedding, Transpose(W) for
@@ -16,7 +16,7 @@ from kvgraph.graphs.rewrites.graph_edit import attr, rename_input, transposed_pa
 #   before:  W (V, H) ──Gather(axis 0)──▶ emb (B, S, H)       W ──Transpose──▶ W_T ──MatMul──▶ logits
 #   after:   W_T (H, V) ──Gather(axis 1)──▶ (H, B, S) ──Transpose(1, 2, 0)──▶ emb (B, S, H)
 #            W_T ──MatMul──▶ logits
-def store_embedding_transposed(model: onnx.ModelProto) -> list[str]:
+def store_embedding_transposed(model: onnx.ModelProto, values: Tensors = INLINE) -> list[str]:
     """Remove each Transpose(perm 1, 0) of a 2-D initializer whose other side is only gathered, in place.
 
     Either the Transpose's output is only gathered (gather columns of the initializer instead),
@@ -38,7 +38,7 @@ def store_embedding_transposed(model: onnx.ModelProto) -> list[str]:
             for gather in output_users:
                 _gather_columns(graph, gather, columns_of, ranks[gather.input[1]])
         elif source_users is not None:  # W (V, H) feeds the embedding Gather; its transpose feeds MatMul
-            transposed = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(tensor).T), f"{tensor.name}.T")
+            transposed = values.tensor(np.ascontiguousarray(values.array(tensor).T), f"{tensor.name}.T")
             graph.initializer.append(transposed)
             rename_input(graph, node.output[0], transposed.name)
             for gather in source_users:
@@ -58,8 +58,9 @@ def store_embedding_transposed(model: onnx.ModelProto) -> list[str]:
 #
 #   encoder before:  W (V, H) ──Gather(axis 0)──▶ emb
 #   encoder after:   W_T (H, V) ──Gather(axis 1)──Transpose──▶ emb      (W_T as in prefill/decode)
-def share_embeddings_across_graphs(models: dict[str, onnx.ModelProto]) -> list[str]:
-    """Store a gathered (V, H) matrix as (H, V) where another graph holds that transpose; returns "graph:name" rewritten."""
+def share_embeddings_across_graphs(models: dict[str, onnx.ModelProto], values: Tensors = INLINE) -> list[str]:
+    """Store a gathered (V, H) matrix as (H, V) where another graph holds that transpose; returns "graph:name" rewritten.
+    values: how initializers are read (a WeightStore where the graphs' bytes are in one)."""
     stored = [t for model in models.values() for t in model.graph.initializer if len(t.dims) == 2]
     done = []
     for name, model in models.items():
@@ -67,7 +68,7 @@ def share_embeddings_across_graphs(models: dict[str, onnx.ModelProto]) -> list[s
         ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info] if v.type.tensor_type.HasField("shape")}
         for tensor in [t for t in graph.initializer if len(t.dims) == 2 and t.dims[0] != t.dims[1]]:
             users = _gathers_only(graph, tensor.name, ranks)
-            twin = next((other for _, other in transposed_pairs([tensor], stored)), None) if users else None
+            twin = next((other for _, other in transposed_pairs([tensor], stored, values)), None) if users else None
             if twin is None:
                 continue
             transposed = onnx.TensorProto()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 
 from kvgraph.graphs.rewrites.graph_edit import transposed_pairs
+from kvgraph.graphs.weight_store import INLINE, Tensors
 
 
 # Tied embeddings: the exporter folds `lm_head.weight.T` into a second initializer, so the
@@ -13,14 +14,14 @@ from kvgraph.graphs.rewrites.graph_edit import transposed_pairs
 #   before:  W (V, H) ──Gather──▶ embeddings        W_T (H, V) ──MatMul──▶ logits
 #   after:   W (V, H) ──Gather──▶ embeddings
 #            W ──Transpose(perm=1,0)──▶ W_T ──MatMul──▶ logits
-def untie_transposed_copies(model: onnx.ModelProto) -> list[str]:
+def untie_transposed_copies(model: onnx.ModelProto, values: Tensors = INLINE) -> list[str]:
     """Replace each 2-D initializer that equals another's transpose by a Transpose node.
 
     Returns the names of the initializers replaced.
     """
     matrices = [t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] != t.dims[1]]
     replaced: dict[str, str] = {}
-    for tensor, source in transposed_pairs(matrices, matrices):
+    for tensor, source in transposed_pairs(matrices, matrices, values):
         if tensor.name not in replaced and tensor.name not in replaced.values() and source.name not in replaced:
             replaced[tensor.name] = source.name
     for copy_name, source_name in replaced.items():

@@ -1,0 +1,110 @@
+"""The weights held once while an export's graphs are made, copied and rewritten.
+
+A traced graph carries every initializer's bytes. Its copies (decode and verify are copies of extend, prefill is
+derived from it) would each carry them again, and a ModelProto keeps the memory of bytes it once held even after
+they are cleared. So the bytes live in the store, and graphs carry an external-data reference in their place:
+
+    initializer W (4 MB of floats)   ──▶   W (external_data location "kvgraph-weight-store/<key>")
+                                           store.blobs[key] = W's bytes, once however many graphs refer to it
+
+A blob is whatever buffer the bytes already were (a model parameter's memory, a folded constant): putting it in
+the store copies nothing. Copies and structural rewrites move references; rewrites that read or make values go
+through `array` / `tensor`; write_graphs reads the bytes back when it writes the weights file. The placeholder
+location is never written to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+LOCATION = "kvgraph-weight-store"  # prefix of a stored tensor's placeholder location: "kvgraph-weight-store/<key>"
+INLINE_LIMIT = 1024  # initializers smaller than this (bytes) stay inside the graph file
+
+
+class Tensors(Protocol):
+    """How a rewrite reads an initializer's values and makes a new initializer."""
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray: ...
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto: ...
+
+
+class InlineTensors:
+    """Initializers that carry their own bytes (onnx's numpy_helper)."""
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        return numpy_helper.to_array(tensor)
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+INLINE = InlineTensors()
+
+
+class WeightStore:
+    """Bytes of large initializers by content key (dtype, dims, sha256): identical tensors are held once."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, np.ndarray] = {}  # key -> the bytes, as a flat uint8 array (a view where possible)
+
+    def put(self, array: np.ndarray, data_type: int) -> str:
+        """Hold `array`'s bytes (no copy if it is contiguous); returns its key."""
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        key = content_key(data_type, array.shape, raw)
+        self.blobs.setdefault(key, raw)
+        return key
+
+    def key(self, tensor: onnx.TensorProto) -> str | None:
+        """The content key of a stored tensor, None for one that carries its own bytes."""
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        return location[len(LOCATION) + 1:] if location.startswith(LOCATION + "/") else None
+
+    def raw(self, tensor: onnx.TensorProto) -> np.ndarray | bytes:
+        """The tensor's little-endian bytes (len() is their count), from the store or from the tensor itself."""
+        key = self.key(tensor)
+        return self.blobs[key] if key is not None else raw_bytes(tensor)
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The tensor's values; for a stored one a read-only view of the stored bytes."""
+        key = self.key(tensor)
+        if key is None:
+            return numpy_helper.to_array(tensor)
+        return self.blobs[key].view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        """A new initializer of `array`'s values, its bytes in the store."""
+        proto = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        refer(proto, self.put(array, proto.data_type), array.nbytes)
+        return proto
+
+
+def location(key: str) -> str:
+    return f"{LOCATION}/{key}"
+
+
+def raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    # raw_data is already the little-endian bytes a weights file stores; converting it through numpy cost seconds
+    return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+
+
+def content_key(data_type: int, dims, raw) -> str:
+    return f"{data_type}:{tuple(dims)}:{hashlib.sha256(raw).hexdigest()}"
+
+
+def refer(tensor: onnx.TensorProto, key: str, length: int) -> None:
+    """Make `tensor` a reference to the stored bytes of `key` (its values cleared)."""
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    tensor.raw_data = b"\0"  # set_external_data insists on raw_data being present
+    external_data_helper.set_external_data(tensor, location=location(key), offset=0, length=length)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
