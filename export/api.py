@@ -156,7 +156,7 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     rows: list[DiffRow] = []
     if validate:
         with phase("validate"):
-            rows = validate_graphs(staging, source.model, family, contract)
+            rows = validate_graphs(staging, source.model, family, contract, source.release_weights)
         _gate(rows, contract, log, verbose)
     manifest = _manifest(source, contract, files, rows, validate, parameter_bytes)
     manifest.write(staging)

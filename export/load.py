@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,17 @@ class Source:
     model: PreTrainedModel
     tokenizer: Any | None  # a transformers tokenizer, or None when the source has none
     description: str  # the path or hub id, or "<in-memory LlamaForCausalLM>"
+    owned: bool = False  # loaded by the export itself (from a path or hub id), not passed in by the caller
+
+    def release_weights(self) -> None:
+        """Free the weights of a model the export loaded itself; its config and generation config stay. A model the
+        caller passed in is left as it is."""
+        if not self.owned:
+            return
+        with torch.no_grad():  # in place: libraries that still refer to a parameter object (a tracer's graph) keep no data
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
+        gc.collect()
 
 
 def load_source(model_or_path: PreTrainedModel | str | os.PathLike, *, dtype: str, trust_remote_code: bool, tokenizer: Any | None = None) -> Source:
@@ -68,7 +80,7 @@ def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None) -> Sou
         raise KvgraphError(f"{name}: cannot load the weights: {first_line(exc)}") from exc
     if tokenizer is None:
         tokenizer = _tokenizer(name, trust_remote_code)
-    return Source(model, tokenizer, name)
+    return Source(model, tokenizer, name, owned=True)
 
 
 def _config(name: str, trust_remote_code: bool):

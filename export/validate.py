@@ -9,6 +9,7 @@ labelled max-abs-diff row per tensor and step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -65,30 +66,52 @@ class OrtRunner:
         return self.sessions[graph]
 
 
-def validate_decoder(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract) -> list[DiffRow]:
+@dataclass
+class Case:
+    """One step as PyTorch ran it: the inputs both sides get, and PyTorch's outputs."""
+
+    role: str  # prefill, decode, extend, verify (encoder-decoders: encoder, prefill, decode)
+    step: int
+    tokens: np.ndarray
+    mask: np.ndarray
+    expected: list[np.ndarray]  # [logits, *presents, (*cross)] or [encoder_hidden_states]
+    feeds: list[np.ndarray] = field(default_factory=list)  # encoder-decoders: the past and cross K/V both sides read
+
+
+def validate_decoder(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract,
+                     release: Callable[[], None] = lambda: None) -> list[DiffRow]:
+    """PyTorch's steps first, then `release` (the model's weights may go), then the same steps in onnxruntime, each
+    side feeding its own presents back: the two never hold the weights at once."""
+    cases = _decoder_cases(model, family, contract)
+    release()
     adapter, runner = step_adapter(contract), OrtRunner(directory, family.model_type)
+    names, rows, past = [LOGITS, *contract.present_names()], [], []
+    for case in cases:
+        runner.step = case.step
+        _, outputs = adapter.run(runner, case.role, case.tokens, case.mask, past)
+        actual = adapter.step_outputs(outputs)
+        rows += compare_step(adapter.graph(case.role), case.step, names, actual, case.expected, case.mask, contract.dtype, adapter.held())
+        if case.role in ("prefill", "decode"):  # extend and verify run after the last decode step's past
+            past = actual[1:]
+    return rows
+
+
+def _decoder_cases(model: torch.nn.Module, family: Family, contract: GraphContract) -> list[Case]:
+    """Prefill, DECODE_STEPS greedy steps (on PyTorch's logits), then extend (and verify) on the same Q tokens."""
     reference = _TorchSteps(model, family, contract)
-    names = [LOGITS, *contract.present_names()]
-
-    def both(role: str, step: int, tokens, mask, actual_past, expected_past):
-        runner.step = step
-        _, outputs = adapter.run(runner, role, tokens, mask, actual_past)
-        actual, expected = adapter.step_outputs(outputs), reference.step(role, tokens, mask, expected_past)
-        return actual, expected, compare_step(adapter.graph(role), step, names, actual, expected, mask, contract.dtype, adapter.held())
-
     ids, mask = _sample_batch(contract.vocab_size)
-    actual, expected, rows = both("prefill", 0, ids, mask, [], [])
+    cases = [Case("prefill", 0, ids, mask, reference.step("prefill", ids, mask, []))]
     for step in range(1, DECODE_STEPS + 1):
-        token = expected[0][:, -1].argmax(-1)[:, None].astype(np.int64)  # greedy on PyTorch's logits
+        token = cases[-1].expected[0][:, -1].argmax(-1)[:, None].astype(np.int64)  # greedy on PyTorch's logits
         mask = np.concatenate([mask, np.ones_like(token)], axis=1)
-        actual, expected, more = both("decode", step, token, mask, actual[1:], expected[1:])
-        rows += more
+        cases.append(Case("decode", step, token, mask, reference.step("decode", token, mask, cases[-1].expected[1:])))
+    past = cases[-1].expected[1:]
     tokens = np.random.default_rng(1).integers(0, contract.vocab_size, size=(mask.shape[0], EXTEND_TOKENS))
     mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
-    rows += both("extend", DECODE_STEPS + 1, tokens, mask, actual[1:], expected[1:])[2]
+    cases.append(Case("extend", DECODE_STEPS + 1, tokens, mask, reference.step("extend", tokens, mask, past)))
     if contract.verify:  # the same Q tokens after the same past, logits at each of them
-        rows += both("verify", DECODE_STEPS + 2, tokens, mask, actual[1:], expected[1:])[2]
-    return rows
+        cases.append(Case("verify", DECODE_STEPS + 2, tokens, mask, reference.step("verify", tokens, mask, past)))
+    return cases
 
 
 def _sample_batch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,37 +140,52 @@ def _eager(step: Callable, *arrays: np.ndarray) -> list[np.ndarray]:
     return [t.contiguous().numpy() for t in outputs]
 
 
-def validate_seq2seq(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract) -> list[DiffRow]:
+def validate_seq2seq(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract,
+                     release: Callable[[], None] = lambda: None) -> list[DiffRow]:
     """Encoder, decoder prefill (self and cross K/V) and greedy decode steps against PyTorch.
 
-    Both sides decode from PyTorch's past at each step, so every step is checked on its own.
+    Both sides decode from PyTorch's past at each step, so every step is checked on its own. PyTorch runs first,
+    then `release`, then onnxruntime.
     """
-    adapter, runner, torch_steps = step_adapter(contract), OrtRunner(directory, family.model_type), seq2seq_steps(model)
-    rng = np.random.default_rng(0)
-    source, mask = right_pad([rng.integers(3, contract.vocab_size, size=n).tolist() for n in SOURCE_LENGTHS], pad_id=0)
-    actual = runner("encoder", {INPUT_IDS: source, ATTENTION_MASK: mask})[ENCODER_HIDDEN]
-    hidden = _eager(torch_steps["encoder"], source, mask)[0]  # both decoders read PyTorch's encoder output
-    rows = [compare("encoder", 0, ENCODER_HIDDEN, actual[mask == 1], hidden[mask == 1], contract.dtype)]
-    tokens = np.full((len(SOURCE_LENGTHS), 1), model.config.decoder_start_token_id, dtype=np.int64)
-    _, outputs = adapter.run(runner, "prefill", tokens, mask, [], {ENCODER_HIDDEN: hidden})
-    expected = _eager(torch_steps["prefill"], tokens, hidden, mask)
-    names = [LOGITS, *contract.present_names(), *contract.cross_names()]
-    rows += [compare("prefill", 0, n, a, e, contract.dtype) for n, a, e in zip(names, adapter.step_outputs(outputs), expected)]
-    layers = 2 * contract.num_layers
-    past, cross = expected[1: 1 + layers], expected[1 + layers:]
-    for step in range(1, DECODE_STEPS + 1):
-        runner.step = step
-        token = expected[0][:, -1].argmax(-1)[:, None].astype(np.int64)
-        _, outputs = adapter.run(runner, "decode", token, mask, past, dict(zip(contract.cross_names(), cross)))
-        expected = _eager(torch_steps["decode"], token, mask, *past, *cross)
-        rows += [compare("decode", step, n, a, e, contract.dtype) for n, a, e in zip(names, adapter.step_outputs(outputs), expected)]
-        past = expected[1:]
+    cases = _seq2seq_cases(model, contract)
+    release()
+    adapter, runner = step_adapter(contract), OrtRunner(directory, family.model_type)
+    encoder, *steps = cases
+    actual = runner("encoder", {INPUT_IDS: encoder.tokens, ATTENTION_MASK: encoder.mask})[ENCODER_HIDDEN]
+    valid = encoder.mask == 1
+    rows = [compare("encoder", 0, ENCODER_HIDDEN, actual[valid], encoder.expected[0][valid], contract.dtype)]
+    names, layers = [LOGITS, *contract.present_names(), *contract.cross_names()], 2 * contract.num_layers
+    for case in steps:
+        runner.step = case.step
+        other = {ENCODER_HIDDEN: encoder.expected[0]} if case.role == "prefill" else dict(zip(contract.cross_names(), case.feeds[layers:]))
+        _, outputs = adapter.run(runner, case.role, case.tokens, encoder.mask, case.feeds[:layers], other)
+        rows += [compare(case.role, case.step, n, a, e, contract.dtype) for n, a, e in zip(names, adapter.step_outputs(outputs), case.expected)]
     return rows
+
+
+def _seq2seq_cases(model: torch.nn.Module, contract: GraphContract) -> list[Case]:
+    """The encoder on a right-padded batch, the decoder's prefill, then DECODE_STEPS greedy steps, all in PyTorch."""
+    torch_steps, rng = seq2seq_steps(model), np.random.default_rng(0)
+    source, mask = right_pad([rng.integers(3, contract.vocab_size, size=n).tolist() for n in SOURCE_LENGTHS], pad_id=0)
+    hidden = _eager(torch_steps["encoder"], source, mask)[0]  # both decoders read PyTorch's encoder output
+    cases = [Case("encoder", 0, source, mask, [hidden])]
+    tokens = np.full((len(SOURCE_LENGTHS), 1), model.config.decoder_start_token_id, dtype=np.int64)
+    cases.append(Case("prefill", 0, tokens, mask, _eager(torch_steps["prefill"], tokens, hidden, mask)))
+    layers = 2 * contract.num_layers
+    cross = cases[-1].expected[1 + layers:]
+    for step in range(1, DECODE_STEPS + 1):
+        last = cases[-1].expected
+        token = last[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+        feeds = [*last[1: 1 + layers], *cross]
+        cases.append(Case("decode", step, token, mask, _eager(torch_steps["decode"], token, mask, *feeds), feeds))
+    return cases
 
 
 VALIDATORS = {"decoder": validate_decoder, "encoder-decoder": validate_seq2seq}
 
 
-def validate(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract) -> list[DiffRow]:
-    """The contract's graphs against PyTorch, whatever their kind and cache mode."""
-    return VALIDATORS[contract.kind](directory, model, family, contract)
+def validate(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract,
+             release: Callable[[], None] = lambda: None) -> list[DiffRow]:
+    """The contract's graphs against PyTorch, whatever their kind and cache mode. `release` is called between the
+    PyTorch side and the onnxruntime side (an export that owns the model frees its weights there)."""
+    return VALIDATORS[contract.kind](directory, model, family, contract, release)

@@ -246,3 +246,38 @@ def test_weights_index_lists_every_external_initializer(export_cache):
             assert (entry["offset"], entry["length"]) == (int(info["offset"]), int(info["length"]))
     ops = [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in external]
     assert ops == []  # no Transpose of a weight left for onnxruntime to fold into a second copy
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
+def test_validation_runs_pytorch_first_and_onnxruntime_without_the_weights(export_cache, seq2seq_exports, kind):
+    """An export that loaded its own model frees the weights between the two sides of validation (the peak holds one
+    copy): with the model's weights wiped at that point, every onnxruntime step still matches PyTorch's."""
+    import copy
+
+    from kvgraph.export.families import family_for
+    from kvgraph.export.validate import validate
+
+    if kind == "decoder":
+        exported = export_cache("llama", "dynamic")
+        model, directory, contract = exported.model, exported.directory, exported.contract
+    else:
+        model, directory, manifest = seq2seq_exports("bart", "dynamic")
+        contract = manifest.contract
+    model = copy.deepcopy(model)
+    wiped = []
+
+    def wipe() -> None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.zero_()
+        wiped.append(True)
+
+    rows = validate(directory, model, family_for(model.config.model_type), contract, wipe)
+    assert wiped == [True] and rows and not failures(rows), format_table(rows)
+
+
+def test_a_model_passed_in_keeps_its_weights(tmp_path):
+    model = tiny_model("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    export_model(model, tmp_path / "out")
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
