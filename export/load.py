@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from kvgraph.graphs import KvgraphError
 from kvgraph.export.families import UNSUPPORTED
+from kvgraph.export.footprint import check_fits, parameter_bytes
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -46,7 +47,7 @@ def load_source(model_or_path: PreTrainedModel | str | os.PathLike, *, dtype: st
     if isinstance(model_or_path, PreTrainedModel):
         source = Source(model_or_path, tokenizer, f"<in-memory {type(model_or_path).__name__}>")
     elif isinstance(model_or_path, (str, os.PathLike)):
-        source = _load_from(str(model_or_path), trust_remote_code, tokenizer)
+        source = _load_from(str(model_or_path), trust_remote_code, tokenizer, TORCH_DTYPES[dtype])
     else:
         raise TypeError(f"export_model expects a PreTrainedModel or a path/hub id, got {type(model_or_path).__name__}")
     check_supported(source.model.config, source.description)
@@ -60,7 +61,9 @@ def check_supported(config, description: str) -> None:
         raise KvgraphError(f"{description}: model type {model_type!r}: {UNSUPPORTED[model_type]}")
 
 
-def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None) -> Source:
+def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None, dtype: torch.dtype) -> Source:
+    """The model at a path or hub id, loaded in `dtype` (a bf16 or fp16 checkpoint exported as fp16 is never upcast),
+    after checking that the export will fit in memory."""
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -72,8 +75,9 @@ def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None) -> Sou
     config = _config(name, trust_remote_code)
     check_supported(config, name)
     auto, kind = AUTO_CLASSES[bool(getattr(config, "is_encoder_decoder", False))]
+    check_fits(parameter_bytes(config, auto, dtype), name, dtype)
     try:
-        model = auto.from_pretrained(name, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        model = auto.from_pretrained(name, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
     except ValueError as exc:
         raise KvgraphError(f"{name}: model type {config.model_type!r} has no {kind} class in transformers: {first_line(exc)}") from exc
     except OSError as exc:

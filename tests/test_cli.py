@@ -214,3 +214,17 @@ def test_runtime_and_graphs_name_no_export_module():
             assert "kvgraph.export" not in text and "..export" not in text, f"{source} names the export package"
     names = {point.name for point in __import__("importlib.metadata").metadata.entry_points(group="kvgraph.commands")}
     assert names == {"export", "quantize", "inspect", "generate", "vectors", "bench", "serve", "web"}
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_its_weights_load(tmp_path, capsys):
+    """Llama-3.1-405B's shape (config only, no weights file): the estimate, from a model built on the meta device,
+    refuses it in one line with the memory it needs and what would help, and nothing is written."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                         num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path / "huge")
+    code, _, err = _run(capsys, "export", tmp_path / "huge", tmp_path / "out")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"exporting needs about \d+(\.\d)? GB of memory \(1\d\d\d\.\d GB of weights", err), err
+    assert "this machine has" in err and "--dtype float16 halves it" in err and "nothing was written" in err
+    assert not (tmp_path / "out").exists()
