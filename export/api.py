@@ -33,7 +33,7 @@ from kvgraph.export.load import Source, first_line, library_versions, load_sourc
 from kvgraph.export.scatter import SCATTER_OPSET
 from kvgraph.export.trace import IR_VERSION, OPSET, optimize_graphs, trace_graphs
 from kvgraph.export.validate import DECODE_STEPS, PROMPT_LENGTHS, SOURCE_LENGTHS
-from kvgraph.export.validate import validate as validate_graphs
+from kvgraph.export.validate import check_cases, reference_cases
 
 OPSETS = {"dynamic": OPSET, "static": SCATTER_OPSET}  # cache mode -> the opset its graphs need (TensorScatter: 24)
 VALIDATION_BATCHES = {  # graph kind -> the batch export validation runs, as the manifest records it
@@ -141,6 +141,11 @@ def _check_blocks(model: torch.nn.Module, scheme: QuantScheme) -> None:
 def _build(source: Source, family, contract: GraphContract, staging: Path, validate: bool, log,
            interrupts: list[int], verbose: bool = False) -> tuple[Manifest, list[DiffRow], dict]:
     phase = Phases(log, family.model_type, interrupts)
+    model_bytes = _model_bytes(source.model)
+    cases = []
+    if validate:
+        with phase("reference"):  # PyTorch's side of validation, while the model is whole
+            cases = reference_cases(source.model, family, contract)
     with phase("trace"):
         programs = trace_graphs(source.model, family, contract)
     store = WeightStore()  # the weights, once, while the graphs are copied and rewritten
@@ -150,15 +155,16 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     with phase("write"):
         weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX, store)
         del graphs, store
-        parameter_bytes = _check_weights_once(source.model, weights_bytes)
+        _check_weights_once(model_bytes, weights_bytes)
         files = _copy_tokenizer(source, staging)
     log(f"wrote {', '.join(graph_file(name) for name in contract.graphs())} and {WEIGHTS_FILE} ({weights_bytes / 1e6:.1f} MB)")
+    source.release_weights()  # onnxruntime's side of validation, and what follows, need only the config
     rows: list[DiffRow] = []
     if validate:
         with phase("validate"):
-            rows = validate_graphs(staging, source.model, family, contract, source.release_weights)
+            rows = check_cases(staging, family, contract, cases)
         _gate(rows, contract, log, verbose)
-    manifest = _manifest(source, contract, files, rows, validate, parameter_bytes)
+    manifest = _manifest(source, contract, files, rows, validate, model_bytes[0])
     manifest.write(staging)
     for name in contract.graphs():
         embed_metadata(staging / graph_file(name), {METADATA_KEY: manifest.dumps()})
@@ -179,15 +185,18 @@ def _gate(rows: list[DiffRow], contract: GraphContract, log, verbose: bool = Fal
         )
 
 
-def _check_weights_once(model: torch.nn.Module, weights_bytes: int) -> int:
+def _model_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter bytes, tied weights counted once; buffer bytes)."""
+    return _parameter_bytes(model), sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _check_weights_once(model_bytes: tuple[int, int], weights_bytes: int) -> None:
     """The weights file holds each parameter once; buffers the graphs keep as constants count too
     (GPT-Neo's per-layer causal-mask buffer: 4 MB a layer, more than a tiny model's weights)."""
-    parameter_bytes = _parameter_bytes(model)
-    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    parameter_bytes, buffer_bytes = model_bytes
     if weights_bytes > WEIGHTS_SLACK * (parameter_bytes + buffer_bytes):
         raise KvgraphError(f"{WEIGHTS_FILE} is {weights_bytes} bytes for {parameter_bytes} parameter bytes and {buffer_bytes} buffer "
                            "bytes: weights are duplicated")
-    return parameter_bytes
 
 
 @contextlib.contextmanager

@@ -75,8 +75,8 @@ def _load_from(name: str, trust_remote_code: bool, tokenizer: Any | None, dtype:
     config = _config(name, trust_remote_code)
     check_supported(config, name)
     auto, kind = AUTO_CLASSES[bool(getattr(config, "is_encoder_decoder", False))]
-    check_fits(parameter_bytes(config, auto, dtype), name, dtype)
     try:
+        check_fits(parameter_bytes(config, auto, dtype), name, dtype)  # before any weight loads
         model = auto.from_pretrained(name, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
     except ValueError as exc:
         raise KvgraphError(f"{name}: model type {config.model_type!r} has no {kind} class in transformers: {first_line(exc)}") from exc

@@ -108,8 +108,7 @@ TRACERS = {  # (graph kind, cache mode) -> what is traced; optimize_graphs deriv
 COPIES = {"decode": ("extend", "prefill"), VERIFY: ("extend", "prefill")}  # not traced: a copy of the first traced one of these
 
 
-def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphContract,
-                    store: WeightStore) -> dict[str, onnx.ModelProto]:
+def optimize_graphs(programs: dict[str, Any], family: Family, contract: GraphContract, store: WeightStore) -> dict[str, onnx.ModelProto]:
     """Optimize each traced program (onnxscript: folding, fusions) and apply kvgraph's rewrites; check the contract.
 
     `programs` is emptied as it goes: each program's in-memory model is dropped once its graph is made, and the

@@ -78,12 +78,8 @@ class Case:
     feeds: list[np.ndarray] = field(default_factory=list)  # encoder-decoders: the past and cross K/V both sides read
 
 
-def validate_decoder(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract,
-                     release: Callable[[], None] = lambda: None) -> list[DiffRow]:
-    """PyTorch's steps first, then `release` (the model's weights may go), then the same steps in onnxruntime, each
-    side feeding its own presents back: the two never hold the weights at once."""
-    cases = _decoder_cases(model, family, contract)
-    release()
+def _check_decoder(directory: Path, family: Family, contract: GraphContract, cases: list[Case]) -> list[DiffRow]:
+    """PyTorch's steps replayed in onnxruntime, each side feeding its own presents back."""
     adapter, runner = step_adapter(contract), OrtRunner(directory, family.model_type)
     names, rows, past = [LOGITS, *contract.present_names()], [], []
     for case in cases:
@@ -140,15 +136,8 @@ def _eager(step: Callable, *arrays: np.ndarray) -> list[np.ndarray]:
     return [t.contiguous().numpy() for t in outputs]
 
 
-def validate_seq2seq(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract,
-                     release: Callable[[], None] = lambda: None) -> list[DiffRow]:
-    """Encoder, decoder prefill (self and cross K/V) and greedy decode steps against PyTorch.
-
-    Both sides decode from PyTorch's past at each step, so every step is checked on its own. PyTorch runs first,
-    then `release`, then onnxruntime.
-    """
-    cases = _seq2seq_cases(model, contract)
-    release()
+def _check_seq2seq(directory: Path, family: Family, contract: GraphContract, cases: list[Case]) -> list[DiffRow]:
+    """PyTorch's steps replayed in onnxruntime: both sides decode from PyTorch's past, so each step is checked alone."""
     adapter, runner = step_adapter(contract), OrtRunner(directory, family.model_type)
     encoder, *steps = cases
     actual = runner("encoder", {INPUT_IDS: encoder.tokens, ATTENTION_MASK: encoder.mask})[ENCODER_HIDDEN]
@@ -181,11 +170,25 @@ def _seq2seq_cases(model: torch.nn.Module, contract: GraphContract) -> list[Case
     return cases
 
 
-VALIDATORS = {"decoder": validate_decoder, "encoder-decoder": validate_seq2seq}
+CASES = {"decoder": _decoder_cases, "encoder-decoder": lambda model, family, contract: _seq2seq_cases(model, contract)}
+CHECKS = {"decoder": _check_decoder, "encoder-decoder": _check_seq2seq}
+
+
+def reference_cases(model: torch.nn.Module, family: Family, contract: GraphContract) -> list[Case]:
+    """PyTorch's side of validation, run before anything is traced: each step's inputs and PyTorch's outputs.
+    Decoder-only: prefill, greedy decode steps, then extend (and verify). Encoder-decoder: encoder, prefill, decode."""
+    return CASES[contract.kind](model, family, contract)
+
+
+def check_cases(directory: Path, family: Family, contract: GraphContract, cases: list[Case]) -> list[DiffRow]:
+    """The written graphs in onnxruntime on the same inputs: one labelled max-abs-diff row per tensor and step."""
+    return CHECKS[contract.kind](directory, family, contract, cases)
 
 
 def validate(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract,
              release: Callable[[], None] = lambda: None) -> list[DiffRow]:
-    """The contract's graphs against PyTorch, whatever their kind and cache mode. `release` is called between the
-    PyTorch side and the onnxruntime side (an export that owns the model frees its weights there)."""
-    return VALIDATORS[contract.kind](directory, model, family, contract, release)
+    """The contract's graphs against PyTorch, whatever their kind and cache mode: PyTorch first, then `release` (the
+    model's weights may go), then onnxruntime, so the two never hold the weights at once."""
+    cases = reference_cases(model, family, contract)
+    release()
+    return check_cases(directory, family, contract, cases)
