@@ -187,7 +187,7 @@ def _gate(rows: list[DiffRow], contract: GraphContract, log, verbose: bool = Fal
 
 def _model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(parameter bytes, tied weights counted once; buffer bytes)."""
-    return _parameter_bytes(model), sum(b.numel() * b.element_size() for b in model.buffers())
+    return sum(p.numel() * p.element_size() for p in model.parameters()), sum(b.numel() * b.element_size() for b in model.buffers())
 
 
 def _check_weights_once(model_bytes: tuple[int, int], weights_bytes: int) -> None:
@@ -252,10 +252,6 @@ class Phases:
         now, peak = time.perf_counter(), memory.peak_resident()
         self.measured[name] = {"seconds": now - begin, "peak_rss": peak}
         self.log(f"{name} done in {now - begin:.1f} s, peak RSS {memory.size_text(peak)} ({now - self.start:.1f} s so far)")
-
-
-def _parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
 
 
 def _manifest(source: Source, contract: GraphContract, files: dict, rows: list[DiffRow], validated: bool, parameter_bytes: int) -> Manifest:

@@ -56,20 +56,7 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
     position only). Static: one trace, Q tokens into the buffers; decode is the same graph.
     """
     with traceable_experts(model):
-        programs = _trace(model, family, contract)
-    _forget_last_trace()
-    return programs
-
-
-def _forget_last_trace() -> None:
-    """torch.export keeps a module-level map from the last trace's fake tensors to its graph nodes (cleared only when
-    the next trace starts); the nodes hold the real parameters, so an export that frees its model's weights before
-    validation would not get the memory back. Empty it (if this torch has it) once tracing is done."""
-    from torch.fx.experimental import proxy_tensor
-
-    leftover = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
-    if isinstance(leftover, dict):
-        leftover.clear()
+        return _trace(model, family, contract)
 
 
 def _trace(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:

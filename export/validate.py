@@ -183,12 +183,3 @@ def reference_cases(model: torch.nn.Module, family: Family, contract: GraphContr
 def check_cases(directory: Path, family: Family, contract: GraphContract, cases: list[Case]) -> list[DiffRow]:
     """The written graphs in onnxruntime on the same inputs: one labelled max-abs-diff row per tensor and step."""
     return CHECKS[contract.kind](directory, family, contract, cases)
-
-
-def validate(directory: Path, model: torch.nn.Module, family: Family, contract: GraphContract,
-             release: Callable[[], None] = lambda: None) -> list[DiffRow]:
-    """The contract's graphs against PyTorch, whatever their kind and cache mode: PyTorch first, then `release` (the
-    model's weights may go), then onnxruntime, so the two never hold the weights at once."""
-    cases = reference_cases(model, family, contract)
-    release()
-    return check_cases(directory, family, contract, cases)
