@@ -29,6 +29,7 @@ from kvgraph.graphs.report import TOLERANCES, DiffRow, failures, format_table, g
 from kvgraph.export import memory
 from kvgraph.export.config import ModelDims
 from kvgraph.export.families import family_for
+from kvgraph.export.layout import transposed_storage
 from kvgraph.export.load import Source, first_line, library_versions, load_source
 from kvgraph.export.scatter import SCATTER_OPSET
 from kvgraph.export.trace import IR_VERSION, OPSET, optimize_graphs, trace_graphs
@@ -146,17 +147,18 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     if validate:
         with phase("reference"):  # PyTorch's side of validation, while the model is whole
             cases = reference_cases(source.model, family, contract)
-    with phase("trace"):
-        programs = trace_graphs(source.model, family, contract)
-    store = WeightStore()  # the weights, once, while the graphs are copied and rewritten
-    with phase("optimize"):
-        graphs = optimize_graphs(programs, family, contract, store)
-        del programs
-    with phase("write"):
-        weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX, store)
-        del graphs, store
-        _check_weights_once(model_bytes, weights_bytes)
-        files = _copy_tokenizer(source, staging)
+    with transposed_storage(source.model, restore=not source.owned):  # the graph's weights are the model's memory
+        with phase("trace"):
+            programs = trace_graphs(source.model, family, contract)
+        store = WeightStore()  # the weights, once, while the graphs are copied and rewritten
+        with phase("optimize"):
+            graphs = optimize_graphs(programs, family, contract, store)
+            del programs
+        with phase("write"):
+            weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX, store)
+            del graphs, store
+            _check_weights_once(model_bytes, weights_bytes)
+            files = _copy_tokenizer(source, staging)
     log(f"wrote {', '.join(graph_file(name) for name in contract.graphs())} and {WEIGHTS_FILE} ({weights_bytes / 1e6:.1f} MB)")
     source.release_weights()  # onnxruntime's side of validation, and what follows, need only the config
     rows: list[DiffRow] = []

@@ -3,7 +3,12 @@ each export phase so that every phase reports its own, and what the machine has 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 from pathlib import Path
+
+MADV_DONTNEED = 4  # Linux
 
 
 def _status_bytes(field: str, path: str = "/proc/self/status") -> int | None:
@@ -41,3 +46,33 @@ def available() -> int | None:
 
 def size_text(count: int | None) -> str:
     return "?" if count is None else f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
+
+
+def file_backed(address: int) -> bool:
+    """Whether `address` lies in a mapping of a file (a memory-mapped checkpoint), read from /proc/self/maps."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return len(fields) == 6 and fields[5].startswith("/")
+    return False
+
+
+def drop_file_pages(address: int, length: int) -> int:
+    """Unmap the whole pages of [address, address + length) from this process when they map a file: the pages stay in
+    the file (and the page cache) and come back on the next read, but no longer count as this process's memory.
+    Returns the bytes dropped (0 off Linux, or for memory that is not a file's)."""
+    if length <= 0 or not file_backed(address):
+        return 0
+    page = mmap.PAGESIZE
+    first, last = -(-address // page) * page, (address + length) // page * page
+    if last <= first:
+        return 0
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
+        return 0
+    return last - first

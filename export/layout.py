@@ -1,0 +1,53 @@
+"""Linear weights laid out as the graph stores them, so that optimizing the graph copies no weight.
+
+`nn.Linear` keeps W as (out, in) and computes x @ W.T. The traced graph reads `Transpose(W)` and the optimizer folds
+that into a new (in, out) constant: for a while the model's W and the graph's W.T are both in memory, twice the
+linear weights. Laid out transposed before tracing, W is a view of (in, out) storage, the folded transpose is a view of
+that same storage, and the graph's weights are the model's own memory:
+
+    before:  W (out, in) storage ──Transpose (folded: a copy)──▶ W.T (in, out)             2 × the weights at the peak
+    after:   W.T (in, out) storage ◀── W: a (out, in) view ──Transpose (folded: a view)──▶ the same storage
+
+A checkpoint loaded memory-mapped keeps its file's pages resident once read; the relaid weight's old pages are
+unmapped from the process (they stay in the file), so the model holds each weight once. Layout only: every value and
+every result of the model is unchanged. A tied embedding's matrix stays as it is (the
+input embedding gathers its rows). One weight is relaid at a time, so the change costs one matrix of memory at most.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from kvgraph.export import memory
+
+
+def linear_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 2-D weights of the model's nn.Linear layers, each once, without those an embedding shares (tied)."""
+    embedded = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    weights: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and isinstance(weight, torch.Tensor) and weight.dim() == 2 and id(weight) not in embedded:
+            weights.setdefault(id(weight), weight)
+    return list(weights.values())
+
+
+@contextlib.contextmanager
+def transposed_storage(model: torch.nn.Module, restore: bool):
+    """Lay every linear weight out as (in, out) storage for the duration; `restore` lays them back on exit (a model
+    the caller passed in comes back as it was, strides included)."""
+    weights = linear_weights(model)
+    with torch.no_grad():
+        for weight in weights:
+            before = weight.data
+            weight.data = before.t().contiguous().t()
+            memory.drop_file_pages(before.data_ptr(), before.numel() * before.element_size())
+    try:
+        yield weights
+    finally:
+        if restore:
+            with torch.no_grad():
+                for weight in weights:
+                    weight.data = weight.data.contiguous()
