@@ -147,7 +147,9 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
     if validate:
         with phase("reference"):  # PyTorch's side of validation, while the model is whole
             cases = reference_cases(source.model, family, contract)
-    with transposed_storage(source.model, restore=not source.owned):  # the graph's weights are the model's memory
+    with contextlib.ExitStack() as layout:
+        with phase("layout"):  # linear weights stored as the graphs read them: the graphs' weights are the model's memory
+            layout.enter_context(transposed_storage(source.model, restore=not source.owned))
         with phase("trace"):
             programs = trace_graphs(source.model, family, contract)
         store = WeightStore()  # the weights, once, while the graphs are copied and rewritten

@@ -20,6 +20,7 @@ import contextlib
 
 import torch
 
+from kvgraph.graphs.rewrites.graph_edit import transposed_copy
 from kvgraph.export import memory
 
 
@@ -42,7 +43,7 @@ def transposed_storage(model: torch.nn.Module, restore: bool):
     with torch.no_grad():
         for weight in weights:
             before = weight.data
-            weight.data = before.t().contiguous().t()
+            weight.data = _transposed(before).t()
             memory.drop_file_pages(before.data_ptr(), before.numel() * before.element_size())
     try:
         yield weights
@@ -51,3 +52,12 @@ def transposed_storage(model: torch.nn.Module, restore: bool):
             with torch.no_grad():
                 for weight in weights:
                     weight.data = weight.data.contiguous()
+
+
+_SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bits as integers: numpy has no bfloat16
+
+
+def _transposed(matrix: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of matrix.T (graphs' banded, threaded copy: about twice torch's speed on a large matrix)."""
+    bits = matrix.view(_SAME_SIZE[matrix.element_size()]).numpy()
+    return torch.from_numpy(transposed_copy(bits)).view(matrix.dtype)

@@ -6,7 +6,9 @@ import contextlib
 import copy
 import io
 import logging
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import onnx
@@ -141,11 +143,12 @@ def _optimized(program, graph: str, family: Family, store: WeightStore) -> onnx.
 
 def _weights_into_store(model: ir.Model, store: WeightStore) -> None:
     """Every large initializer's bytes into the store (a parameter's own memory, not a copy), a reference in its place."""
-    for value in model.graph.initializers.values():
+    values = [value for value in model.graph.initializers.values() if value.const_value is not None
+              and not isinstance(value.const_value, ir.ExternalTensor) and value.const_value.nbytes >= INLINE_LIMIT]
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashing the bytes releases the GIL: ~2x on 2 cores
+        keys = list(pool.map(lambda value: store.put(value.const_value.numpy(), int(value.const_value.dtype)), values))
+    for value, key in zip(values, keys):
         tensor = value.const_value
-        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_LIMIT:
-            continue
-        key = store.put(tensor.numpy(), int(tensor.dtype))
         value.const_value = ir.ExternalTensor(location(key), offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
                                               name=value.name)
 

@@ -57,6 +57,10 @@ class OrtRunner:
             self.sessions.clear()  # one session at a time: each holds its own copy of the weights
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            # Prepacking copies every MatMul weight into the kernel's layout as the session starts: ~10 s and a second
+            # copy of the weights per graph of a 1B model, for the handful of steps validation runs. The graph and its
+            # numerics are the same either way (the steps then take ~2x as long).
+            options.add_session_config_entry("session.disable_prepacking", "1")
             try:
                 self.sessions[graph] = ort.InferenceSession(str(self.directory / graph_file(graph)), options,
                                                             providers=["CPUExecutionProvider"])

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 
-from kvgraph.graphs.rewrites.graph_edit import attr, rename_input, transposed_pairs
+from kvgraph.graphs.rewrites.graph_edit import attr, rename_input, transposed_copy, transposed_pairs
 from kvgraph.graphs.weight_store import INLINE, Tensors
 
 
@@ -38,7 +37,7 @@ def store_embedding_transposed(model: onnx.ModelProto, values: Tensors = INLINE)
             for gather in output_users:
                 _gather_columns(graph, gather, columns_of, ranks[gather.input[1]])
         elif source_users is not None:  # W (V, H) feeds the embedding Gather; its transpose feeds MatMul
-            transposed = values.tensor(np.ascontiguousarray(values.array(tensor).T), f"{tensor.name}.T")
+            transposed = values.tensor(transposed_copy(values.array(tensor)), f"{tensor.name}.T")
             graph.initializer.append(transposed)
             rename_input(graph, node.output[0], transposed.name)
             for gather in source_users:
