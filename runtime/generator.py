@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,6 +17,7 @@ import numpy as np
 from kvgraph.graphs import KvgraphError
 from kvgraph.graphs.contract import VERIFY
 from kvgraph.graphs.modes import Positions
+from kvgraph.runtime.core.generation_config import GenerationDefaults
 from kvgraph.runtime.core.budget import cache_need, default_cache_budget, size_text
 from kvgraph.runtime.core.loop import BatchRun, Request, RowState
 from kvgraph.runtime.core.sampling import Sampling
@@ -53,6 +54,31 @@ class GenerationResult:
     score: float | None = None  # beam search: sum of log-probs / (generated length ** length_penalty), as transformers' sequences_scores
 
 
+DEFAULT_NEW_TOKENS = 64  # kvgraph's own length when neither the caller nor the generation config sets one
+BEAM_KEYS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """One call's settings once resolved (Generator.resolve): lengths, sampling and processors, beams."""
+
+    max_new_tokens: int | None  # None: from max_length, else DEFAULT_NEW_TOKENS
+    max_length: int | None  # transformers' max_length: the decoder's whole sequence, prompt (or start token) included
+    min_new_tokens: int
+    sampling: Sampling
+    beams: BeamOptions
+
+    def sized(self, requests: list[Request], decoder_length: int) -> list[Request]:
+        """The requests with their max_new_tokens: given, or max_length less the decoder's (padded) input length."""
+        if self.max_new_tokens is not None:
+            new = self.max_new_tokens
+        elif self.max_length is not None:
+            new = max(1, self.max_length - decoder_length)
+        else:
+            new = DEFAULT_NEW_TOKENS
+        return [replace(r, max_new_tokens=new) for r in requests]
+
+
 class GenerationInterrupted(KeyboardInterrupt):
     """Ctrl-C during generate(): `results` hold what each row had generated (finish_reason "interrupted")."""
 
@@ -76,40 +102,50 @@ class Generator:
         self.eos_ids = frozenset(tokens.eos_token_ids)
         self.pad_id = tokens.feed_pad_id
         self._drafts: dict = {}  # speculative decoding: draft exports opened so far, by directory
+        self.defaults = GenerationDefaults()  # the export's generation config (load() reads it)
 
     @classmethod
     def load(cls, directory: str | Path, provider: str = "cpu", threads: int | None = None, share_weights: bool = True,
              cuda_graph: bool = False, max_cache_bytes: int | None | str = "auto", weights: str | None = None,
-             exact: bool = False) -> Generator:
+             exact: bool = False, generation_config: bool = True) -> Generator:
         """weights: how sessions hold the weights, one of session.WEIGHT_POLICIES (default: one copy, prepacked where possible).
-        exact: quantized exports without onnxruntime's int8-activation kernel (see session.load_graphs)."""
+        exact: quantized exports without onnxruntime's int8-activation kernel (see session.load_graphs).
+        generation_config: apply the export's generation_config.json as generate() defaults (False: kvgraph's own)."""
         graphs = load_graphs(directory, provider, threads, share_weights, cuda_graph, weights, exact)
         has_tokenizer = (Path(directory) / "tokenizer.json").is_file()
         budget = default_cache_budget() if max_cache_bytes == "auto" else max_cache_bytes
-        return cls(graphs, TextCodec(Path(directory)) if has_tokenizer else None, budget)
+        generator = cls(graphs, TextCodec(Path(directory)) if has_tokenizer else None, budget)
+        if generation_config:
+            generator.defaults = GenerationDefaults.read(directory)
+        return generator
 
     # -- public API --------------------------------------------------------------------------
 
-    def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-                 use_cache: bool = True, min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
-                 early_stopping: bool | str = False, num_return_sequences: int = 1, json_schema=None, regex: str | None = None,
+    def generate(self, prompt, max_new_tokens: int | None = None, *, chat: bool = False, stop: Sequence[str] = (),
+                 use_cache: bool = True, min_new_tokens: int | None = None, json_schema=None, regex: str | None = None,
                  grammar: str | None = None, constraint: Constraint | None = None, speculative=None, draft_tokens: int = 4,
-                 **sampling):
+                 target_lang: str | None = None, **options):
         """One prompt -> one result; a list of prompts -> a left-padded batch, one result each.
 
+        options: the decoding settings transformers' generate() takes (num_beams, length_penalty, early_stopping,
+        num_return_sequences, max_length, min_length, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff,
+        eta_cutoff, repetition_penalty, no_repeat_ngram_size, bad_words_ids, forced_bos_token_id, suppress_tokens, ...,
+        seed). Those not passed come from the export's generation_config.json, as in transformers (Generator.defaults),
+        then kvgraph's defaults (greedy, 64 new tokens). temperature 0 is greedy whatever the config says.
+        target_lang: the target language's token (e.g. "de_DE") forced first, for mBART-50 / NLLB exports.
         min_new_tokens: eos cannot end a row before this many new tokens (as in Hugging Face generate).
         num_beams > 1: beam search, as transformers' generate(num_beams=..., length_penalty=..., early_stopping=...)
         (runtime/decoding/beam.py); num_return_sequences > 1 makes each prompt's result a list of that many, best first.
-        no_repeat_ngram_size (with the sampling options): no n-gram occurs twice in a sequence.
         json_schema / regex / grammar (or a prebuilt constraint): structured output (runtime/decoding/constrained.py).
         speculative: "prompt-lookup" or a draft export's directory, drafting draft_tokens tokens a step
         (runtime/decoding/speculative.py); the tokens are those of decoding without it.
         """
         batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer))
         prompts = list(prompt) if batch else [prompt]
-        requests = [self.request(p, max_new_tokens, chat, stop, min_new_tokens) for p in prompts]
-        beams = BeamOptions(num_beams, length_penalty, early_stopping, num_return_sequences)
-        settings = Sampling(**sampling)
+        decoding = self.resolve({"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, **options}, target_lang)
+        requests = [self.request(p, 1, chat, stop, decoding.min_new_tokens) for p in prompts]
+        requests = decoding.sized(requests, max(len(self.decoder_prefix(r)) for r in requests))
+        beams, settings = decoding.beams, decoding.sampling
         constraint = constraint or Constraint.build(self, json_schema, regex, grammar)
         speculation = self._speculation(speculative, draft_tokens, use_cache, beams)
         if beams.search:
@@ -122,17 +158,46 @@ class Generator:
             results = self._run(requests, settings, use_cache, constraint)
         return results if batch else results[0]
 
-    def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-               use_cache: bool = True, min_new_tokens: int = 0, json_schema=None, regex: str | None = None,
+    def resolve(self, caller: dict, target_lang: str | None = None, beams: bool = True) -> Decoding:
+        """The caller's settings over the export's generation config over kvgraph's defaults (generation_config.py).
+        beams=False (streaming, serving): a num_beams from the generation config is not applied; one the caller asks for
+        is refused."""
+        if target_lang is not None:
+            caller = {**caller, "forced_bos_token_id": self.token_id(target_lang, "target_lang")}
+        merged = self.defaults.merged(caller)
+        if not beams:
+            if (caller.get("num_beams") or 1) > 1:
+                raise KvgraphError("num_beams > 1 runs a beam search, which does not stream; use generate()")
+            for key in BEAM_KEYS:
+                merged.pop(key, None)
+        beam_options = BeamOptions(**{key: merged.pop(key) for key in BEAM_KEYS if key in merged})
+        max_new, max_length = merged.pop("max_new_tokens", None), merged.pop("max_length", None)
+        if caller.get("max_new_tokens") is None and caller.get("max_length") is not None:
+            max_new = None  # the caller's max_length wins over the config's max_new_tokens
+        min_new = merged.pop("min_new_tokens", None) or 0
+        return Decoding(max_new, max_length, min_new, Sampling.of(merged), beam_options)
+
+    def token_id(self, token: str, option: str) -> int:
+        """The id of one token of the vocabulary (a language code such as "de_DE" or "deu_Latn")."""
+        token_id = self.need_codec().token_to_id(token)
+        if token_id is None:
+            raise KvgraphError(f"{option}: {token!r} is not a token of this export's vocabulary")
+        return token_id
+
+    def stream(self, prompt, max_new_tokens: int | None = None, *, chat: bool = False, stop: Sequence[str] = (),
+               use_cache: bool = True, min_new_tokens: int | None = None, json_schema=None, regex: str | None = None,
                grammar: str | None = None, constraint: Constraint | None = None, speculative=None, draft_tokens: int = 4,
-               **sampling) -> Iterator[str]:
-        """Yield text pieces as tokens arrive; their concatenation equals generate(...).text."""
-        request = self.request(prompt, max_new_tokens, chat, stop, min_new_tokens)
+               target_lang: str | None = None, **options) -> Iterator[str]:
+        """Yield text pieces as tokens arrive; their concatenation equals generate(...).text (greedy or sampled: a
+        generation config's num_beams is not applied here)."""
+        decoding = self.resolve({"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, **options}, target_lang, beams=False)
+        request = self.request(prompt, 1, chat, stop, decoding.min_new_tokens)
+        request = decoding.sized([request], len(self.decoder_prefix(request)))[0]
         text = IncrementalText(self.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)
         constraint = constraint or Constraint.build(self, json_schema, regex, grammar)
         speculation = self._speculation(speculative, draft_tokens, use_cache, BeamOptions())
         with self.graphs.request_turn():
-            run, _ = self.start([request], Sampling(**sampling), use_cache, constraint, speculation)
+            run, _ = self.start([request], decoding.sampling, use_cache, constraint, speculation)
             try:
                 for b, token in run:
                     if run.rows[b].finish_reason != "stop":  # the stop string's token: the cut text is released below
@@ -144,10 +209,10 @@ class Generator:
                 raise
         yield text.finish(run.rows[0].text)
 
-    def chat(self, **sampling) -> Conversation:
+    def chat(self, **options) -> Conversation:
         _refuse(self.graphs.steps.chat(), f"{self.graphs.directory}: ")
         _refuse(self.graphs.captured("a conversation keeps its cache between turns"))
-        return Conversation(self, Sampling(**sampling))
+        return Conversation(self, self.resolve(options, beams=False).sampling)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -224,7 +289,7 @@ class Generator:
         decoder_prompt = np.array([self.decoder_prefix(Request(list(row), 1)) for row in ids], dtype=np.int64)
         with self.graphs.request_turn():
             found = beam_search(stepper_for(self.graphs, use_cache), ids, decoder_prompt, mask, requests[0],
-                                sampling, beams, self.eos_ids, len(requests))
+                                sampling, beams, self.eos_ids, len(requests), self.graphs.contract.kind == "encoder-decoder")
         rate = found.decode_steps / found.decode_seconds if found.decode_seconds > 0 else 0.0
         results = []
         for request, ranked, scores in zip(requests, found.tokens, found.scores):
@@ -248,8 +313,9 @@ class Generator:
             stepper = stepper_for(self.graphs, use_cache)
         start = time.perf_counter()
         logits = stepper.first(ids, mask)
+        seq2seq = self.graphs.contract.kind == "encoder-decoder"
         run = BatchRun(requests, logits, stepper.mask, stepper.next, sampling, self, constraint,
-                       stepper if speculation is not None else None)
+                       stepper if speculation is not None else None, sequences=None if seq2seq else ids, sources=ids if seq2seq else None)
         return run, time.perf_counter() - start
 
     def check(self, requests: list[Request]) -> None:

@@ -12,7 +12,9 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from kvgraph.runtime.core.sampling import Sampling, ban, banned_ngram_tokens, masked, next_tokens
+from kvgraph.runtime.core import processors
+from kvgraph.runtime.core.processors import Context
+from kvgraph.runtime.core.sampling import Sampling, draw, masked
 
 Step = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens (B, 1), mask (B, P+1)) -> logits (B, V)
 
@@ -49,7 +51,10 @@ class BatchRun:
     """Iterate to run; yields (row, token) after each token is appended and the row checked."""
 
     def __init__(self, requests: list[Request], first_logits: np.ndarray, mask: np.ndarray, step: Step,
-                 sampling: Sampling, vocab: Vocabulary, constraint=None, speculation=None) -> None:
+                 sampling: Sampling, vocab: Vocabulary, constraint=None, speculation=None,
+                 sequences: np.ndarray | None = None, sources: np.ndarray | None = None) -> None:
+        """sequences: what the decoder has seen, (B, L) as transformers' input_ids (a decoder-only batch: the left-padded
+        prompts; default: each request's decoder prefix); sources: an encoder-decoder's padded sources (B, S)."""
         self.requests = requests
         self.speculation = speculation  # speculative decoding's stepper: its drafted / accepted counts go into the results
         self.logits = first_logits  # (B, V) for the next token of every row
@@ -59,14 +64,22 @@ class BatchRun:
         self.vocab = vocab
         self.rows = [RowState() for _ in requests]
         self.matchers = [constraint.matcher() for _ in requests] if constraint is not None else None  # structured output
+        self.sequences = sequences if sequences is not None else np.array([vocab.decoder_prefix(r) for r in requests], dtype=np.int64)
+        self.processors = processors.build(sampling, self._context(sources, first_logits.shape[-1]))
         self.decode_seconds = 0.0
         self.decode_steps = 0
+
+    def _context(self, sources: np.ndarray | None, vocab_size: int) -> Context:
+        first = self.requests[0]
+        length = self.sequences.shape[1]
+        padding = None if sources is not None else np.array([length - len(r.prompt_ids) for r in self.requests], dtype=np.int64)
+        return Context(tuple(sorted(self.vocab.eos_ids)), length, length + first.max_new_tokens, first.min_new_tokens, sources, padding,
+                       vocab_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng(self.sampling.seed)
         while True:
-            seen = self._seen() if self.sampling.repetition_penalty != 1.0 else []
-            chosen = next_tokens(self._allowed(self._banned(self._without_early_eos(self.logits))), seen, self.sampling, rng)
+            chosen = self._choose(rng)
             for b, row in enumerate(self.rows):
                 if not row.finished:
                     self._append(b, int(chosen[b]))
@@ -74,6 +87,7 @@ class BatchRun:
             if all(row.finished for row in self.rows):
                 break
             feed = np.array([[self.vocab.pad_id if row.finished else row.tokens[-1]] for row in self.rows], dtype=np.int64)
+            self.sequences = np.concatenate([self.sequences, feed], axis=1)
             self.mask = np.concatenate([self.mask, np.ones_like(feed)], axis=1)
             start = time.perf_counter()
             self.logits = self.step(feed, self.mask)
@@ -83,15 +97,14 @@ class BatchRun:
             if row.finish_reason != "stop":
                 row.text = self.vocab.text_of(row.tokens)
 
-    def _without_early_eos(self, logits: np.ndarray) -> np.ndarray:
-        """Rows short of their min_new_tokens get -inf at the eos ids (before any other processing, as in Hugging Face)."""
-        early = [b for b, (r, row) in enumerate(zip(self.requests, self.rows)) if len(row.tokens) < r.min_new_tokens]
-        if not early or not self.vocab.eos_ids:
-            return logits
-        logits = np.array(logits, dtype=np.float32)
-        eos = [t for t in sorted(self.vocab.eos_ids) if t < logits.shape[-1]]  # an eos id past the vocab is never chosen anyway
-        logits[np.ix_(early, eos)] = -np.inf
-        return logits
+    def _choose(self, rng: np.random.Generator) -> np.ndarray:
+        """(B,) next tokens: the processors (processors.py), the grammar's mask, then argmax or the warpers and a draw."""
+        if self.sampling.greedy and not self.processors.active and self.matchers is None:
+            return self.logits.argmax(axis=-1).astype(np.int64)  # the hot path: no copy of (B, V)
+        scores = self._allowed(self.processors.process(self.sequences, self.logits))
+        if self.sampling.greedy:
+            return scores.argmax(axis=-1).astype(np.int64)
+        return draw(self.processors.warp(self.sequences, scores), rng)
 
     def _allowed(self, logits: np.ndarray) -> np.ndarray:
         """Structured output: each row's grammar mask (decoding/constrained.py, through sampling.masked). Where it leaves nothing (the grammar is
@@ -103,17 +116,6 @@ class BatchRun:
         if stuck:
             out[stuck] = masked(self.logits[stuck], [self.matchers[b] for b in stuck])
         return out
-
-    def _banned(self, logits: np.ndarray) -> np.ndarray:
-        """no_repeat_ngram_size: tokens that would repeat an n-gram of a row's prompt and tokens at -inf."""
-        n = self.sampling.no_repeat_ngram_size
-        if not n:
-            return logits
-        return ban(logits, banned_ngram_tokens([self.vocab.decoder_prefix(r) + row.tokens for r, row in zip(self.requests, self.rows)], n))
-
-    def _seen(self) -> list[np.ndarray]:
-        """Each row's prompt and generated ids, for the repetition penalty."""
-        return [np.array(r.prompt_ids + row.tokens, dtype=np.int64) for r, row in zip(self.requests, self.rows)]
 
     def run(self) -> BatchRun:
         for _ in self:

@@ -6,11 +6,54 @@ top-k, top-p, then a draw from the softmax. Everything is numpy on the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 from kvgraph.graphs import KvgraphError
+
+
+@dataclass(frozen=True)
+class Processing:
+    """The processors' settings that are not sampling's (sampling.Sampling holds those), with transformers' meaning."""
+
+    min_length: int = 0  # eos barred while the sequence (prompt included) is shorter
+    encoder_repetition_penalty: float = 1.0  # > 1 favours tokens of the source (encoder-decoders)
+    encoder_no_repeat_ngram_size: int = 0  # no n-gram of the source occurs in the output
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start after this many new tokens, factor)
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = ()  # (token sequence, bias added to its last token)
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # sequences never generated
+    forced_bos_token_id: int | None = None  # the first new token (mBART-50, NLLB: the target language)
+    forced_eos_token_id: tuple[int, ...] = ()  # the token(s) at the last position max_length allows
+    suppress_tokens: tuple[int, ...] = ()  # never generated
+    begin_suppress_tokens: tuple[int, ...] = ()  # not generated as the first new token
+    renormalize_logits: bool = False  # log_softmax after every processor
+    remove_invalid_values: bool = False  # nan -> 0, +-inf -> the largest finite values
+
+    def __post_init__(self) -> None:
+        eos = self.forced_eos_token_id
+        normal = {"forced_eos_token_id": () if eos is None else (eos,) if isinstance(eos, (int, np.integer)) else tuple(eos),
+                  "suppress_tokens": tuple(self.suppress_tokens or ()), "begin_suppress_tokens": tuple(self.begin_suppress_tokens or ()),
+                  "bad_words_ids": tuple(tuple(w) for w in self.bad_words_ids or ()),
+                  "sequence_bias": tuple((tuple(ids), float(b)) for ids, b in (self.sequence_bias.items() if isinstance(self.sequence_bias, dict)
+                                                                               else self.sequence_bias or ()))}
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)
+        for name in ("min_length", "encoder_no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise KvgraphError(f"{name} must be an integer >= 0, got {value!r}")
+        if not np.isfinite(self.encoder_repetition_penalty) or self.encoder_repetition_penalty <= 0:
+            raise KvgraphError(f"encoder_repetition_penalty must be > 0 (1 = off), got {self.encoder_repetition_penalty}")
+        decay = self.exponential_decay_length_penalty
+        if decay is not None and (len(decay) != 2 or not float(decay[1]) > 0):
+            raise KvgraphError(f"exponential_decay_length_penalty must be (start index, factor > 0), got {decay!r}")
+        for name in ("bad_words_ids", "sequence_bias"):
+            sequences = [s for s, _ in self.sequence_bias] if name == "sequence_bias" else self.bad_words_ids
+            if any(not s or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 for t in s) for s in sequences):
+                raise KvgraphError(f"{name}: every entry must be a non-empty list of token ids >= 0")
+
 
 
 @dataclass(frozen=True)
@@ -21,6 +64,21 @@ class Sampling:
     repetition_penalty: float = 1.0  # 1 disables
     seed: int | None = None
     no_repeat_ngram_size: int = 0  # 0 disables: no n-gram of this size occurs twice in a row's sequence
+    min_p: float | None = None  # None disables: drop tokens below min_p x the top token's probability
+    typical_p: float = 1.0  # 1 disables: locally typical sampling's mass
+    epsilon_cutoff: float = 0.0  # 0 disables: drop tokens below this probability
+    eta_cutoff: float = 0.0  # 0 disables: eta sampling's epsilon
+    processing: Processing = field(default_factory=Processing)  # the other processors (bans, forced tokens, ...)
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> Sampling:
+        """Sampling and Processing keywords together (generate()'s **options); an unknown keyword is a TypeError."""
+        own = {f.name for f in fields(cls)} - {"processing"}
+        other = {f.name for f in fields(Processing)}
+        unknown = sorted(set(options) - own - other)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        return cls(**{k: v for k, v in options.items() if k in own}, processing=Processing(**{k: v for k, v in options.items() if k in other}))
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -31,6 +89,13 @@ class Sampling:
             raise KvgraphError(f"top_p must be in (0, 1], got {self.top_p}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise KvgraphError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise KvgraphError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.typical_p <= 1:
+            raise KvgraphError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            if not 0 <= getattr(self, name) < 1:
+                raise KvgraphError(f"{name} must be in [0, 1) (0 = off), got {getattr(self, name)}")
         n = self.no_repeat_ngram_size
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise KvgraphError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {n!r}")
@@ -74,6 +139,51 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(remove, -np.inf, logits)
 
 
+def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens whose probability is below min_p times the most likely token's (the top token always stays)."""
+    probs = softmax(logits)
+    remove = probs < min_p * probs.max(axis=-1, keepdims=True)
+    remove[np.arange(len(logits)), probs.argmax(axis=-1)] = False
+    return np.where(remove, -np.inf, logits)
+
+
+def apply_typical(logits: np.ndarray, mass: float) -> np.ndarray:
+    """Locally typical sampling (transformers' TypicalLogitsWarper): keep the tokens whose surprise is closest to the
+    entropy until their probability reaches `mass`."""
+    normalized = log_softmax(logits)
+    p = np.exp(normalized)
+    entropy = -np.nansum(normalized * p, axis=-1, keepdims=True)
+    shifted = np.abs(-normalized - entropy)
+    order = np.argsort(shifted, axis=-1, kind="stable")
+    sorted_shifted = np.take_along_axis(shifted, order, axis=-1)
+    cumulative = np.cumsum(softmax(np.take_along_axis(logits, order, axis=-1)), axis=-1)
+    last = np.minimum((cumulative < mass).sum(axis=1), shifted.shape[-1] - 1)
+    remove_sorted = sorted_shifted > np.take_along_axis(sorted_shifted, last[:, None], axis=1)
+    remove_sorted[:, :1] = False
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, logits)
+
+
+def apply_epsilon(logits: np.ndarray, epsilon: float) -> np.ndarray:
+    """Drop tokens whose probability is below epsilon (the top token always stays)."""
+    return _below(logits, softmax(logits) < epsilon)
+
+
+def apply_eta(logits: np.ndarray, epsilon: float) -> np.ndarray:
+    """Eta sampling: drop tokens below min(epsilon, sqrt(epsilon) * exp(-entropy)) (the top token always stays)."""
+    probs = softmax(logits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.nansum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=-1, keepdims=True)
+    eta = np.minimum(epsilon, np.sqrt(epsilon) * np.exp(-entropy))
+    return _below(logits, probs < eta)
+
+
+def _below(logits: np.ndarray, remove: np.ndarray) -> np.ndarray:
+    top = logits.max(axis=-1, keepdims=True)
+    return np.where(remove & (logits < top), -np.inf, logits)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(shifted)
@@ -103,7 +213,12 @@ def next_tokens(logits: np.ndarray, seen: list[np.ndarray], sampling: Sampling, 
     scores = processed_logits(logits, seen, sampling)
     if sampling.greedy:
         return scores.argmax(axis=-1).astype(np.int64)
-    probs = softmax(scores)
+    return draw(scores, rng)
+
+
+def draw(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(B, V) warped scores -> (B,) int64 tokens drawn from their softmax (float64)."""
+    probs = softmax(np.asarray(scores, dtype=np.float64))
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
 
 

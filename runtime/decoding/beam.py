@@ -1,7 +1,7 @@
 """Beam search over the graphs, step for step as transformers' generate(num_beams=k) does it.
 
 Each prompt gets k rows (the batch is B*k). A step's log-probabilities (log_softmax, then the
-processors: min_new_tokens, no_repeat_ngram_size) are added to each running beam's score; the best
+processors of runtime/core/processors.py, as transformers applies them) are added to each running beam's score; the best
 K = max(2, 1 + number of eos ids) * k candidates of a prompt are kept. Those that end (an eos id, or
 the length limit) and rank in the top k go to the prompt's finished hypotheses, scored
 sum(log p) / (generated length ** length_penalty); the best k that do not end become the running
@@ -20,7 +20,9 @@ import numpy as np
 
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime.core.loop import Request
-from kvgraph.runtime.core.sampling import Sampling, ban, banned_ngram_tokens, log_softmax
+from kvgraph.runtime.core import processors
+from kvgraph.runtime.core.processors import Context
+from kvgraph.runtime.core.sampling import Sampling, log_softmax
 
 NEG = np.float32(-1.0e9)
 
@@ -49,9 +51,8 @@ class BeamOptions:
 
     def refuse(self, sampling: Sampling, requests: list[Request], use_cache: bool) -> None:
         """What beam search here does not combine with: sampling, stop strings, prompts of different budgets."""
-        if not sampling.greedy or sampling.top_k or sampling.top_p != 1.0 or sampling.repetition_penalty != 1.0:
-            raise KvgraphError("beam search here is deterministic: temperature, top_k, top_p and repetition_penalty do not apply "
-                               "(leave them at their defaults with num_beams > 1)")
+        if not sampling.greedy:
+            raise KvgraphError("beam search here is deterministic: sampling (temperature > 0) does not combine with num_beams > 1")
         if any(r.stop for r in requests):
             raise KvgraphError("stop strings do not combine with num_beams > 1 (a beam ends at eos or max_new_tokens)")
         if len({(r.max_new_tokens, r.min_new_tokens) for r in requests}) > 1:
@@ -70,19 +71,23 @@ class Hypotheses:
 
 
 def beam_search(stepper, prompt_ids: np.ndarray, decoder_prompt: np.ndarray, mask: np.ndarray, request: Request,
-                sampling: Sampling, options: BeamOptions, eos_ids: frozenset[int], batch: int) -> Hypotheses:
+                sampling: Sampling, options: BeamOptions, eos_ids: frozenset[int], batch: int,
+                encoder_decoder: bool = False) -> Hypotheses:
     """prompt_ids / mask: the padded prompts (B, S), already repeated k times (B*k, S), fed to stepper.first;
-    decoder_prompt (B*k, P): what the decoder has seen (the prompt itself, or an encoder-decoder's start token)."""
+    decoder_prompt (B*k, P): what the decoder has seen (the prompt itself, or an encoder-decoder's start token).
+    The processors (runtime/core/processors.py) run on each step's log-probs, as in transformers."""
     k, eos = options.num_beams, np.array(sorted(eos_ids), dtype=np.int64)
     start = time.perf_counter()
     logits = stepper.first(prompt_ids, mask)
     prefill_s = time.perf_counter() - start
     state = _Search(batch, k, decoder_prompt, request.max_new_tokens, len(eos))
+    sources = prompt_ids[::k] if encoder_decoder else None
+    padding = None if encoder_decoder else (mask[::k] == 0).sum(axis=1)  # left pads
+    context = Context(tuple(eos.tolist()), state.prompt_len, state.max_length, request.min_new_tokens, sources, padding, logits.shape[-1])
+    process = processors.build(sampling, context).process
     steps, seconds = 0, 0.0
     while True:
-        log_probs = log_softmax(logits)
-        log_probs = _processed(log_probs, state.flat_running(), state.cur - state.prompt_len, request.min_new_tokens, eos,
-                               sampling.no_repeat_ngram_size)
+        log_probs = process(state.flat_running(), log_softmax(logits))
         if not state.advance(log_probs, eos, options):
             break
         stepper.reorder(state.reorder_index)
@@ -162,14 +167,6 @@ class _Search:
 
     def results(self) -> list[list[list[int]]]:
         return [[self.sequences[b, j, self.prompt_len: self.lengths[b, j]].tolist() for j in range(self.k)] for b in range(self.batch)]
-
-
-def _processed(log_probs: np.ndarray, sequences: np.ndarray, new_tokens: int, min_new_tokens: int, eos: np.ndarray,
-               ngram: int) -> np.ndarray:
-    """transformers' processors on the log-probs: eos barred before min_new_tokens; no repeated n-gram."""
-    if new_tokens < min_new_tokens and eos.size:
-        log_probs[:, eos[eos < log_probs.shape[-1]]] = -np.inf
-    return ban(log_probs, banned_ngram_tokens(sequences, ngram)) if ngram else log_probs
 
 
 def _topk(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

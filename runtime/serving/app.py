@@ -190,7 +190,7 @@ class _Serving:
         """best_of > n: one beam search on its own cache (not on the engine's rows), the best n beams as the choices."""
         from fastapi.responses import JSONResponse
 
-        options = {key: value for key, value in options.items() if key not in ("temperature", "top_p", "seed")}
+        options = {**{key: value for key, value in options.items() if key not in ("temperature", "top_p", "seed")}, "temperature": 0}
         try:
             ranked = self.engine.generator.generate(prompt, chat=False, num_return_sequences=n, **options)
         except KvgraphError as exc:

@@ -16,7 +16,6 @@ from typing import Callable, Iterator, Sequence
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime.generator import GenerationResult, Generator
 from kvgraph.runtime.core.loop import BatchRun, Request
-from kvgraph.runtime.core.sampling import Sampling
 from kvgraph.runtime.core.text import IncrementalText
 
 
@@ -55,22 +54,22 @@ class Engine:
 
     # -- the callers' side ----------------------------------------------------------------------
 
-    def generate(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-                 min_new_tokens: int = 0, **sampling) -> GenerationResult:
+    def generate(self, prompt, max_new_tokens: int | None = None, *, chat: bool = False, stop: Sequence[str] = (),
+                 min_new_tokens: int | None = None, **sampling) -> GenerationResult:
         for event in self.events(prompt, max_new_tokens, chat=chat, stop=stop, min_new_tokens=min_new_tokens, **sampling):
             if isinstance(event, GenerationResult):
                 return event
         raise KvgraphError(f"the request ended without a result{self._why()}")
 
-    def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-               min_new_tokens: int = 0, **sampling) -> Iterator[str]:
+    def stream(self, prompt, max_new_tokens: int | None = None, *, chat: bool = False, stop: Sequence[str] = (),
+               min_new_tokens: int | None = None, **sampling) -> Iterator[str]:
         """Text pieces as tokens arrive; closing the iterator early frees the row at once."""
         for piece in self.events(prompt, max_new_tokens, chat=chat, stop=stop, min_new_tokens=min_new_tokens, **sampling):
             if isinstance(piece, str):
                 yield piece
 
-    def events(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, stop: Sequence[str] = (),
-               min_new_tokens: int = 0, cancel: threading.Event | None = None, timeout: float | None = None,
+    def events(self, prompt, max_new_tokens: int | None = None, *, chat: bool = False, stop: Sequence[str] = (),
+               min_new_tokens: int | None = None, cancel: threading.Event | None = None, timeout: float | None = None,
                **sampling) -> Iterator[str | GenerationResult]:
         """Text pieces as tokens arrive, then the GenerationResult (finish reason, token counts).
 
@@ -82,10 +81,12 @@ class Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
         codec = self.generator.codec  # without a tokenizer: no text pieces, the result only
         text = IncrementalText(codec, hold=max((len(s) for s in stop), default=1) - 1) if codec else None
-        request = self.generator.request(prompt, max_new_tokens, chat, stop, min_new_tokens)
-        self.generator.check([request])
         constraint = sampling.pop("constraint", None)
-        settings = Sampling(**sampling)
+        decoding = self.generator.resolve({"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, **sampling}, beams=False)
+        request = self.generator.request(prompt, 1, chat, stop, decoding.min_new_tokens)
+        request = decoding.sized([request], len(self.generator.decoder_prefix(request)))[0]
+        self.generator.check([request])
+        settings = decoding.sampling
         job = self._start(request, settings, deadline, timeout, constraint)
         tokens: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, args=(job, tokens, cancel, deadline, timeout), name="kvgraph-request", daemon=True).start()

@@ -22,11 +22,13 @@ def parse_request(engine: Engine, body: dict, chat: bool) -> tuple[Any, int, dic
     except KvgraphError as exc:
         raise BadRequest(str(exc), "messages" if chat else "prompt") from exc
     room = engine.generator.room(len(prompt)) if isinstance(prompt, list) else None
-    default = room if chat and room else 16  # chat: as many as the cache holds, as OpenAI's; completions: 16, as OpenAI's
+    # a field the request leaves out: the export's generation config (as vLLM), then OpenAI's default
+    config = engine.generator.defaults.settings
+    default = config.get("max_new_tokens") or (room if chat and room else 16)  # chat: what the cache holds; completions: 16
     options = {"max_new_tokens": _number(body, "max_tokens", int, default, 1, None),
                "min_new_tokens": _number(body, "min_tokens", int, 0, 0, None),  # an extension (vLLM's name): eos not before
-               "temperature": _number(body, "temperature", (int, float), 1.0, 0, 2),
-               "top_p": _number(body, "top_p", (int, float), 1.0, 0, 1)}
+               "temperature": _number(body, "temperature", (int, float), config.get("temperature", 1.0), 0, 2),
+               "top_p": _number(body, "top_p", (int, float), config.get("top_p", 1.0), 0, 1)}
     n = _number(body, "n", int, 1, 1, engine.max_batch)
     best_of = _number(body, "best_of", int, n, n, 16)
     if best_of > n:  # the best n of best_of beams (beam search), as transformers' num_beams / num_return_sequences
