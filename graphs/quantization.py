@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.rewrites.graph_edit import attr
+from kvgraph.graphs.weight_store import INLINE, Tensors
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two from 16: what onnxruntime's MatMulNBits kernel takes
@@ -174,9 +175,11 @@ def dequantize(blocks: _Blocks, block: int) -> np.ndarray:
 class Quantizer:
     """Rewrites graphs in place; one instance for all graphs of an export, so shared weights quantize once."""
 
-    def __init__(self, scheme: QuantScheme) -> None:
+    def __init__(self, scheme: QuantScheme, values: Tensors = INLINE) -> None:
+        """values: how initializers are read and made (a WeightStore: graphs loaded without their weights read them
+        tensor by tensor, and the quantized tensors are held once for every graph)."""
         scheme.check()
-        self.scheme = scheme
+        self.scheme, self.values = scheme, values
         self.report = QuantReport()
         self._done: dict[tuple, _Blocks] = {}
 
@@ -222,7 +225,7 @@ class Quantizer:
         return (self.scheme.embedding_bits if gathers else self.scheme.bits), axis, readers
 
     def _blocks(self, tensor: onnx.TensorProto, bits: int, axis: int, gathered: bool) -> _Blocks:
-        array = numpy_helper.to_array(tensor)
+        array = self.values.array(tensor)
         key = (bits, axis, array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
         if key not in self._done:
             blocks = quantize_blocks(array if axis == 0 else array.T, bits, self.scheme.block_size, self.scheme.symmetric)
@@ -238,7 +241,7 @@ class Quantizer:
         blocks = self._blocks(tensor, bits, axis, any(node.op_type == "Gather" for node in readers))
         parts = [f"{tensor.name}.q{bits}", f"{tensor.name}.scales"] + ([f"{tensor.name}.zero_points"] if blocks.zero_points is not None else [])
         arrays = [blocks.q, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
-        graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in zip(parts, arrays))
+        graph.initializer.extend(self.values.tensor(array, name) for name, array in zip(parts, arrays))
         matmuls = [node for node in readers if node.op_type == "MatMul"]
         rows = _twins(graph, parts, "rows") if matmuls else parts  # a tied matrix: the Gathers read their own twins
         for i, node in enumerate(readers):

@@ -16,6 +16,7 @@ location is never written to disk.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +24,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 LOCATION = "kvgraph-weight-store"  # prefix of a stored tensor's placeholder location: "kvgraph-weight-store/<key>"
+PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1}  # two values a byte
 INLINE_LIMIT = 1024  # initializers smaller than this (bytes) stay inside the graph file
 
 
@@ -50,8 +52,9 @@ INLINE = InlineTensors()
 class WeightStore:
     """Bytes of large initializers by content key (dtype, dims, sha256): identical tensors are held once."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: str | Path | None = None) -> None:
         self.blobs: dict[str, np.ndarray] = {}  # key -> the bytes, as a flat uint8 array (a view where possible)
+        self.source = None if source is None else Path(source)  # graphs loaded without their weights: the directory holding them
 
     def put(self, array: np.ndarray, data_type: int) -> str:
         """Hold `array`'s bytes (no copy if it is contiguous); returns its key."""
@@ -68,20 +71,46 @@ class WeightStore:
         return location[len(LOCATION) + 1:] if location.startswith(LOCATION + "/") else None
 
     def raw(self, tensor: onnx.TensorProto) -> np.ndarray | bytes:
-        """The tensor's little-endian bytes (len() is their count), from the store or from the tensor itself."""
+        """The tensor's little-endian bytes (len() is their count), from the store, the source's weights file (read now,
+        not kept) or the tensor itself."""
         key = self.key(tensor)
-        return self.blobs[key] if key is not None else raw_bytes(tensor)
+        if key is not None:
+            return self.blobs[key]
+        if self.source is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return self._read(tensor)
+        return raw_bytes(tensor)
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The tensor's values; for a stored one a read-only view of the stored bytes."""
         key = self.key(tensor)
-        if key is None:
+        if key is None and not (self.source is not None and tensor.data_location == onnx.TensorProto.EXTERNAL):
             return numpy_helper.to_array(tensor)
-        return self.blobs[key].view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+        raw = self.blobs[key] if key is not None else self._read(tensor)
+        return raw.view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+
+    def _read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """An external tensor's bytes read from the source directory's file, one tensor at a time (no mapping of the
+        whole file: memory holds the tensors being worked on, not the weights)."""
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        with open(self.source / info["location"], "rb") as handle:
+            handle.seek(offset)
+            data = np.frombuffer(handle.read(length), dtype=np.uint8)
+        if len(data) != length:
+            raise ValueError(f"{self.source / info['location']}: {tensor.name} needs {length} bytes at {offset}, the file ends first")
+        return data
 
     def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
-        """A new initializer of `array`'s values, its bytes in the store."""
+        """A new initializer of `array`'s values, its bytes in the store (4-bit types packed two to a byte, as ONNX stores them)."""
         proto = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        if array.nbytes < INLINE_LIMIT:  # small: inside the graph file, as write_graphs keeps it
+            return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        if proto.data_type in PACKED:
+            raw = np.frombuffer(numpy_helper.from_array(array, name).raw_data, dtype=np.uint8)
+            key = content_key(proto.data_type, array.shape, raw)
+            self.blobs.setdefault(key, raw)
+            refer(proto, key, len(raw))
+            return proto
         refer(proto, self.put(array, proto.data_type), array.nbytes)
         return proto
 

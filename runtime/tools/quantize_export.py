@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import onnx
 
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.manifest import MANIFEST_NAME, METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, Manifest, graph_file
@@ -18,6 +17,7 @@ from kvgraph.graphs.onnx_files import embed_metadata, write_graphs
 from kvgraph.graphs.quantization import QuantScheme, Quantizer, thresholds
 from kvgraph.graphs.safety import check_graph_file
 from kvgraph.graphs.staging import check_destination, staged
+from kvgraph.graphs.weight_store import WeightStore
 from kvgraph.runtime.tools.quality import measure
 
 
@@ -31,13 +31,14 @@ def quantize_export(source: str | Path, out: str | Path, scheme: QuantScheme, *,
     limits = thresholds(scheme.bits, min_top1, max_ppl_ratio)
     _check_source(source, manifest)
     out = check_destination(Path(out), force)
-    models = _load_graphs(source, manifest)
-    report = Quantizer(scheme).quantize(models)
+    models = _load_graphs(source, manifest)  # without their weights: the quantizer reads them tensor by tensor
+    store = WeightStore(source)
+    report = Quantizer(scheme, store).quantize(models)
     log(f"quantized {len(report.matmul)} matrices to int{scheme.bits} and {len(report.gathered)} gathered ones to "
         f"int{scheme.embedding_bits} (block {scheme.block_size}): {report.float_bytes / 1e6:.1f} MB -> {report.quantized_bytes / 1e6:.1f} MB")
     with staged(out, force) as staging:
-        _write(models, manifest, source, staging)
-        del models
+        _write(models, manifest, source, staging, store)
+        del models, store
         quality = measure(source, staging, threads, log)
         log(quality.table())
         reasons = quality.shortfalls(*limits)
@@ -62,18 +63,12 @@ def _check_source(source: Path, manifest: Manifest) -> None:
 
 
 def _load_graphs(source: Path, manifest: Manifest) -> dict:
-    models = {}
-    for name in manifest.contract.graphs():
-        check_graph_file(source, graph_file(name))
-        try:
-            models[name] = onnx.load_model(str(source / graph_file(name)))
-        except Exception as exc:  # protobuf / external data errors: the file at fault, in one line
-            raise KvgraphError(f"{source / graph_file(name)}: cannot read the graph and its weights: {str(exc).splitlines()[0][:200]}") from exc
-    return models
+    """Each graph's header (nodes and initializer references; check_graph_file refuses a file at fault in one line)."""
+    return {name: check_graph_file(source, graph_file(name)) for name in manifest.contract.graphs()}
 
 
-def _write(models: dict, manifest: Manifest, source: Path, staging: Path) -> None:
-    write_graphs(models, staging, WEIGHTS_FILE, WEIGHTS_INDEX)
+def _write(models: dict, manifest: Manifest, source: Path, staging: Path, store: WeightStore) -> None:
+    write_graphs(models, staging, WEIGHTS_FILE, WEIGHTS_INDEX, store)
     written = {graph_file(name) for name in models} | {WEIGHTS_FILE, WEIGHTS_INDEX, MANIFEST_NAME}
     for name in manifest.files.values():
         if name not in written and (source / name).is_file():
