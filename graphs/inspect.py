@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from kvgraph.graphs.contract import format_shape
+from kvgraph.graphs.generation_config import GenerationDefaults
 from kvgraph.graphs.manifest import Manifest
 
 
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**manifest.to_json(), "file_sizes": sizes}, indent=2))
     else:
         print(describe(manifest, sizes))
+        print("\n".join(["", *GenerationDefaults.read(directory, warn=False).describe()]))
     return 0
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 from kvgraph.graphs import KvgraphError
 from kvgraph.graphs.contract import VERIFY
 from kvgraph.graphs.modes import Positions
-from kvgraph.runtime.core.generation_config import GenerationDefaults
+from kvgraph.graphs.generation_config import GenerationDefaults
 from kvgraph.runtime.core.budget import cache_need, default_cache_budget, size_text
 from kvgraph.runtime.core.loop import BatchRun, Request, RowState
 from kvgraph.runtime.core.sampling import Sampling
@@ -158,7 +159,7 @@ class Generator:
             results = self._run(requests, settings, use_cache, constraint)
         return results if batch else results[0]
 
-    def resolve(self, caller: dict, target_lang: str | None = None, beams: bool = True) -> Decoding:
+    def resolve(self, caller: dict, target_lang: str | None = None, beams: bool = True, warn_beams: bool = False) -> Decoding:
         """The caller's settings over the export's generation config over kvgraph's defaults (generation_config.py).
         beams=False (streaming, serving): a num_beams from the generation config is not applied; one the caller asks for
         is refused."""
@@ -168,6 +169,9 @@ class Generator:
         if not beams:
             if (caller.get("num_beams") or 1) > 1:
                 raise KvgraphError("num_beams > 1 runs a beam search, which does not stream; use generate()")
+            if merged.get("num_beams", 1) > 1 and caller.get("num_beams") is None and warn_beams:
+                warnings.warn(f"{self.defaults.source}: num_beams={merged['num_beams']} is not applied while streaming (a beam "
+                              "search ranks its beams when it ends); pass num_beams=1 to silence this", stacklevel=3)
             for key in BEAM_KEYS:
                 merged.pop(key, None)
         beam_options = BeamOptions(**{key: merged.pop(key) for key in BEAM_KEYS if key in merged})
@@ -190,7 +194,8 @@ class Generator:
                target_lang: str | None = None, **options) -> Iterator[str]:
         """Yield text pieces as tokens arrive; their concatenation equals generate(...).text (greedy or sampled: a
         generation config's num_beams is not applied here)."""
-        decoding = self.resolve({"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, **options}, target_lang, beams=False)
+        decoding = self.resolve({"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, **options}, target_lang, beams=False,
+                                warn_beams=True)
         request = self.request(prompt, 1, chat, stop, decoding.min_new_tokens)
         request = decoding.sized([request], len(self.decoder_prefix(request)))[0]
         text = IncrementalText(self.need_codec(), hold=max((len(s) for s in stop), default=1) - 1)

@@ -23,7 +23,7 @@ from kvgraph.export import export_model
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime import Generator
 from kvgraph.runtime.core import processors
-from kvgraph.runtime.core.generation_config import GenerationDefaults
+from kvgraph.graphs.generation_config import GenerationDefaults
 from kvgraph.runtime.core.processors import Context
 from kvgraph.runtime.core.sampling import Sampling, draw, softmax
 
@@ -233,3 +233,35 @@ def test_unsupported_fields_are_named_not_dropped(tmp_path):
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(KvgraphError, match="generation_config.json: not a readable generation config"):
         GenerationDefaults.read(tmp_path)
+
+
+def test_one_mbart_export_translates_into_two_languages(checkpoint_exports, tmp_path, capsys):
+    """mBART-50's language codes as tokens of the export's tokenizer: --target-lang forces each one first, with the
+    tokens transformers gives with the matching forced_bos_token_id (the config's 5 beams and forced eos included)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    from kvgraph.runtime.commands.main import main
+
+    model, out = checkpoint_exports("mbart", "dynamic")
+    served = tmp_path / "mbart"
+    shutil.copytree(out, served)
+    codes = {"de_DE": 250003, "fr_XX": 250008}
+    Tokenizer(models.WordLevel({"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **codes}, unk_token="<unk>")).save(str(served / "tokenizer.json"))
+    generator = Generator.load(served)
+    ids, mask = _source_batch(1)
+    outputs = {}
+    for code, token in codes.items():
+        with torch.no_grad():
+            expected = model.generate(input_ids=ids, attention_mask=mask, forced_bos_token_id=token, max_new_tokens=10)
+        results = generator.generate(BATCH, target_lang=code, max_new_tokens=10)
+        for row, result in enumerate(results):
+            theirs = expected[row].tolist()[1:]
+            while theirs and theirs[-1] == 1 and len(theirs) > len(result.token_ids):
+                theirs.pop()
+            assert result.token_ids == theirs and result.token_ids[0] == token
+        outputs[code] = [r.token_ids for r in results]
+    assert outputs["de_DE"] != outputs["fr_XX"]
+    assert main(["generate", str(served), "--prompt", "x", "--target-lang", "xx_XX"]) != 0
+    assert "target_lang: 'xx_XX' is not a token of this export's vocabulary" in capsys.readouterr().err

@@ -11,6 +11,7 @@ out); a BART-shaped encoder-decoder with the byte vocabulary.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -396,3 +397,23 @@ def test_serve_refuses_a_directory_that_is_not_an_export(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path)]) == 1
     assert "not a kvgraph export (no kvgraph.json)" in capsys.readouterr().err
+
+
+def test_fields_a_request_leaves_out_come_from_the_generation_config(text_export_static, tmp_path):
+    """A checkpoint that samples with top_k 1 and asks for 7 new tokens: a request with neither temperature nor max_tokens
+    gets exactly the greedy 7 tokens, over HTTP; one that names them gets its own."""
+    import openai
+
+    served = tmp_path / "export"
+    shutil.copytree(text_export_static[1], served)
+    (served / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 1, "temperature": 1.3, "max_new_tokens": 7}))
+    running = _Server(served, max_batch=2, max_queue=2)
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model="tiny", prompt="Once upon")
+        want = Generator.load(text_export_static[1]).generate("Once upon", max_new_tokens=7)
+        assert out.choices[0].text == want.text and out.usage.completion_tokens == want.stats.new_tokens
+        own = client.completions.create(model="tiny", prompt="Once upon", max_tokens=3, temperature=0)
+        assert own.usage.completion_tokens == 3 and want.text.startswith(own.choices[0].text)
+    finally:
+        running.close()

@@ -20,19 +20,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="an export directory (from kvgraph export)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the model's chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--min-new-tokens", type=int, default=0, help="eos cannot end the text before this many new tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    # Decoding options left out come from the export's generation_config.json, as transformers' generate() takes them,
+    # then kvgraph's defaults (greedy, 64 new tokens): `kvgraph inspect DIR` lists the ones in force.
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the generation config's, else 64")
+    parser.add_argument("--min-new-tokens", type=int, default=None, help="eos cannot end the text before this many new tokens")
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (the default unless the generation config samples)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--forced-bos-token", type=int, default=None, metavar="ID", help="the first new token (mBART-50, NLLB: the target language)")
+    parser.add_argument("--target-lang", default=None, metavar="CODE", help="the same by its token, e.g. de_DE or deu_Latn")
+    parser.add_argument("--ignore-generation-config", action="store_true", help="kvgraph's defaults, not the export's generation_config.json")
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers' num_beams)")
-    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = sum log p / length ** this")
-    parser.add_argument("--early-stopping", type=_early_stopping, default=False, metavar="true|false|never",
+    parser.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams (as transformers' num_beams)")
+    parser.add_argument("--length-penalty", type=float, default=None, help="beam search: score = sum log p / length ** this")
+    parser.add_argument("--early-stopping", type=_early_stopping, default=None, metavar="true|false|never",
                         help="beam search: when to stop (transformers' early_stopping)")
-    parser.add_argument("--num-return-sequences", type=int, default=1, help="beam search: the best N beams per prompt")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size occurs twice")
+    parser.add_argument("--num-return-sequences", type=int, default=None, help="beam search: the best N beams per prompt")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of this size occurs twice")
     parser.add_argument("--speculative", default=None, metavar="prompt-lookup|DRAFT_DIR",
                         help="speculative decoding: draft with prompt lookup or a smaller export of the same tokenizer (same tokens, faster)")
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per step with --speculative (default 4)")
@@ -54,13 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-share-weights", action="store_true", help="the same as --weights per-session")
 
 
+NOT_DECODING = ("chat", "stop", "use_cache", "target_lang", "speculative", "draft_tokens", "constraint")
+
+
 def run(args: argparse.Namespace) -> int:
     generator = Generator.load(args.directory, provider=args.provider, threads=args.threads, max_cache_bytes=args.max_cache_memory,
-                               weights="per-session" if args.no_share_weights else args.weights)
+                               weights="per-session" if args.no_share_weights else args.weights,
+                               generation_config=not args.ignore_generation_config)
     options = dict(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, chat=args.chat, stop=args.stop, use_cache=not args.no_cache,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        forced_bos_token_id=args.forced_bos_token, target_lang=args.target_lang,
     )
     if args.speculative:
         options.update(speculative=args.speculative, draft_tokens=args.draft_tokens)
@@ -70,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
         options["constraint"] = constraint
     beams = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
                  num_return_sequences=args.num_return_sequences)
-    if args.num_beams > 1 or args.num_return_sequences > 1:
-        if args.stream:
-            raise KvgraphError("--stream does not combine with --num-beams: the beams are ranked when the search ends")
+    searched = generator.resolve({**{k: v for k, v in options.items() if k not in NOT_DECODING}, **beams}, args.target_lang).beams
+    if args.stream and (args.num_beams or 1) > 1:
+        raise KvgraphError("--stream does not combine with --num-beams: the beams are ranked when the search ends")
+    if (searched.search or searched.num_return_sequences > 1) and not args.stream:  # streaming: Generator.stream says what it leaves out
         for ranked in generator.generate(list(args.prompt), **options, **beams):
             for result in ranked if isinstance(ranked, list) else [ranked]:
                 _print(result, args.json)
