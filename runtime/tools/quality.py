@@ -90,12 +90,15 @@ def measure(reference: str | Path, quantized: str | Path, threads: int | None = 
     """Score both exports of one model on the same text and prompts."""
     from kvgraph.runtime.generator import Generator
 
-    generators = [Generator.load(d, threads=threads, max_cache_bytes=None) for d in (reference, quantized)]
+    # The float reference maps its weights once for all its sessions (no prepacked copy per session): at 1B parameters
+    # the report then holds the float weights once, not three times. The quantized export runs as it will be run.
+    generators = [Generator.load(reference, threads=threads, max_cache_bytes=None, weights="mapped"),
+                  Generator.load(quantized, threads=threads, max_cache_bytes=None)]
     ids, text = _text_ids(generators[0])
     window = _window(generators[0])
     log(f"quality: scoring {len(ids)} tokens of {text} in windows of {window}")
     scores = _Scores()
-    scorers = [_Scorer(Path(d), threads) for d in (reference, quantized)]
+    scorers = [_Scorer(generator) for generator in generators]
     for start in range(0, len(ids) - 1, window):
         chunk = np.array([ids[start: start + window]], dtype=np.int64)  # (1, W)
         if chunk.shape[1] >= 2:
@@ -123,23 +126,23 @@ class _Scores:
 
 
 class _Scorer:
-    """The export's prefill graph, changed in memory to return logits at every position."""
+    """The export's prefill graph, changed in memory to return logits at every position; it reads the weights as the
+    export's other sessions do (the same mapped memory, where the generator maps them)."""
 
-    def __init__(self, directory: Path, threads: int | None) -> None:
+    def __init__(self, generator) -> None:
         from kvgraph.graphs.rewrites.every_position import keep_every_position
 
-        manifest = Manifest.load(directory)
+        graphs = generator.graphs
+        directory, manifest = graphs.directory, graphs.manifest
         self.steps = step_adapter(manifest.contract)
-        name = graph_file(self.steps.graph("prefill"))
+        graph = self.steps.graph("prefill")
+        name = graph_file(graph)
         model = check_graph_file(directory, name)  # the header, without the weights
         try:
             keep_every_position(model, manifest.contract, "prefill")
         except ValueError as exc:
             raise KvgraphError(f"{directory / name}: cannot score a text with it: {exc}") from exc
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options = graphs.options(graph)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
