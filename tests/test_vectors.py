@@ -79,6 +79,26 @@ def torch_greedy(model, prompt: list[int], new_tokens: int, eos: set[int], seq2s
     return tokens[: ends[0] + 1] if ends else tokens
 
 
+def torch_processed(model, trace, seq2seq: bool) -> list[list[int]]:
+    """transformers' generate on the case's padded batch (the contract's padding: left for a decoder, right for a source)
+    with the case's processor settings, each row cut after its first eos."""
+    from transformers import GenerationConfig
+
+    from kvgraph.graphs.conventions import left_pad, right_pad
+
+    ids, mask = (right_pad if seq2seq else left_pad)(trace.prompts, trace.pad_id)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=trace.max_new_tokens, pad_token_id=trace.pad_id,
+                              eos_token_id=trace.eos_token_ids, decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None), **trace.settings)
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), generation_config=config)
+    rows = out[:, 1:] if seq2seq else out[:, ids.shape[1]:]
+    cut = []
+    for row in rows.tolist():
+        ends = [i for i, t in enumerate(row) if t in trace.eos_token_ids]
+        cut.append(row[: ends[0] + 1] if ends else row)
+    return cut
+
+
 def torch_argmax_after(model, prompt: list[int], draft: list[int]) -> list[int]:
     """PyTorch on one unpadded prompt + draft: the argmax after each drafted token (a verify call's oracle)."""
     ids = torch.tensor([prompt + draft])
@@ -98,6 +118,10 @@ def test_vectors_greedy_tokens_equal_pytorch_generate(case):
             assert trace.tokens == [torch_argmax_after(model, p, d) for p, d in zip(trace.prompts, trace.draft)]
             batch = golden.cases["batch"].tokens  # the draft is the batch's greedy tokens: the verify graph accepts it
             assert trace.draft == [row[:4] for row in batch] and all(t[:len(r[1:4])] == r[1:4] for t, r in zip(trace.tokens, batch))
+            continue
+        if trace.settings:  # the processors case: transformers' generate on the same padded batch with the same settings
+            assert trace.tokens == torch_processed(model, trace, kind == "seq2seq"), name
+            assert trace.tokens != golden.cases["batch"].tokens  # the settings changed the greedy tokens: the case tests them
             continue
         theirs = [torch_greedy(model, prompt, trace.max_new_tokens, eos, kind == "seq2seq") for prompt in trace.prompts]
         assert trace.tokens == theirs, name
@@ -129,6 +153,9 @@ def test_vectors_files_are_self_describing(case):
         tokens = entry["greedy_tokens"]
         if "draft" in entry:  # the verify case's tokens: the argmax after each drafted token
             assert tokens == steps[-1]["outputs"][0]["argmax"] and steps[-1]["inputs"][0]["values"] == entry["draft"]
+            continue
+        if "settings" in entry:  # the processors case: its tokens are the argmax of the processed scores
+            assert set(entry["settings"]) <= {"repetition_penalty", "no_repeat_ngram_size", "suppress_tokens", "min_new_tokens", "bad_words_ids"}
             continue
         for b, row in enumerate(tokens):  # each greedy token is the argmax of the step before it
             assert row == [s["outputs"][0]["argmax"][b] for s in steps if s["graph"] != "encoder"][: len(row)]
@@ -346,7 +373,7 @@ def test_browser_reproduces_the_vectors(vectors, page_server):
         assert shown["state"] == "done", shown["text"]
         assert shown["backend"].startswith("WebAssembly") and shown["crossOriginIsolated"]  # threads allowed
         golden = read_vectors(vectors(key)[2])
-        assert len(shown["text"].splitlines()) == len(golden.cases) == 3 - (key[0] == "seq2seq")  # + verify for decoders
+        assert len(shown["text"].splitlines()) == len(golden.cases) == 4 - (key[0] == "seq2seq")  # single, batch, processors (+ verify)
         for name, trace in golden.cases.items():
             assert f"case '{name}': {len(trace.steps)} graph calls match, greedy tokens {json.dumps(trace.tokens, separators=(',', ':'))}" in shown["text"]
 

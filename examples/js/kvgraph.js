@@ -67,9 +67,14 @@ export class Export {
    * graphs, so checking them needs oneGraph false.
    * exact: a quantized export runs its DequantizeLinear + MatMul as written (golden vectors record that).
    */
-  static async open(ort, store, { oneGraph = false, exact = true, sessionOptions = {} } = {}) {
+  static async open(ort, store, { oneGraph = false, exact = true, sessionOptions = {}, generationConfig = true } = {}) {
     const manifest = checkManifest(await store.json('kvgraph.json'), 'kvgraph.json');
-    return new Export(ort, store, manifest, { oneGraph, exact, sessionOptions });
+    const model = new Export(ort, store, manifest, { oneGraph, exact, sessionOptions });
+    // the checkpoint's decoding settings (graphs/README.md 4.0): generate()'s defaults, as in transformers
+    if (generationConfig && manifest.files && manifest.files.generation_config) {
+      model.generation = generationDefaults(await store.json(manifest.files.generation_config));
+    }
+    return model;
   }
 
   constructor(ort, store, manifest, { oneGraph, exact, sessionOptions }) {
@@ -81,6 +86,8 @@ export class Export {
     const t = manifest.special_tokens;
     this.padId = t.pad_token_id ?? t.eos_token_ids[0] ?? 0;
     this.eos = t.eos_token_ids;
+    this.start = t.decoder_start_token_id;
+    this.generation = {}; // generate()'s defaults from generation_config.json (open() reads it)
     this.options = { logSeverityLevel: 3, ...(exact && manifest.quantization ? { graphOptimizationLevel: 'basic' } : {}), ...sessionOptions };
   }
 
@@ -212,24 +219,87 @@ export function choose(row, { temperature = 0, topP = 1 } = {}, draw = Math.rand
   return order[kept - 1];
 }
 
+// -- the checkpoint's decoding settings and the logits processors (graphs/README.md 4.0) ---------------------
+
+const SETTINGS = { // generation_config.json field -> generate() option
+  max_new_tokens: 'maxNewTokens', max_length: 'maxLength', min_new_tokens: 'minNewTokens', min_length: 'minLength',
+  temperature: 'temperature', top_p: 'topP', repetition_penalty: 'repetitionPenalty', no_repeat_ngram_size: 'noRepeatNgramSize',
+  bad_words_ids: 'badWordsIds', suppress_tokens: 'suppressTokens', begin_suppress_tokens: 'beginSuppressTokens',
+  forced_bos_token_id: 'forcedBosTokenId', forced_eos_token_id: 'forcedEosTokenId',
+};
+const OFF = { repetition_penalty: 1, no_repeat_ngram_size: 0, min_length: 0, top_p: 1 };
+
+/** generate()'s options from a generation config: what this driver applies (temperature only with do_sample). */
+export function generationDefaults(config) {
+  const out = {};
+  for (const [field, option] of Object.entries(SETTINGS)) {
+    const value = config[field];
+    if (value === null || value === undefined || value === OFF[field]) continue;
+    if ((field === 'temperature' || field === 'top_p') && !config.do_sample) continue;
+    out[option] = value;
+  }
+  if (config.do_sample && out.temperature === undefined) out.temperature = 1;
+  return out;
+}
+
+/** One row's scores after the processors, in transformers' order; seq: the row's decoder sequence so far (its padded
+ * prompt, or the decoder start token, then the chosen ids), pads: the prompt's left pads, ctx: { eos, promptLength, maxLength }. */
+export function processRow(row, seq, pads, ctx, s) {
+  const scores = Float32Array.from(row), L = seq.length, ban = (id) => { if (id < scores.length) scores[id] = -Infinity; };
+  if (s.repetitionPenalty && s.repetitionPenalty !== 1) {
+    const p = Math.fround(s.repetitionPenalty);
+    for (const id of new Set(seq.slice(pads))) if (id < scores.length) scores[id] = Math.fround(scores[id] < 0 ? scores[id] * p : scores[id] / p);
+  }
+  const n = s.noRepeatNgramSize || 0;
+  if (n && L >= n) {
+    const tail = seq.slice(L - n + 1);
+    for (let i = 0; i + n <= L; i++) if (tail.every((t, k) => seq[i + k] === t)) ban(seq[i + n - 1]);
+  }
+  for (const word of s.badWordsIds || []) {
+    if (word.length === 1 && ctx.eos.includes(word[0])) continue;
+    const prefix = word.slice(0, -1);
+    if (prefix.length <= L && prefix.every((t, k) => seq[L - prefix.length + k] === t)) ban(word.at(-1));
+  }
+  const newTokens = L - ctx.promptLength;
+  if ((s.minLength && L < s.minLength) || (s.minNewTokens && newTokens < s.minNewTokens)) ctx.eos.forEach(ban);
+  const only = (ids) => { scores.fill(-Infinity); for (const id of ids) scores[id] = 0; };
+  if (s.forcedBosTokenId !== undefined && s.forcedBosTokenId !== null && L === 1) only([s.forcedBosTokenId]);
+  if (s.forcedEosTokenId !== undefined && s.forcedEosTokenId !== null && L === ctx.maxLength - 1) only([s.forcedEosTokenId].flat());
+  for (const id of s.suppressTokens || []) ban(id);
+  const begin = ctx.promptLength + (ctx.promptLength === 1 && s.forcedBosTokenId !== undefined && s.forcedBosTokenId !== null ? 1 : 0);
+  if (L === begin) for (const id of s.beginSuppressTokens || []) ban(id);
+  return scores;
+}
+
 /**
  * Generate for a batch of prompts: greedy (the default) or sampled, every row until one of the export's eos ids or
- * maxNewTokens. onToken(row, id) is called (and awaited) for each new token as it is chosen; a finished row is fed pad while the
- * others continue. Returns { tokens: ids per row, calls: every graph call, steps: graph calls after the first }.
+ * the length. Options left out come from the export's generation_config.json (model.generation), then greedy and
+ * 16 new tokens. onToken(row, id) is called (and awaited) for each new token as it is chosen; a finished row is fed pad
+ * while the others continue. Returns { tokens: ids per row, calls: every graph call, steps: graph calls after the first }.
  */
-export async function generate(model, prompts, { maxNewTokens = 16, temperature = 0, topP = 1, seed = 0, onToken = null } = {}) {
+export async function generate(model, prompts, options = {}) {
+  const s = { ...(options.generationConfig === false ? {} : model.generation),
+    ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) };
+  const { temperature = 0, topP = 1, seed = 0, onToken = null } = s;
   const driver = new Driver(model), draw = random(seed);
+  const seqs = model.seq2seq ? prompts.map(() => [model.start]) : pad(prompts, model.padId, 'left')[0];
+  const pads = model.seq2seq ? prompts.map(() => 0) : seqs.map((seq, b) => seq.length - prompts[b].length);
+  const promptLength = seqs[0].length;
+  const maxNewTokens = s.maxNewTokens ?? (s.maxLength !== undefined ? Math.max(1, s.maxLength - promptLength) : 16);
+  const ctx = { eos: model.eos, promptLength, maxLength: promptLength + maxNewTokens };
   let logits = await driver.first(prompts);
   const rows = prompts.map(() => []), done = prompts.map(() => false);
   for (;;) {
     for (const [b, row] of rows.entries()) {
       if (done[b]) continue;
-      row.push(choose(logitsRow(logits, b), { temperature, topP }, draw));
+      row.push(choose(processRow(logitsRow(logits, b), seqs[b], pads[b], ctx, s), { temperature, topP }, draw));
       done[b] = model.eos.includes(row.at(-1)) || row.length >= maxNewTokens;
       if (onToken) await onToken(b, row.at(-1)); // may return a promise (a page lets itself paint)
     }
     if (done.every(Boolean)) break;
-    logits = await driver.next(rows.map((row, b) => (done[b] ? model.padId : row.at(-1))));
+    const fed = rows.map((row, b) => (done[b] ? model.padId : row.at(-1)));
+    fed.forEach((id, b) => seqs[b].push(id));
+    logits = await driver.next(fed);
   }
   return { tokens: rows, calls: driver.calls };
 }
@@ -246,7 +316,9 @@ export async function verifyDraft(model, prompts, draft) {
 
 /** Run one case of vectors.json again; the first difference, in step order, or null. */
 export async function checkCase(model, want, tolerance) {
-  const got = want.draft ? await verifyDraft(model, want.prompts, want.draft) : await generate(model, want.prompts, { maxNewTokens: want.max_new_tokens });
+  const settings = Object.fromEntries(Object.entries(want.settings || {}).map(([field, value]) => [SETTINGS[field] ?? field, value]));
+  const got = want.draft ? await verifyDraft(model, want.prompts, want.draft)
+    : await generate(model, want.prompts, { ...settings, maxNewTokens: want.max_new_tokens, generationConfig: false });
   return { got, reason: firstMismatch(want, got, tolerance, model.padId) };
 }
 

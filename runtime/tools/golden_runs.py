@@ -28,9 +28,20 @@ def make_vectors(directory: str | Path, out: str | Path, max_new_tokens: int = D
     prompts = default_prompts(graphs.contract.vocab_size, codec.encode if codec else None)
     generator.check([Request(row, max_new_tokens) for rows in prompts.values() for row in rows])  # the runtime's own limits
     cases = {name: _trace(graphs, rows, max_new_tokens) for name, rows in prompts.items()}
+    cases["processors"] = greedy_trace(graphs.manifest, ort_runner(graphs), prompts["batch"], max_new_tokens, _settings(cases["batch"]))
     if graphs.contract.verify:
         cases["verify"] = verify_trace(graphs.manifest, ort_runner(graphs), prompts["batch"], _draft(cases["batch"]))
     return write_vectors(graphs.manifest, cases, Path(out), force)
+
+
+def _settings(batch: Trace) -> dict:
+    """Processors that change the batch case's greedy tokens (graphs/README.md 4.0): its first row's first token suppressed,
+    its second row's first two tokens a bad word, a repetition penalty and no repeated bigram, eos not before 2 tokens."""
+    first, second = batch.tokens[0], batch.tokens[-1]
+    settings = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "suppress_tokens": [first[0]], "min_new_tokens": 2}
+    if len(second) >= 2:
+        settings["bad_words_ids"] = [second[:2]]
+    return settings
 
 
 def _draft(batch: Trace) -> list[list[int]]:

@@ -81,6 +81,7 @@ def _case_json(name: str, trace: Trace, root: Path) -> dict:
         "eos_token_ids": trace.eos_token_ids,
         "greedy_tokens": trace.tokens,
         **({"draft": trace.draft} if trace.draft is not None else {}),
+        **({"settings": trace.settings} if trace.settings else {}),
         "steps": [_step_json(name, index, step, root) for index, step in enumerate(trace.steps)],
     }
 
@@ -128,7 +129,7 @@ def read_vectors(directory: Path) -> Vectors:
 def _read_case(case: dict, root: Path) -> Trace:
     steps = [Step(step["graph"], _read_tensors(step["inputs"], root), _read_tensors(step["outputs"], root)) for step in case["steps"]]
     return Trace(case["prompts"], case["max_new_tokens"], case["pad_id"], case["eos_token_ids"], steps, case["greedy_tokens"],
-                 case.get("draft"))
+                 case.get("draft"), case.get("settings"))
 
 
 def _read_tensors(items: list[dict], root: Path) -> dict[str, np.ndarray]:

@@ -21,6 +21,9 @@ from kvgraph.graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, INPUT_IDS, L
 from kvgraph.graphs.conventions import left_pad, right_pad
 from kvgraph.graphs.manifest import Manifest
 from kvgraph.graphs.modes import step_adapter
+from kvgraph.runtime.core import processors
+from kvgraph.runtime.core.processors import Context
+from kvgraph.runtime.core.sampling import Sampling
 
 Runner = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]  # (graph, feeds) -> outputs by name
 
@@ -41,18 +44,22 @@ class Trace:
     steps: list[Step]
     tokens: list[list[int]]  # the greedy tokens of each row (an eos that ended the row included); verify: argmax per position
     draft: list[list[int]] | None = None  # a verify case: the Q tokens per row fed to the verify graph after the prefill
+    settings: dict | None = None  # processors (graphs/README.md 4.0) applied before each argmax, by generation config field
 
 
-def greedy_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], max_new_tokens: int) -> Trace:
-    """Greedy generation (argmax, lowest id on ties) for a batch, every graph call recorded."""
+def greedy_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], max_new_tokens: int, settings: dict | None = None) -> Trace:
+    """Greedy generation (argmax, lowest id on ties) for a batch, every graph call recorded; `settings` (generation config
+    fields) are applied to the scores by the runtime's processors first."""
     special = manifest.special_tokens
     pad, eos = special.feed_pad_id, list(special.eos_token_ids)
     loop = LOOPS[manifest.contract.kind](manifest, run)
     logits = loop.first(prompts, pad)
     rows: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
+    sequences, process = _processors(manifest, prompts, pad, max_new_tokens, settings)
     while True:
-        chosen = np.argmax(logits, axis=-1)  # (B,)
+        chosen = np.argmax(process(sequences, logits), axis=-1)  # (B,)
+        sequences = np.concatenate([sequences, [[pad] if done[b] else [int(chosen[b])] for b in range(len(rows))]], axis=1)
         for b, row in enumerate(rows):
             if not done[b]:
                 row.append(int(chosen[b]))
@@ -61,7 +68,22 @@ def greedy_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], max_
             break
         # a finished row is fed the pad id; the batch steps together until every row is done
         logits = loop.next(np.array([[pad] if done[b] else row[-1:] for b, row in enumerate(rows)], dtype=np.int64))
-    return Trace([list(p) for p in prompts], max_new_tokens, pad, eos, loop.steps, rows)
+    return Trace([list(p) for p in prompts], max_new_tokens, pad, eos, loop.steps, rows, settings=settings)
+
+
+def _processors(manifest: Manifest, prompts: list[list[int]], pad: int, max_new_tokens: int, settings: dict | None):
+    """(the decoder's sequences (B, L), scores -> processed scores) for a trace; no settings: the scores as they are."""
+    seq2seq = manifest.contract.kind == "encoder-decoder"
+    start = manifest.special_tokens.decoder_start_token_id
+    sequences = np.array([[start] for _ in prompts], dtype=np.int64) if seq2seq else left_pad(prompts, pad)[0]
+    if not settings:
+        return sequences, lambda ids, scores: scores
+    width = sequences.shape[1]
+    padding = None if seq2seq else np.array([width - len(p) for p in prompts], dtype=np.int64)
+    options = {key: value for key, value in settings.items() if key != "min_new_tokens"}
+    context = Context(tuple(manifest.special_tokens.eos_token_ids), width, width + max_new_tokens, settings.get("min_new_tokens", 0),
+                      None, padding, manifest.contract.vocab_size)
+    return sequences, processors.build(Sampling.of(options), context)
 
 
 def verify_trace(manifest: Manifest, run: Runner, prompts: list[list[int]], draft: list[list[int]]) -> Trace:
@@ -81,7 +103,7 @@ def replay(manifest: Manifest, run: Runner, case: Trace) -> Trace:
     """Run a recorded case again (its prompts, and its draft for a verify case), every call recorded."""
     if case.draft is not None:
         return verify_trace(manifest, run, case.prompts, case.draft)
-    return greedy_trace(manifest, run, case.prompts, case.max_new_tokens)
+    return greedy_trace(manifest, run, case.prompts, case.max_new_tokens, case.settings)
 
 
 class _Loop:
