@@ -265,3 +265,76 @@ def test_one_mbart_export_translates_into_two_languages(checkpoint_exports, tmp_
     assert outputs["de_DE"] != outputs["fr_XX"]
     assert main(["generate", str(served), "--prompt", "x", "--target-lang", "xx_XX"]) != 0
     assert "target_lang: 'xx_XX' is not a token of this export's vocabulary" in capsys.readouterr().err
+
+
+# -- decoders: the published greedy config in the Python runtime, a config with processors in the Node driver -------
+
+GEMMA2 = {"bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 107], "pad_token_id": 0}  # google/gemma-2-2b
+DECODER_BATCH = [[2, 651, 6037, 576, 6081, 603, 12, 40, 9], [2, 1841, 603]]
+
+
+def _decoder_export(family: str, fields: dict, out, model=None, **options):
+    from tiny_models import tiny_model
+
+    model = model or tiny_model(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.generation_config = GenerationConfig(**fields)
+    export_model(model, out, validate=False, **options)
+    return model
+
+
+def _left_padded(rows: list[list[int]], pad: int):
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+
+def _cut(row: list[int], eos) -> list[int]:
+    ends = [i for i, t in enumerate(row) if t in eos]
+    return row[: ends[0] + 1] if ends else row
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_gemma2_published_config_on_a_padded_batch(mode, tmp_path):
+    """Gemma 2's own config (two eos ids, pad 0) on a padded batch: kvgraph's tokens equal generate() with no
+    generation argument but the length (transformers' default is 20 positions in all, kvgraph's 64 new tokens)."""
+    options = {"cache": "static", "max_length": 32} if mode == "static" else {}
+    model = _decoder_export("gemma2", GEMMA2, tmp_path / "gemma2", **options)
+    ids, mask = _left_padded(DECODER_BATCH, 0)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10)
+    results = Generator.load(tmp_path / "gemma2").generate(DECODER_BATCH, max_new_tokens=10)
+    for row, result in enumerate(results):
+        assert result.token_ids == _cut(expected[row, ids.shape[1]:].tolist(), GEMMA2["eos_token_id"]), f"row {row}"
+
+
+NODE_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 0, "max_new_tokens": 9, "repetition_penalty": 1.4,
+               "no_repeat_ngram_size": 2, "min_new_tokens": 3}
+
+
+def test_node_driver_takes_its_defaults_from_the_generation_config(tmp_path):
+    """`node generate.js DIR --ids ...` with no option decodes as generate() with no argument: the config's length,
+    penalties, bans and suppressed tokens; the caller's option still wins; a field the driver cannot apply is named."""
+    from test_vectors import node
+    from tiny_models import tiny_model
+
+    model, prompt = tiny_model("llama"), [1, 450, 4996, 17354, 1701, 29916, 432]
+    feeds = {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)}
+    with torch.no_grad():
+        plain = model.generate(**feeds, generation_config=GenerationConfig(max_new_tokens=9, eos_token_id=[2, 7], pad_token_id=0))
+    plain = _cut(plain[0, len(prompt):].tolist(), [2, 7])
+    fields = {**NODE_CONFIG, "suppress_tokens": [plain[0]], "bad_words_ids": [[plain[1], plain[2]]]}  # both bite
+    _decoder_export("llama", fields, tmp_path / "llama", model=model)
+    with torch.no_grad():
+        expected = model.generate(**feeds)
+    theirs = _cut(expected[0, len(prompt):].tolist(), NODE_CONFIG["eos_token_id"])
+    result = node(str(tmp_path / "llama"), "--ids", ",".join(map(str, prompt)))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == theirs and len(theirs) == 9 and theirs != plain
+    shorter = node(str(tmp_path / "llama"), "--ids", ",".join(map(str, prompt)), "--max-new-tokens", "4")
+    assert json.loads(shorter.stdout) == theirs[:4]  # the caller's length over the config's: the same processed tokens
+    config = json.loads((tmp_path / "llama" / "generation_config.json").read_text())
+    (tmp_path / "llama" / "generation_config.json").write_text(json.dumps({**config, "num_beams": 4}))
+    beams = node(str(tmp_path / "llama"), "--ids", ",".join(map(str, prompt)))
+    assert beams.returncode == 0 and "not applied by this driver: num_beams=4" in beams.stderr

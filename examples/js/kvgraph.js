@@ -72,7 +72,9 @@ export class Export {
     const model = new Export(ort, store, manifest, { oneGraph, exact, sessionOptions });
     // the checkpoint's decoding settings (graphs/README.md 4.0): generate()'s defaults, as in transformers
     if (generationConfig && manifest.files && manifest.files.generation_config) {
-      model.generation = generationDefaults(await store.json(manifest.files.generation_config));
+      const config = await store.json(manifest.files.generation_config);
+      model.generation = generationDefaults(config);
+      model.unapplied = unappliedSettings(config); // fields this driver does not apply (a caller says so; none dropped silently)
     }
     return model;
   }
@@ -88,6 +90,7 @@ export class Export {
     this.eos = t.eos_token_ids;
     this.start = t.decoder_start_token_id;
     this.generation = {}; // generate()'s defaults from generation_config.json (open() reads it)
+    this.unapplied = [];
     this.options = { logSeverityLevel: 3, ...(exact && manifest.quantization ? { graphOptimizationLevel: 'basic' } : {}), ...sessionOptions };
   }
 
@@ -228,6 +231,20 @@ const SETTINGS = { // generation_config.json field -> generate() option
   forced_bos_token_id: 'forcedBosTokenId', forced_eos_token_id: 'forcedEosTokenId',
 };
 const OFF = { repetition_penalty: 1, no_repeat_ngram_size: 0, min_length: 0, top_p: 1 };
+
+// fields that do not steer this driver's greedy or sampled decoding (ids, bookkeeping), or that it cannot apply
+const PASSIVE = new Set(['bos_token_id', 'eos_token_id', 'pad_token_id', 'decoder_start_token_id', 'transformers_version',
+  '_from_model_config', 'do_sample', 'cache_implementation', 'use_cache', 'return_dict_in_generate', 'output_scores']);
+const UNAPPLIED_DEFAULTS = { num_beams: 1, top_k: 50, min_p: null, typical_p: 1, length_penalty: 1, early_stopping: false, num_return_sequences: 1 };
+
+/** The generation config's fields that steer decoding but that this driver does not apply (num_beams > 1, top_k, ...):
+ * a caller names them rather than dropping them silently. */
+export function unappliedSettings(config) {
+  return Object.entries(config).filter(([field, value]) => !(field in SETTINGS) && !PASSIVE.has(field)
+    && value !== null && value !== undefined && value !== UNAPPLIED_DEFAULTS[field]
+    && !((field === 'top_k' || field === 'min_p' || field === 'typical_p') && !config.do_sample))
+    .map(([field, value]) => `${field}=${JSON.stringify(value)}`);
+}
 
 /** generate()'s options from a generation config: what this driver applies (temperature only with do_sample). */
 export function generationDefaults(config) {

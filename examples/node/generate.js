@@ -30,10 +30,14 @@ async function main([dir, second, ...rest]) {
   if (!dir || !second) fail(2, 'usage: node generate.js EXPORT_DIR VECTORS_DIR | EXPORT_DIR --ids 1,2,3 [--max-new-tokens N]');
   const t0 = performance.now();
   if (second === '--ids') {
-    const option = (name, fallback) => { const i = rest.indexOf(name); return i > 0 ? Number(rest[i + 1]) : fallback; };
-    const sampling = { maxNewTokens: option('--max-new-tokens', 16), temperature: option('--temperature', 0), topP: option('--top-p', 1), seed: option('--seed', 0) };
-    for (const [name, value] of Object.entries(sampling)) if (!Number.isFinite(value) || value < 0) fail(2, `${name}: a number >= 0, got ${value}`);
+    // an option left out comes from the export's generation_config.json, then the driver's defaults (greedy, 16 new tokens)
+    const option = (name) => { const i = rest.indexOf(name); return i > 0 ? Number(rest[i + 1]) : undefined; };
+    const sampling = { maxNewTokens: option('--max-new-tokens'), temperature: option('--temperature'), topP: option('--top-p'), seed: option('--seed') };
+    for (const [name, value] of Object.entries(sampling)) {
+      if (value !== undefined && (!Number.isFinite(value) || value < 0)) fail(2, `${name}: a number >= 0, got ${value}`);
+    }
     const model = await Export.open(ort, directoryStore(dir), { oneGraph: true });
+    if (model.unapplied.length) console.error(`generate.js: generation_config.json: not applied by this driver: ${model.unapplied.join(', ')}`);
     await model.session(model.graphFor('prefill'));
     const loaded = performance.now(), stream = rest.includes('--stream');
     let first = null;
