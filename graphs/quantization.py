@@ -243,7 +243,8 @@ class Quantizer:
         arrays = [blocks.q, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
         graph.initializer.extend(self.values.tensor(array, name) for name, array in zip(parts, arrays))
         matmuls = [node for node in readers if node.op_type == "MatMul"]
-        rows = _twins(graph, parts, "rows") if matmuls else parts  # a tied matrix: the Gathers read their own twins
+        gathers = len(readers) > len(matmuls)
+        rows = _twins(graph, parts, "rows") if matmuls and gathers else parts  # a tied matrix: the Gathers read their own twins
         for i, node in enumerate(readers):
             if node.op_type == "MatMul":
                 _dequantize_for_matmul(graph, node, tensor.name, parts, axis, self.scheme.block_size, i)
