@@ -56,35 +56,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llamacpp", nargs=2, metavar=("PYTHON", "GGUF"), help="llama-cpp-python venv python and the GGUF file")
     args = parser.parse_args(argv)
 
-    from kvgraph.runtime import quality
-    from kvgraph.runtime.generator import Generator
+    from kvgraph.runtime.tools import quality
 
-    reference = Generator.load(args.reference)
-    ids, text = quality._text_ids(reference)
-    window = quality._window(reference)
-    windows = [ids[start: start + window] for start in range(0, len(ids) - 1, window) if len(ids[start: start + window]) >= 2]
-    prompts = quality._prompts(reference)
-    scorer = quality._Scorer(Path(args.reference), None)
-    float_logits = [scorer.logits(np.array([w], dtype=np.int64)) for w in windows]
-    float_greedy = [reference.generate(p, max_new_tokens=quality.NEW_TOKENS, min_new_tokens=quality.NEW_TOKENS).token_ids for p in prompts]
+    workload = quality.Workload.of(args.reference)
+    scratch = tempfile.TemporaryDirectory(prefix="quality-peers-")
+    reference = quality.answer(args.reference, workload, Path(scratch.name) / "float")
     rows = []
-    for directory in args.quantized:
-        other = quality._Scorer(Path(directory), None)
-        generator = Generator.load(directory)
-        greedy = [generator.generate(p, max_new_tokens=quality.NEW_TOKENS, min_new_tokens=quality.NEW_TOKENS).token_ids for p in prompts]
-        rows.append(_row(f"kvgraph {_scheme(directory)}", float_logits, [other.logits(np.array([w], dtype=np.int64)) for w in windows],
-                         windows, float_greedy, greedy, directory))
+    for i, directory in enumerate(args.quantized):
+        answers = quality.answer(directory, workload, Path(scratch.name) / f"quantized{i}")
+        rows.append(_row(f"kvgraph {_scheme(directory)}", quality.compare(workload, reference, answers), directory))
     if args.llamacpp:
         python, gguf = args.llamacpp
-        with tempfile.TemporaryDirectory() as job:
-            Path(job, "job.json").write_text(json.dumps({"windows": windows, "prompts": prompts, "window": window,
-                                                          "new_tokens": quality.NEW_TOKENS}))
-            subprocess.run([python, __file__, "--worker", gguf, job], check=True)
-            logits = [np.load(Path(job, f"window{i}.npy")) for i in range(len(windows))]
-            greedy = json.loads(Path(job, "greedy.json").read_text())
-        rows.append(_row("llama.cpp Q4_1 (llama-cpp-python)", float_logits, logits, windows, float_greedy, greedy, gguf))
+        job = Path(scratch.name) / "llamacpp"
+        job.mkdir()
+        (job / "job.json").write_text(json.dumps({"windows": workload.windows, "prompts": workload.prompts,
+                                                  "window": workload.window, "new_tokens": workload.new_tokens}))
+        subprocess.run([python, __file__, "--worker", gguf, str(job)], check=True)
+        answers = quality.Answers(job, json.loads((job / "greedy.json").read_text()))
+        rows.append(_row("llama.cpp Q4_1 (llama-cpp-python)", quality.compare(workload, reference, answers), gguf))
+    text, window, windows, prompts = workload.text, workload.window, workload.windows, workload.prompts
     print(f"quality against {Path(args.reference).name} (float32): {text}, {sum(len(w) - 1 for w in windows)} next-token "
-          f"predictions in windows of {window}; greedy: {len(prompts)} prompts x {quality.NEW_TOKENS} new tokens")
+          f"predictions in windows of {window}; greedy: {len(prompts)} prompts x {workload.new_tokens} new tokens")
     print("| system | weights file | top-1 agreement | mean KL (nats) | perplexity (float -> it) | ratio | greedy identical | tokens before first difference |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -92,18 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _row(label, float_logits, logits, windows, float_greedy, greedy, path) -> str:
-    from kvgraph.runtime import quality
-
-    scores = quality._Scores()
-    for a, b, w in zip(float_logits, logits, windows):
-        scores.add(a, b, np.array(w))
-    ppl = [float(np.exp(n / scores.count)) for n in scores.nll]
-    same = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(float_greedy, greedy)]
+def _row(label, report, path) -> str:
     size = _size(Path(path))
-    return (f"| {label} | {size / 1e6:.1f} MB | {100 * scores.top1 / scores.count:.2f} % | {scores.kl / scores.count:.5f} | "
-            f"{ppl[0]:.3f} -> {ppl[1]:.3f} | {ppl[1] / ppl[0]:.4f}x | {sum(s == len(a) for s, a in zip(same, float_greedy))}/{len(same)} | "
-            f"{100 * np.mean([s / len(a) for s, a in zip(same, float_greedy)]):.1f} % |")
+    return (f"| {label} | {size / 1e6:.1f} MB | {100 * report.top1_agreement:.2f} % | {report.mean_kl:.5f} | "
+            f"{report.perplexity_float:.3f} -> {report.perplexity_quantized:.3f} | {report.perplexity_ratio:.4f}x | "
+            f"{report.greedy_identical}/{report.greedy_prompts} | {100 * report.greedy_common_prefix:.1f} % |")
 
 
 def _scheme(directory: str) -> str:

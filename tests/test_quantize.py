@@ -230,3 +230,33 @@ def test_quantized_vectors_catch_a_changed_scale(quantized, tmp_path):
     data.tofile(copy / "model.onnx.data")
     with pytest.raises(KvgraphError, match=r"case 'single', step 0 \(prefill\): output logits differs"):
         check_vectors(copy, vectors)
+
+
+def test_quality_report_figures_equal_pytorch_and_an_export_against_itself_is_perfect(float_exports, quantized, tmp_path):
+    """The report's float perplexity is the model's own (transformers, same windows); scored against itself an
+    export agrees everywhere; the quantized report's figures are those of compare() on the same answers."""
+    import torch
+    from tiny_models import tiny_model
+
+    from kvgraph.runtime.tools.quality import Workload, answer, compare
+
+    reference = float_exports["dynamic"]
+    workload = Workload.of(reference)
+    answers = answer(reference, workload, tmp_path / "float")
+    same = compare(workload, answers, answer(reference, workload, tmp_path / "again"))
+    assert (same.top1_agreement, same.greedy_identical, same.greedy_common_prefix) == (1.0, 8, 1.0)
+    assert abs(same.mean_kl) < 1e-9 and same.perplexity_ratio == 1.0
+
+    model = tiny_model("llama", **SMOLLM2_LIKE).eval()
+    nll = 0.0
+    with torch.no_grad():
+        for window in workload.windows:
+            logits = model(torch.tensor([window])).logits[0, :-1].double()
+            nll -= torch.log_softmax(logits, -1)[torch.arange(len(window) - 1), torch.tensor(window[1:])].sum().item()
+    assert same.perplexity_float == pytest.approx(np.exp(nll / workload.tokens), rel=1e-5)
+
+    recorded = Manifest.load(quantized("dynamic", 8)).quantization["quality"]
+    mine = compare(workload, answers, answer(quantized("dynamic", 8), workload, tmp_path / "int8"))
+    assert recorded["perplexity_float"] == pytest.approx(mine.perplexity_float, rel=1e-9)
+    assert (recorded["top1_agreement"], recorded["greedy_identical"]) == (mine.top1_agreement, mine.greedy_identical)
+    assert recorded["mean_kl"] == pytest.approx(mine.mean_kl, rel=1e-6)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from kvgraph.runtime import Generator
-from test_serve import _wait_healthy
+from test_serve import wait_healthy
 
 
 PROMPTS = ["abc", "Once upon a time", "x", "Hello world", "The sea", "zz", "Tell me", "q"]
@@ -36,7 +36,7 @@ def test_ray_serve_two_replicas_spread_requests_with_identical_tokens(text_expor
                                 "--port", str(port), "--threads", "1", "--max-batch", "2", "--grace", "10"],
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_healthy(url, process, seconds=240)
+        wait_healthy(url, process, seconds=240)
         seen, deadline = set(), time.time() + 120
         while len(seen) < 2 and time.time() < deadline:  # Ray's router learns of the second replica a moment later
             seen.add(httpx.get(f"{url}/health", timeout=30).headers["x-kvgraph-instance"])

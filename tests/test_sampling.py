@@ -101,3 +101,21 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
 def test_invalid_sampling_values_are_refused(kwargs, message):
     with pytest.raises(KvgraphError, match=message):
         Sampling(**kwargs)
+
+
+def test_openai_penalties_count_new_tokens_only_as_openai_defines_them():
+    """presence / frequency penalties (OpenAI's, not transformers'): logit - presence * [count > 0] - frequency * count,
+    with counts over the generated tokens; the prompt's tokens are not penalised. A plain loop is the reference."""
+    from kvgraph.runtime.core.processors import Context, build
+
+    ids = np.array([[9, 9, 4, 5, 5, 5, 2], [9, 1, 1, 1, 3, 3, 0]])  # 3 prompt tokens, then 4 new ones per row
+    sampling = Sampling(processing=Sampling.of({"presence_penalty": 0.5, "frequency_penalty": -0.25}).processing)
+    scores = build(sampling, Context(eos=(), prompt_length=3, max_length=20, vocab_size=40)).process(ids, LOGITS[:2])
+    for b in range(2):
+        expected = [float(x) for x in LOGITS[b]]
+        new = [int(t) for t in ids[b, 3:]]
+        for token in set(new):
+            expected[token] -= 0.5 + -0.25 * new.count(token)
+        assert scores[b].tolist() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(KvgraphError, match="presence_penalty must be a number between -2 and 2"):
+        Sampling.of({"presence_penalty": 2.5})

@@ -28,7 +28,7 @@ from kvgraph.runtime.serving.engine import BatchEngine, RequestEngine, make_engi
 from kvgraph.runtime.serving.app import create_app
 
 
-class _Server:
+class Server:
     def __init__(self, directory, max_batch: int, max_queue: int, timeout: float | None = None) -> None:
         import uvicorn
 
@@ -52,7 +52,7 @@ class _Server:
 
 @pytest.fixture(scope="module")
 def server(text_export_static):
-    running = _Server(text_export_static[1], max_batch=4, max_queue=8)
+    running = Server(text_export_static[1], max_batch=4, max_queue=8)
     yield running
     running.close()
 
@@ -141,13 +141,13 @@ def test_bad_bodies_and_chat_messages_get_400(server):
         response = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"content-type": "application/json"}, timeout=30)
         assert response.status_code == 400 and "error" in response.json()
     response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user"}]}, timeout=30)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0].content"
     response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 10_000}, timeout=30)
     assert "exceeds the static cache's 96 positions" in response.json()["error"]["message"]
 
 
 def test_a_full_queue_answers_429_with_retry_after(text_export_static):
-    small = _Server(text_export_static[1], max_batch=1, max_queue=0)  # one row, nobody may wait
+    small = Server(text_export_static[1], max_batch=1, max_queue=0)  # one row, nobody may wait
     try:
         answers = []
 
@@ -170,7 +170,7 @@ def test_a_full_queue_answers_429_with_retry_after(text_export_static):
 
 
 def test_a_client_that_goes_away_frees_its_row(text_export_static):
-    small = _Server(text_export_static[1], max_batch=1, max_queue=4)
+    small = Server(text_export_static[1], max_batch=1, max_queue=4)
     try:
         with httpx.stream("POST", f"{small.url}/v1/completions", json={"prompt": "abc", "max_tokens": 90, "min_tokens": 90,
                                                                       "stream": True}, timeout=60) as response:
@@ -187,16 +187,16 @@ def test_a_client_that_goes_away_frees_its_row(text_export_static):
 def test_health_and_metrics(server, client):
     assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
     assert json.loads(httpx.get(f"{server.url}/v1/models", timeout=10).text)["object"] == "list"
-    before = _metric(server, "kvgraph_completion_tokens_total")
+    before = metric(server, "kvgraph_completion_tokens_total")
     client.completions.create(model="tiny", prompt="abc", max_tokens=7, temperature=0, extra_body={"min_tokens": 7})
     httpx.post(f"{server.url}/v1/completions", json={"prompt": "abc", "temperature": -1}, timeout=10)
-    assert _metric(server, "kvgraph_completion_tokens_total") == before + 7
-    assert _metric(server, 'kvgraph_requests_total{endpoint="/v1/completions",status="400"}') >= 1
-    assert _metric(server, "kvgraph_time_to_first_token_seconds_count") >= 1 and _metric(server, "kvgraph_inter_token_latency_seconds_count") >= 1
-    assert _metric(server, "kvgraph_rows_in_use") == 0 and _metric(server, "kvgraph_queue_depth") == 0
+    assert metric(server, "kvgraph_completion_tokens_total") == before + 7
+    assert metric(server, 'kvgraph_requests_total{endpoint="/v1/completions",status="400"}') >= 1
+    assert metric(server, "kvgraph_time_to_first_token_seconds_count") >= 1 and metric(server, "kvgraph_inter_token_latency_seconds_count") >= 1
+    assert metric(server, "kvgraph_rows_in_use") == 0 and metric(server, "kvgraph_queue_depth") == 0
 
 
-def _metric(server, name: str) -> float:
+def metric(server, name: str) -> float:
     for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
         if not line.startswith("#") and line.rsplit(" ", 1)[0] == name:
             return float(line.rsplit(" ", 1)[1])
@@ -330,7 +330,7 @@ def test_an_encoder_decoder_export_serves_completions(seq2seq_text_export):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
 
 
-class _Served(_Server):
+class _Served(Server):
     def __enter__(self):
         return self
 
@@ -347,7 +347,7 @@ def test_sigterm_drains_running_requests_then_exits(long_export):
     process = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.commands.main", "serve", str(long_export), "--port", str(port),
                                 "--grace", "30"], stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_healthy(url, process)
+        wait_healthy(url, process)
         with httpx.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
@@ -364,7 +364,7 @@ def test_sigterm_drains_running_requests_then_exits(long_export):
         process.wait()
 
 
-def _wait_healthy(url: str, process, seconds: float = 120) -> None:
+def wait_healthy(url: str, process, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if process.poll() is not None:
@@ -407,7 +407,7 @@ def test_fields_a_request_leaves_out_come_from_the_generation_config(text_export
     served = tmp_path / "export"
     shutil.copytree(text_export_static[1], served)
     (served / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 1, "temperature": 1.3, "max_new_tokens": 7}))
-    running = _Server(served, max_batch=2, max_queue=2)
+    running = Server(served, max_batch=2, max_queue=2)
     try:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
         out = client.completions.create(model="tiny", prompt="Once upon")

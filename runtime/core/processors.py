@@ -4,7 +4,8 @@ Every processor reads the decoder's sequences so far, `ids` (B, L) exactly as tr
 step (a decoder-only batch: the left-padded prompts, pads included, then the new tokens; an encoder-decoder: the
 decoder start token, then the new tokens), and the step's scores (B, V) float32. The order is transformers' own:
 
-    sequence_bias, encoder_repetition_penalty, repetition_penalty, no_repeat_ngram_size, encoder_no_repeat_ngram_size,
+    sequence_bias, encoder_repetition_penalty, repetition_penalty, (OpenAI's presence and frequency penalties),
+    no_repeat_ngram_size, encoder_no_repeat_ngram_size,
     bad_words_ids, min_length, min_new_tokens, forced_bos_token_id, forced_eos_token_id, remove_invalid_values,
     exponential_decay_length_penalty, suppress_tokens, begin_suppress_tokens
     then, when sampling: temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff (sampling.py)
@@ -78,6 +79,8 @@ def build(sampling: Sampling, context: Context) -> Processors:
         steps.append(encoder_repetition_penalty(p.encoder_repetition_penalty, context.encoder_ids))
     if sampling.repetition_penalty != 1.0:
         steps.append(repetition_penalty(sampling.repetition_penalty, context.padding))
+    if p.presence_penalty or p.frequency_penalty:
+        steps.append(occurrence_penalty(p.presence_penalty, p.frequency_penalty, context.prompt_length))
     if sampling.no_repeat_ngram_size:
         steps.append(no_repeat_ngram(sampling.no_repeat_ngram_size))
     if p.encoder_no_repeat_ngram_size and context.encoder_ids is not None:
@@ -128,6 +131,20 @@ def warpers(sampling: Sampling) -> list[Processor]:
 
 
 # -- the processors --------------------------------------------------------------------------------------------
+
+
+def occurrence_penalty(presence: float, frequency: float, prompt_length: int) -> Processor:
+    """OpenAI's presence and frequency penalties over each row's new tokens (those after prompt_length):
+    score - presence * [count > 0] - frequency * count."""
+
+    def apply(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        scores = scores.copy()
+        for row in range(ids.shape[0]):
+            counts = np.bincount(ids[row, prompt_length:], minlength=scores.shape[-1])[: scores.shape[-1]]
+            scores[row] -= (presence * (counts > 0) + frequency * counts).astype(np.float32)
+        return scores
+
+    return apply
 
 
 def repetition_penalty(penalty: float, padding: np.ndarray | None) -> Processor:

@@ -30,6 +30,10 @@ class Processing:
     begin_suppress_tokens: tuple[int, ...] = ()  # not generated as the first new token
     renormalize_logits: bool = False  # log_softmax after every processor
     remove_invalid_values: bool = False  # nan -> 0, +-inf -> the largest finite values
+    # OpenAI's penalties (not transformers'): a token's score minus presence_penalty once it has been generated, minus
+    # frequency_penalty times the number of times it has been (new tokens only, as OpenAI and vLLM count them)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         eos = self.forced_eos_token_id
@@ -46,6 +50,10 @@ class Processing:
                 raise KvgraphError(f"{name} must be an integer >= 0, got {value!r}")
         if not np.isfinite(self.encoder_repetition_penalty) or self.encoder_repetition_penalty <= 0:
             raise KvgraphError(f"encoder_repetition_penalty must be > 0 (1 = off), got {self.encoder_repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not -2 <= value <= 2:
+                raise KvgraphError(f"{name} must be a number between -2 and 2 (0 = off), got {value!r}")
         decay = self.exponential_decay_length_penalty
         if decay is not None and (len(decay) != 2 or not float(decay[1]) > 0):
             raise KvgraphError(f"exponential_decay_length_penalty must be (start index, factor > 0), got {decay!r}")

@@ -40,21 +40,23 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The model's own chat template, rendered in a sandbox (no access to Python internals)."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The model's own chat template, rendered in a sandbox (no access to Python internals); tools as
+        transformers' apply_chat_template passes them (None: the template's own default)."""
         if not self.chat_template:
             raise KvgraphError("this export has no chat template (chat_template.jinja); use a plain prompt")
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise_template_error
         try:
             template = environment.from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+            extra = {"tools": tools} if tools is not None else {}
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra, **self.special)
         except TemplateError as exc:
             raise KvgraphError(f"the chat template failed to render: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         # The rendered template already holds any special tokens it wants (as transformers does).
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
 
 
 class IncrementalText:

@@ -6,9 +6,11 @@
 Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
 `n`, `stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`).
 Encoder-decoder exports serve /v1/completions (the prompt is the source). Bad input is answered 400
-with an OpenAI-shaped error body naming the field; a full queue 429 with Retry-After; a request past
-its timeout 503 (still waiting for a row) or 504 (generating; a stream ends with an error event);
-nothing a client sends is a 500. Every response names the process that answered in the
+with an OpenAI-shaped error body naming the field (a field the server does not honour is refused by name,
+never dropped); malformed JSON, bad UTF-8, an unknown path (404) or method (405) get the same shape; a full
+queue 429 with Retry-After; a request past its timeout 503 (still waiting for a row) or 504 (generating; a
+stream ends with an error event); nothing a client sends is a 500. A client that hangs up, streamed or not,
+ends its request at the next token and frees its row (counted in kvgraph_cancelled_requests). Every response names the process that answered in the
 `x-kvgraph-instance` header (which replica, behind a load balancer or Ray Serve).
 """
 
@@ -50,6 +52,7 @@ class Metrics:
                               registry=self.registry)
         self.itl = Histogram("kvgraph_inter_token_latency_seconds", "between a request's text pieces", buckets=latency,
                              registry=self.registry)
+        self.cancelled = Counter("kvgraph_cancelled_requests", "requests ended early because their client hung up", registry=self.registry)
         Gauge("kvgraph_queue_depth", "requests waiting for a row", registry=self.registry).set_function(lambda: engine.waiting)
         Gauge("kvgraph_rows_in_use", "rows of the batch decoding a request", registry=self.registry).set_function(lambda: engine.rows_in_use)
 
@@ -74,8 +77,9 @@ def create_app(engine: Engine, model: str, max_queue: int = 64, request_timeout:
     """The FastAPI app over `engine`: at most engine.max_batch requests run and max_queue wait, each for
     at most request_timeout seconds (None: no limit)."""
     import anyio
-    from fastapi import Body, FastAPI, Request
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -109,6 +113,11 @@ def create_app(engine: Engine, model: str, max_queue: int = 64, request_timeout:
     async def invalid(request: Request, exc: RequestValidationError):
         return _error(400, "the request body must be a JSON object", None)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        message = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return _error(exc.status_code, message.get(exc.status_code, str(exc.detail)), None, getattr(exc, "headers", None))
+
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "instance": INSTANCE, "engine": engine.kind, "rows": engine.max_batch,
@@ -118,14 +127,17 @@ def create_app(engine: Engine, model: str, max_queue: int = 64, request_timeout:
     def models() -> dict:
         return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "kvgraph"}]}
 
-    # plain `def` endpoints: FastAPI runs them in its thread pool, where waiting on the engine blocks no one else
-    @app.post("/v1/completions")
-    def completions(body: dict[str, Any] = Body(...)):
-        return serving.respond(body, chat=False)
+    # each request's work runs in the thread pool, where waiting on the engine blocks no one else, while the event loop
+    # watches its connection: a client that hangs up cancels it
+    # (plain Starlette routes: the body is read and checked here, so any malformed body gets an OpenAI-shaped 400)
+    async def completions(request):
+        return await serving.handle(request, chat=False)
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(body: dict[str, Any] = Body(...)):
-        return serving.respond(body, chat=True)
+    async def chat_completions(request):
+        return await serving.handle(request, chat=True)
+
+    app.router.add_route("/v1/completions", completions, methods=["POST"])
+    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 
     return app
 
@@ -137,8 +149,60 @@ def _error(status: int, message: str, param: str | None, headers: dict | None = 
 
 
 def _error_body(status: int, message: str, param: str | None) -> dict:
-    kind = {400: "invalid_request_error", 429: "rate_limit_exceeded", 503: "timeout", 504: "timeout"}.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    kind = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error", 429: "rate_limit_exceeded",
+            503: "timeout", 504: "timeout"}.get(status, "server_error")
+    code = {404: "unknown_url", 405: "method_not_allowed", 429: "rate_limit_exceeded"}.get(status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body: a JSON object in UTF-8, or BadRequest saying what is wrong with it."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the request body is not valid UTF-8 (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+class Hangup:
+    """A request's client connection: set() when the client hangs up, which cancels every choice of the request;
+    counted as a cancellation if the request was still running."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics, self.event, self.finished = metrics, threading.Event(), False
+        self.cancels: list[threading.Event] = []
+        self._lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._lock:
+            if self.event.is_set():
+                return
+            self.event.set()
+            if not self.finished:
+                self.metrics.cancelled.inc()
+        for cancel in self.cancels:
+            cancel.set()
+
+    def watch(self, cancels: list[threading.Event]) -> None:
+        self.cancels = cancels
+        if self.event.is_set():
+            for cancel in cancels:
+                cancel.set()
+
+    def finish(self) -> None:
+        with self._lock:
+            self.finished = True
+
+
+async def watch_disconnect(receive, hangup: Hangup) -> None:
+    """Wait for the ASGI server to say the client has gone, then set the hangup."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    hangup.set()
 
 
 class _Serving:
@@ -147,9 +211,34 @@ class _Serving:
     def __init__(self, engine: Engine, metrics: Metrics, model: str, max_queue: int, timeout: float | None) -> None:
         self.engine, self.metrics, self.model, self.max_queue, self.timeout = engine, metrics, model, max_queue, timeout
 
-    def respond(self, body: dict, chat: bool):
-        from fastapi.responses import JSONResponse, StreamingResponse
+    async def handle(self, request, chat: bool):
+        """Parse the body, then respond in a worker thread while the connection is watched (a hangup cancels)."""
+        import anyio
 
+        body = json_object(await request.body())
+        hangup = Hangup(self.metrics)
+        outcome: list = []
+
+        async def work() -> None:
+            try:
+                outcome.append(await anyio.to_thread.run_sync(self.respond, body, chat, hangup))
+            except Exception as exc:  # raised outside the task group, unwrapped, for the app's handlers
+                outcome.append(exc)
+            group.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(work)
+            await watch_disconnect(request.receive, hangup)
+            # the client has gone: the worker ends at its next token; wait for it (its answer goes nowhere)
+            await anyio.sleep_forever()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    def respond(self, body: dict, chat: bool, hangup: Hangup | None = None):
+        from fastapi.responses import JSONResponse
+
+        hangup = hangup or Hangup(self.metrics)
         start = time.perf_counter()
         prompt, n, options = parse_request(self.engine, body, chat)
         engine, capacity = self.engine, self.engine.max_batch + self.max_queue
@@ -160,6 +249,7 @@ class _Serving:
         if "num_beams" in options:
             return self._beams(prompt, n, options, chat, created, ident)
         cancels = [threading.Event() for _ in range(n)]  # one per choice: a choice that ends sets its own
+        hangup.watch(cancels)
 
         def cancel() -> None:
             for event in cancels:
@@ -167,21 +257,28 @@ class _Serving:
 
         try:
             events = self._choices(prompt, options, chat, cancels, start)
-            first = next(events)  # admission and the request's own checks happen here: errors are still a 400
+            first = next(events, None)  # admission and the request's own checks happen here: errors are still a 400
         except RequestTimeout as exc:  # still waiting for a row: 503, come back; late in its first token: 504
             return _error(503, str(exc), None, {"Retry-After": "1"}) if exc.queued else _error(504, str(exc), None)
         except KvgraphError as exc:
             raise BadRequest(str(exc)) from exc
+        if first is None:  # cancelled before its first token: its client hung up while it waited
+            hangup.finish()
+            return _error(499, "the client closed the request", None)
         head = {"id": ident, "created": created, "model": self.model}
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(_chunks(itertools.chain([first], events), head, n, chat, usage), cancel),
-                                     media_type="text/event-stream")
+            return _watched_stream(_sse(_chunks(itertools.chain([first], events), head, n, chat, usage), cancel, hangup), hangup)
         try:
             texts, results = _collect(itertools.chain([first], events), n)
         except RequestTimeout as exc:
             return _error(504, str(exc), None)
+        except KvgraphError:
+            if hangup.event.is_set():  # cancelled because the client hung up: nobody reads this
+                return _error(499, "the client closed the request", None)
+            raise
         finally:
+            hangup.finish()
             cancel()
         tool_call = chat and tool_schema(body)[0] is not None
         return JSONResponse(_completion(texts, results, head, chat, tool_call))
@@ -298,7 +395,43 @@ def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, chat: bool, u
         yield {**head, "choices": [], "usage": _usage([results[i] for i in range(n)])}
 
 
-async def _sse(chunks: Iterator[dict], cancel: Callable[[], None]):
+def _streaming_response():
+    from starlette.responses import StreamingResponse
+
+    class Watched(StreamingResponse):
+        """A server-sent event stream whose connection is watched while it streams: a client that hangs up between
+        tokens (its socket closed, nothing left to send to) cancels the request at once, whatever the ASGI server's
+        version reports on a send; a send to a closed connection ends the stream quietly."""
+
+        def __init__(self, content, hangup: Hangup) -> None:
+            super().__init__(content, media_type="text/event-stream")
+            self.hangup = hangup
+
+        async def __call__(self, scope, receive, send) -> None:
+            import anyio
+
+            async def stream() -> None:
+                try:
+                    await super(Watched, self).__call__(scope, receive, send)
+                except OSError:  # the client went away mid-send
+                    self.hangup.set()
+                finally:
+                    group.cancel_scope.cancel()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(stream)
+                await watch_disconnect(receive, self.hangup)
+                group.cancel_scope.cancel()
+
+    return Watched
+
+
+def _watched_stream(content, hangup: Hangup):
+    """The Watched stream class is made on first use: starlette comes with the serve extra."""
+    return _streaming_response()(content, hangup)
+
+
+async def _sse(chunks: Iterator[dict], cancel: Callable[[], None], hangup: Hangup):
     """Server-sent events. An async generator, so a client that disconnects cancels it here (the
     finally runs at once) and the request ends at its next token, freeing its row. A request that
     fails mid-stream (its timeout) ends with an OpenAI-shaped error event and no [DONE]."""
@@ -314,6 +447,7 @@ async def _sse(chunks: Iterator[dict], cancel: Callable[[], None]):
             if chunk is None:
                 break
             yield f"data: {json.dumps(chunk)}\n\n"
+        hangup.finish()
         yield "data: [DONE]\n\n"
     finally:
         cancel()

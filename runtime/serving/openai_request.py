@@ -7,6 +7,19 @@ from typing import Any
 
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime.serving.engine_base import Engine
+from kvgraph.runtime.serving.openai_messages import MessageError, template_messages, template_tools
+
+# The fields of OpenAI's two APIs that kvgraph reads; any other is refused by name, as OpenAI refuses it.
+# user and metadata are accepted and ignored (they label a request; they do not change its answer).
+COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options", "presence_penalty",
+          "frequency_penalty", "logit_bias", "user", "metadata", "response_format",
+          "min_tokens", "top_k", "min_p", "repetition_penalty"}  # the last four: extensions, named as vLLM names them
+FIELDS = {False: COMMON | {"prompt", "best_of", "echo", "logprobs", "suffix"},
+          True: COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls", "max_completion_tokens", "logprobs",
+                          "top_logprobs", "store", "service_tier"}}
+# Fields kvgraph knows but cannot honour yet: refused when set to anything but their "off" value.
+NOT_YET = {"suffix": (None, ""), "echo": (None, False), "logprobs": (None, False), "top_logprobs": (None,), "store": (None, False),
+           "service_tier": (None, "auto", "default")}
 
 
 class BadRequest(Exception):
@@ -17,6 +30,7 @@ class BadRequest(Exception):
 
 def parse_request(engine: Engine, body: dict, chat: bool) -> tuple[Any, int, dict]:
     """The prompt, the number of choices and the engine's options, or BadRequest naming the field."""
+    _check_fields(body, chat)
     try:
         prompt = _chat_prompt(engine, body) if chat else _prompt(body)
     except KvgraphError as exc:
@@ -25,10 +39,11 @@ def parse_request(engine: Engine, body: dict, chat: bool) -> tuple[Any, int, dic
     # a field the request leaves out: the export's generation config (as vLLM), then OpenAI's default
     config = engine.generator.defaults.settings
     default = config.get("max_new_tokens") or (room if chat and room else 16)  # chat: what the cache holds; completions: 16
-    options = {"max_new_tokens": _number(body, "max_tokens", int, default, 1, None),
+    options = {"max_new_tokens": _max_tokens(body, chat, default),
                "min_new_tokens": _number(body, "min_tokens", int, 0, 0, None),  # an extension (vLLM's name): eos not before
                "temperature": _number(body, "temperature", (int, float), config.get("temperature", 1.0), 0, 2),
-               "top_p": _number(body, "top_p", (int, float), config.get("top_p", 1.0), 0, 1)}
+               "top_p": _number(body, "top_p", (int, float), config.get("top_p", 1.0), 0, 1),
+               **_penalties(body, engine.graphs.contract.vocab_size), **_extensions(body)}
     n = _number(body, "n", int, 1, 1, engine.max_batch)
     best_of = _number(body, "best_of", int, n, n, 16)
     if best_of > n:  # the best n of best_of beams (beam search), as transformers' num_beams / num_return_sequences
@@ -50,6 +65,58 @@ def parse_request(engine: Engine, body: dict, chat: bool) -> tuple[Any, int, dic
             raise BadRequest("best_of > n does not combine with response_format or tool_choice", "best_of")
         options["constraint"] = constraint
     return prompt, n, {**options, "seed": seed, "stop": tuple(stop)}
+
+
+def _check_fields(body: dict, chat: bool) -> None:
+    unknown = sorted(set(body) - FIELDS[chat])
+    if unknown:
+        raise BadRequest(f"unrecognized request argument: {unknown[0]}", unknown[0])
+    for name, off in NOT_YET.items():
+        if name in body and body[name] not in off:
+            raise BadRequest(f"{name} is not supported by this server yet", name)
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise BadRequest("stream_options must be {include_usage: true|false}", "stream_options")
+    if options and not body.get("stream"):
+        raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
+
+
+def _max_tokens(body: dict, chat: bool, default: int) -> int:
+    """max_tokens, or chat's max_completion_tokens (its newer name); both at once must agree."""
+    given = {name: body[name] for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None}
+    if len(set(map(repr, given.values()))) > 1:
+        raise BadRequest("max_tokens and max_completion_tokens disagree; send one", "max_completion_tokens")
+    name = next(iter(given), "max_tokens")
+    return _number({name: given.get(name)}, name, int, default, 1, None)
+
+
+def _penalties(body: dict, vocab_size: int) -> dict:
+    """presence_penalty and frequency_penalty (OpenAI's meaning, runtime/core/processors.py), and logit_bias as the
+    runtime's sequence_bias over single tokens: {token id: bias} added to the logits before any processor."""
+    options = {name: _number(body, name, (int, float), 0.0, -2, 2) for name in ("presence_penalty", "frequency_penalty")}
+    bias = body.get("logit_bias")
+    if bias is None:
+        return options
+    if not isinstance(bias, dict):
+        raise BadRequest("logit_bias must map token ids to biases between -100 and 100", "logit_bias")
+    biases = []
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else None
+        if token is None or token >= vocab_size:
+            raise BadRequest(f"logit_bias: {key!r} is not a token id of this export's vocabulary [0, {vocab_size})", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise BadRequest(f"logit_bias[{key!r}] must be a number between -100 and 100, got {value!r}", "logit_bias")
+        biases.append(((token,), float(value)))
+    return {**options, "sequence_bias": tuple(biases)} if biases else options
+
+
+def _extensions(body: dict) -> dict:
+    """top_k, min_p and repetition_penalty, as vLLM accepts them beside OpenAI's fields (only those sent)."""
+    limits = {"top_k": (int, 0, None), "min_p": ((int, float), 0, 1), "repetition_penalty": ((int, float), 0, 10)}
+    options = {name: _number(body, name, kind, None, low, high) for name, (kind, low, high) in limits.items() if body.get(name) is not None}
+    if options.get("repetition_penalty") == 0:
+        raise BadRequest("repetition_penalty must be greater than 0 (1 = off)", "repetition_penalty")
+    return options
 
 
 def _constraint(engine: Engine, body: dict, chat: bool):
@@ -102,11 +169,11 @@ def _chat_prompt(engine: Engine, body: dict) -> list[int]:
     reason = engine.graphs.steps.chat()
     if reason:
         raise BadRequest(f"{reason}; send the source to /v1/completions", "messages")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
-        raise BadRequest("messages must be a non-empty list of {role, content} objects with string values", "messages")
-    return engine.generator.need_codec().encode_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+    try:
+        messages, tools = template_messages(body.get("messages")), template_tools(body.get("tools"))
+    except MessageError as exc:
+        raise BadRequest(str(exc), exc.param) from exc
+    return engine.generator.need_codec().encode_chat(messages, tools=tools)
 
 
 def _prompt(body: dict):

@@ -3,6 +3,10 @@
     report = measure(float_dir, quantized_dir)
     report.shortfalls(min_top1=0.9, max_ppl_ratio=1.1)   # reasons, empty when it passes
 
+    workload = Workload.of(float_dir)                       # or piece by piece, for other systems' logits
+    answers = answer(float_dir, workload, scratch_dir)      # one export at a time: logits on disk, greedy tokens
+    compare(workload, answers, other_answers)               # -> QualityReport
+
 - Next-token figures over a fixed public-domain text (quality_text.txt beside this module: the
   Declaration of Independence and two of Lincoln's addresses, about 2,900 SmolLM2 tokens): the text
   is cut into windows, each read from scratch by the prefill graph with logits at every position;
@@ -15,7 +19,9 @@ says so): the comparison between the two exports stays exact, only the text is n
 
 from __future__ import annotations
 
+import gc
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +34,7 @@ from kvgraph.graphs.manifest import Manifest, graph_file
 from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.safety import check_graph_file
 from kvgraph.runtime.core.sampling import log_softmax
+from kvgraph.runtime.core.text import TextCodec
 
 TEXT = Path(__file__).with_name("quality_text.txt")
 WINDOW = 256  # tokens a window holds (fewer if the export holds fewer positions)
@@ -87,26 +94,90 @@ class QualityReport:
 
 def measure(reference: str | Path, quantized: str | Path, threads: int | None = None,
             log: Callable[[str], None] = lambda message: None) -> QualityReport:
-    """Score both exports of one model on the same text and prompts."""
+    """Score both exports of one model on the same text and prompts, one export at a time: the float reference's
+    logits wait on disk while the quantized export runs, so the report holds one model's weights at a time (at 1B
+    parameters the float weights and the quantized ones together would top the export's own peak)."""
+    workload = Workload.of(reference)
+    log(f"quality: scoring {workload.tokens} tokens of {workload.text} in windows of {workload.window}, "
+        f"then greedy decoding of {len(workload.prompts)} prompts, on each export in turn")
+    with tempfile.TemporaryDirectory(prefix="kvgraph-quality-") as scratch:
+        answers = [answer(directory, workload, Path(scratch) / label, threads)
+                   for directory, label in ((reference, "reference"), (quantized, "quantized"))]
+        return compare(workload, *answers)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one model is scored on: the text cut into windows, the prompts, how many new tokens each."""
+    text: str
+    window: int
+    windows: list[list[int]]
+    prompts: list[list[int]]
+    new_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(w) - 1 for w in self.windows)
+
+    @classmethod
+    def of(cls, directory: str | Path) -> Workload:
+        """The workload of an export (its tokenizer's ids of the text and prompts, cut to the positions it holds)."""
+        directory = Path(directory)
+        manifest = Manifest.load(directory)
+        contract, model = manifest.contract, manifest.model
+        codec = TextCodec(directory) if (directory / "tokenizer.json").is_file() else None
+        ids, text = _text_ids(codec, contract.vocab_size)
+        limits = [limit for limit in (step_adapter(contract).cache.capacity(contract), model.max_positions) if limit]
+        window = min([WINDOW] + limits)
+        windows = [ids[start: start + window] for start in range(0, len(ids) - 1, window)]
+        prompts = _prompts(codec, contract.vocab_size)
+        new = max(1, min([NEW_TOKENS] + [limit - max(map(len, prompts)) for limit in limits]))
+        return cls(text, window, [w for w in windows if len(w) >= 2], prompts, new)
+
+
+@dataclass(frozen=True)
+class Answers:
+    """One export's answers to a workload: the logits of every window (one .npy file each) and the greedy tokens."""
+    logits_dir: Path
+    greedy: list[list[int]]
+
+    def logits(self, window: int) -> np.ndarray:
+        """(W, V) logits of window `window`."""
+        return np.load(self.logits_dir / f"window{window}.npy")
+
+
+def answer(directory: str | Path, workload: Workload, logits_dir: Path, threads: int | None = None) -> Answers:
+    """Run one export on the workload: the windows through its prefill graph with logits at every position, then the
+    prompts through the runtime's own loop; each session is closed before the next opens."""
     from kvgraph.runtime.generator import Generator
 
-    # The float reference maps its weights once for all its sessions (no prepacked copy per session): at 1B parameters
-    # the report then holds the float weights once, not three times. The quantized export runs as it will be run.
-    generators = [Generator.load(reference, threads=threads, max_cache_bytes=None, weights="mapped"),
-                  Generator.load(quantized, threads=threads, max_cache_bytes=None)]
-    ids, text = _text_ids(generators[0])
-    window = _window(generators[0])
-    log(f"quality: scoring {len(ids)} tokens of {text} in windows of {window}")
+    logits_dir.mkdir(parents=True, exist_ok=True)
+    scorer = TextScorer(directory, threads)
+    for i, window in enumerate(workload.windows):
+        np.save(logits_dir / f"window{i}.npy", scorer.logits(np.array([window], dtype=np.int64)))
+    del scorer
+    gc.collect()
+    generator = Generator.load(directory, threads=threads, max_cache_bytes=None, generation_config=False)  # greedy as such
+    new = workload.new_tokens
+    greedy = [generator.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids for prompt in workload.prompts]
+    del generator
+    gc.collect()
+    return Answers(logits_dir, greedy)
+
+
+def compare(workload: Workload, reference: Answers, other: Answers) -> QualityReport:
+    """The quality report of `other` against `reference`, both answers to `workload`."""
     scores = _Scores()
-    scorers = [_Scorer(generator) for generator in generators]
-    for start in range(0, len(ids) - 1, window):
-        chunk = np.array([ids[start: start + window]], dtype=np.int64)  # (1, W)
-        if chunk.shape[1] >= 2:
-            scores.add(*(scorer.logits(chunk) for scorer in scorers), chunk[0])
-    log(f"quality: greedy decoding of {len(PROMPTS)} prompts on both exports")
-    greedy = _greedy(generators)
-    return QualityReport(text, scores.count, window, scores.top1 / scores.count, scores.kl / scores.count,
-                         math.exp(scores.nll[0] / scores.count), math.exp(scores.nll[1] / scores.count), *greedy)
+    for i, window in enumerate(workload.windows):
+        scores.add(reference.logits(i), other.logits(i), np.array(window))
+    identical, shares = 0, []
+    for a, b in zip(reference.greedy, other.greedy):
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        identical += same == len(a)
+        shares.append(same / len(a))
+    return QualityReport(workload.text, scores.count, workload.window, scores.top1 / scores.count, scores.kl / scores.count,
+                         math.exp(scores.nll[0] / scores.count), math.exp(scores.nll[1] / scores.count),
+                         len(workload.prompts), workload.new_tokens, identical, float(np.mean(shares)))
 
 
 class _Scores:
@@ -125,24 +196,26 @@ class _Scores:
             self.nll[i] -= float(lp[i][rows, targets].sum())
 
 
-class _Scorer:
-    """The export's prefill graph, changed in memory to return logits at every position; it reads the weights as the
-    export's other sessions do (the same mapped memory, where the generator maps them)."""
+class TextScorer:
+    """An export's prefill graph, changed in memory to return logits at every position, in a session of its own with
+    onnxruntime's default kernels (as the export runs)."""
 
-    def __init__(self, generator) -> None:
+    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
         from kvgraph.graphs.rewrites.every_position import keep_every_position
 
-        graphs = generator.graphs
-        directory, manifest = graphs.directory, graphs.manifest
+        directory = Path(directory)
+        manifest = Manifest.load(directory)
         self.steps = step_adapter(manifest.contract)
-        graph = self.steps.graph("prefill")
-        name = graph_file(graph)
+        name = graph_file(self.steps.graph("prefill"))
         model = check_graph_file(directory, name)  # the header, without the weights
         try:
             keep_every_position(model, manifest.contract, "prefill")
         except ValueError as exc:
             raise KvgraphError(f"{directory / name}: cannot score a text with it: {exc}") from exc
-        options = graphs.options(graph)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
@@ -156,36 +229,14 @@ class _Scorer:
         return outputs["logits"][0]
 
 
-def _text_ids(generator) -> tuple[list[int], str]:
-    if generator.codec is not None:
-        return generator.codec.encode(TEXT.read_text(encoding="utf-8")), f"{TEXT.name} (public domain)"
-    vocab = generator.graphs.contract.vocab_size
+def _text_ids(codec: TextCodec | None, vocab: int) -> tuple[list[int], str]:
+    if codec is not None:
+        return codec.encode(TEXT.read_text(encoding="utf-8")), f"{TEXT.name} (public domain)"
     return np.random.default_rng(0).integers(0, vocab, size=2048).tolist(), "2048 fixed pseudo-random token ids (no tokenizer.json)"
 
 
-def _window(generator) -> int:
-    contract, model = generator.graphs.contract, generator.graphs.manifest.model
-    limits = [WINDOW, step_adapter(contract).cache.capacity(contract), model.max_positions]
-    return min(limit for limit in limits if limit)
-
-
-def _prompts(generator) -> list[list[int]]:
-    if generator.codec is not None:
-        return [generator.codec.encode(prompt) for prompt in PROMPTS]
+def _prompts(codec: TextCodec | None, vocab: int) -> list[list[int]]:
+    if codec is not None:
+        return [codec.encode(prompt) for prompt in PROMPTS]
     rng = np.random.default_rng(1)
-    return [rng.integers(0, generator.graphs.contract.vocab_size, size=6 + i).tolist() for i in range(len(PROMPTS))]
-
-
-def _greedy(generators) -> tuple[int, int, int, float]:
-    """(prompts, new tokens each, prompts with identical tokens, mean share before the first difference)."""
-    prompts = _prompts(generators[0])
-    contract, model = generators[0].graphs.contract, generators[0].graphs.manifest.model
-    limits = [limit for limit in (step_adapter(contract).cache.capacity(contract), model.max_positions) if limit]
-    new = max(1, min([NEW_TOKENS] + [limit - max(map(len, prompts)) for limit in limits]))
-    identical, shares = 0, []
-    for prompt in prompts:
-        a, b = (g.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids for g in generators)
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        identical += same == len(a)
-        shares.append(same / len(a))
-    return len(prompts), new, identical, float(np.mean(shares))
+    return [rng.integers(0, vocab, size=6 + i).tolist() for i in range(len(PROMPTS))]
