@@ -21,10 +21,10 @@ from kvgraph.graphs.modes import Positions
 from kvgraph.graphs.generation_config import GenerationDefaults
 from kvgraph.runtime.core.budget import cache_need, default_cache_budget, size_text
 from kvgraph.runtime.core.loop import BatchRun, Request, RowState
-from kvgraph.runtime.core.sampling import Sampling
+from kvgraph.runtime.core.sampling import Sampling, TokenLogprob, token_logprob
 from kvgraph.runtime.core.session import LoadedGraphs, load_graphs
 from kvgraph.runtime.core.steppers import CachedSteps, stepper_for
-from kvgraph.runtime.core.steps import KVCache, extend
+from kvgraph.runtime.core.steps import KVCache, extend, new_cache, run_step
 from kvgraph.runtime.core.text import IncrementalText, TextCodec
 from kvgraph.runtime.decoding.beam import BeamOptions, beam_search
 from kvgraph.runtime.decoding.constrained import Constraint
@@ -53,6 +53,7 @@ class GenerationResult:
     finish_reason: str  # "eos", "stop" or "length"
     stats: GenerationStats
     score: float | None = None  # beam search: sum of log-probs / (generated length ** length_penalty), as transformers' sequences_scores
+    logprobs: list[TokenLogprob] | None = None  # each generated token's, when the request asked for them (Request.logprobs)
 
 
 DEFAULT_NEW_TOKENS = 64  # kvgraph's own length when neither the caller nor the generation config sets one
@@ -377,7 +378,17 @@ class Generator:
         drafts = run.speculation
         stats = GenerationStats(len(request.prompt_ids), len(row.tokens), prefill_s * 1e3, rate,
                                 drafts.proposed if drafts else 0, drafts.accepted if drafts else 0)
-        return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats)
+        logprobs = list(row.logprobs) if request.logprobs is not None else None
+        return GenerationResult(row.text, list(row.tokens), row.finish_reason, stats, logprobs=logprobs)
+
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first), with the `top` best
+        alternatives: one call of the verify graph (logits at every position) on an empty cache of its own."""
+        _refuse(self.graphs.steps.speculation(), "prompt log-probabilities need the verify graph: ")
+        self.check([Request(list(ids), 1)])
+        tokens = np.array([ids], dtype=np.int64)
+        logits, _, _ = run_step(self.graphs, new_cache(self.graphs, 1), VERIFY, tokens, np.ones_like(tokens))
+        return [None] + [token_logprob(logits[0, i], ids[i + 1], top) for i in range(len(ids) - 1)]
 
 
 def _refuse(reason: str | None, prefix: str = "") -> None:

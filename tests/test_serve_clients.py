@@ -119,11 +119,16 @@ def test_penalties_change_greedy_output_as_the_runtime_does(client, alone):
 
 
 @pytest.mark.parametrize("endpoint, extra, param", [
-    ("completions", {"logprobs": 2}, "logprobs"),
-    ("completions", {"echo": True}, "echo"),
+    ("completions", {"logprobs": 6}, "logprobs"),
+    ("completions", {"logprobs": 2, "stream": True}, "logprobs"),
+    ("completions", {"echo": True, "stream": True}, "echo"),
+    ("completions", {"max_tokens": 0}, "max_tokens"),
     ("completions", {"suffix": "end"}, "suffix"),
     ("completions", {"functions": []}, "functions"),
-    ("chat/completions", {"logprobs": True}, "logprobs"),
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat/completions", {"logprobs": "yes"}, "logprobs"),
+    ("chat/completions", {"echo": True}, "echo"),
     ("chat/completions", {"modalities": ["audio"]}, "modalities"),
     ("chat/completions", {"presence_penalty": 3}, "presence_penalty"),
     ("chat/completions", {"logit_bias": {"999999": 1}}, "logit_bias"),
@@ -135,6 +140,63 @@ def test_fields_the_server_does_not_honour_are_refused_by_name(server, endpoint,
     response = httpx.post(f"{server.url}/v1/{endpoint}", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def _torch_logprobs(model, ids: list[int]):
+    """log-softmax of transformers' logits at every position of ids (float64): row i predicts ids[i + 1]."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+
+
+def test_chat_logprobs_are_the_models_own(client, alone, text_export_static):
+    answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                            max_tokens=6, logprobs=True, top_logprobs=3, extra_body={"min_tokens": 6})
+    ids = alone.codec.encode_chat([{"role": "user", "content": "hi"}])
+    new = alone.generate(ids, max_new_tokens=6, min_new_tokens=6).token_ids
+    reference = _torch_logprobs(text_export_static[0], ids + new)
+    content = answer.choices[0].logprobs.content
+    assert [c.token for c in content] == [alone.codec.token_text(t) for t in new]
+    for i, (entry, token) in enumerate(zip(content, new)):
+        row = reference[len(ids) - 1 + i]
+        assert entry.logprob == pytest.approx(row[token], abs=1e-4)
+        best = row.argsort()[::-1][:3]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row[best].tolist(), abs=1e-4)
+        assert entry.bytes == list(entry.token.encode())
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_echo_logprobs_score_the_prompt_as_pytorch_does(client, alone, text_export_static):
+    """What lm-evaluation-harness's local-completions sends to score a continuation: token ids, echo, logprobs, and 1 or
+    0 new tokens; the prompt's log-probabilities equal PyTorch's log-softmax to 1e-4."""
+    prompts = [alone.codec.encode("the cat sat"), alone.codec.encode("a dog ran far")]
+    answer = client.completions.create(model="tiny", prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    assert [c.index for c in answer.choices] == [0, 1]
+    for choice, ids in zip(answer.choices, prompts):
+        new = alone.generate(ids, max_new_tokens=1).token_ids
+        reference = _torch_logprobs(text_export_static[0], ids + new)
+        lp = choice.logprobs
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
+        assert lp.token_logprobs[1:] == pytest.approx([reference[i, t] for i, t in enumerate((ids + new)[1:])], abs=1e-4)
+        assert [max(top.values()) for top in lp.top_logprobs[1:]] == pytest.approx(reference[:len(ids)].max(-1).tolist(), abs=1e-4)
+        assert choice.text == alone.codec.decode(ids) + alone.codec.decode(new)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert answer.usage.prompt_tokens == sum(map(len, prompts)) and answer.usage.completion_tokens == 2
+
+    scored = client.completions.create(model="tiny", prompt="the cat sat", echo=True, logprobs=0, max_tokens=0)
+    ids = alone.codec.encode("the cat sat")
+    assert scored.choices[0].text == "the cat sat" and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [row[t] for row, t in zip(_torch_logprobs(text_export_static[0], ids), ids[1:])], abs=1e-4)
+
+
+def test_a_batch_of_prompts_answers_each_as_alone(client, alone):
+    answer = client.completions.create(model="tiny", prompt=["abc", "xyz"], max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    expected = [alone.generate(p, max_new_tokens=5).text for p in ("abc", "xyz")]
+    assert [c.text for c in answer.choices] == [expected[0], expected[0], expected[1], expected[1]]
 
 
 def test_user_and_metadata_are_accepted_and_change_nothing(client, alone):
@@ -273,3 +335,17 @@ def test_abuse_gets_no_500_no_traceback_and_every_row_back(long_server, long_exp
     tracebacks = [r.getMessage() for r in records.records if r.exc_info or "Traceback" in r.getMessage()]
     assert tracebacks == []
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_tokenize_and_detokenize_round_trip_as_the_export_tokenizes(server, alone):
+    reply = httpx.post(f"{server.url}/tokenize", json={"model": "tiny", "prompt": "héllo"}, timeout=30).json()
+    assert reply["tokens"] == alone.codec.encode("héllo") and reply["count"] == len(reply["tokens"]) and reply["max_model_len"] == 96
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+                      timeout=30).json()
+    assert chat["tokens"] == alone.codec.encode(_expected_prompt([{"role": "user", "content": "hi"}]), add_special_tokens=False)
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": reply["tokens"]}, timeout=30).json()
+    assert back == {"prompt": "héllo"}
+    for path, body, param in (("/tokenize", {"prompt": 3}, "prompt"), ("/tokenize", {}, "prompt"),
+                              ("/detokenize", {"tokens": [10 ** 6]}, "tokens"), ("/tokenize", {"text": "x"}, "text")):
+        response = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (path, body, response.text)

@@ -14,7 +14,7 @@ import numpy as np
 
 from kvgraph.runtime.core import processors
 from kvgraph.runtime.core.processors import Context
-from kvgraph.runtime.core.sampling import Sampling, draw, masked
+from kvgraph.runtime.core.sampling import Sampling, TokenLogprob, draw, masked, token_logprob
 
 Step = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens (B, 1), mask (B, P+1)) -> logits (B, V)
 
@@ -25,6 +25,7 @@ class Request:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0  # eos cannot be chosen before this many new tokens (Hugging Face's min_new_tokens)
+    logprobs: int | None = None  # record each new token's log-probability and this many top alternatives (None: none)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RowState:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "eos", "stop" or "length" once finished
     text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when its request asks for them
 
     @property
     def finished(self) -> bool:
@@ -82,6 +84,8 @@ class BatchRun:
             chosen = self._choose(rng)
             for b, row in enumerate(self.rows):
                 if not row.finished:
+                    if self.requests[b].logprobs is not None:
+                        row.logprobs.append(token_logprob(self.logits[b], int(chosen[b]), self.requests[b].logprobs))
                     self._append(b, int(chosen[b]))
                     yield b, int(chosen[b])
             if all(row.finished for row in self.rows):

@@ -205,6 +205,22 @@ def log_softmax(logits: np.ndarray, dtype=np.float32) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model's own distribution at its position (the raw logits' log-softmax,
+    before any processor or warper, as vLLM reports by default), and the `top` most likely tokens there, best first."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
+    """(V,) logits -> the token's TokenLogprob with the `top` best tokens (float64 arithmetic)."""
+    lp = log_softmax(np.asarray(logits), np.float64)
+    best = np.argsort(-lp, kind="stable")[:top] if top else np.array([], dtype=np.int64)
+    return TokenLogprob(int(token), float(lp[token]), tuple((int(t), float(lp[t])) for t in best))
+
+
 def processed_logits(logits: np.ndarray, seen: list[np.ndarray], sampling: Sampling) -> np.ndarray:
     """(B, V) logits after penalty, temperature, top-k, top-p (float64)."""
     out = apply_repetition_penalty(logits.astype(np.float64), seen, sampling.repetition_penalty)

@@ -40,6 +40,10 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token's own text, special tokens included (a piece of a multi-byte character shows as U+FFFD)."""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         """The model's own chat template, rendered in a sandbox (no access to Python internals); tools as
         transformers' apply_chat_template passes them (None: the template's own default)."""

@@ -4,7 +4,8 @@
     app = create_app(engine, model="smollm2", max_queue=64, request_timeout=600)
 
 Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
-`n`, `stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`).
+`n`, `stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`; logprobs, echo and
+batched prompts, not streamed), POST /tokenize and /detokenize (vLLM's shapes).
 Encoder-decoder exports serve /v1/completions (the prompt is the source). Bad input is answered 400
 with an OpenAI-shaped error body naming the field (a field the server does not honour is refused by name,
 never dropped); malformed JSON, bad UTF-8, an unknown path (404) or method (405) get the same shape; a full
@@ -31,6 +32,7 @@ from kvgraph.graphs import KvgraphError
 from kvgraph.runtime.generator import GenerationResult, Generator
 from kvgraph.runtime.serving.engine import make_engine
 from kvgraph.runtime.serving.engine_base import Engine, RequestTimeout
+from kvgraph.runtime.serving.openai_logprobs import chat_logprobs, completion_logprobs, generated, prompt_entries
 from kvgraph.runtime.serving.openai_request import BadRequest, parse_request, tool_schema
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "interrupted": "stop"}
@@ -139,6 +141,19 @@ def create_app(engine: Engine, model: str, max_queue: int = 64, request_timeout:
     app.router.add_route("/v1/completions", completions, methods=["POST"])
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 
+    async def tokenize(request):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(tokenized(engine, json_object(await request.body())))
+
+    async def detokenize(request):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(detokenized(engine, json_object(await request.body())))
+
+    app.router.add_route("/tokenize", tokenize, methods=["POST"])
+    app.router.add_route("/detokenize", detokenize, methods=["POST"])
+
     return app
 
 
@@ -166,6 +181,49 @@ def json_object(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
+
+
+def tokenized(engine: Engine, body: dict) -> dict:
+    """POST /tokenize, as vLLM's: {prompt, add_special_tokens} or {messages, tools} (the chat template applied) ->
+    {tokens, count, max_model_len}."""
+    from kvgraph.runtime.serving.openai_messages import MessageError, template_messages, template_tools
+
+    codec = _codec(engine)
+    unknown = sorted(set(body) - {"model", "prompt", "add_special_tokens", "messages", "tools", "add_generation_prompt"})
+    if unknown:
+        raise BadRequest(f"unrecognized request argument: {unknown[0]}", unknown[0])
+    if ("prompt" in body) == ("messages" in body):
+        raise BadRequest("send either prompt (a string) or messages (a chat)", "prompt")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str) or not isinstance(body.get("add_special_tokens", True), bool):
+            raise BadRequest("prompt must be a string and add_special_tokens true or false", "prompt")
+        tokens = codec.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+    else:
+        try:
+            messages, tools = template_messages(body["messages"]), template_tools(body.get("tools"))
+            text = codec.render_chat(messages, add_generation_prompt=bool(body.get("add_generation_prompt", True)), tools=tools)
+        except MessageError as exc:
+            raise BadRequest(str(exc), exc.param) from exc
+        except KvgraphError as exc:
+            raise BadRequest(str(exc), "messages") from exc
+        tokens = codec.encode(text, add_special_tokens=False)
+    limit = engine.generator.room(0)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": limit}
+
+
+def detokenized(engine: Engine, body: dict) -> dict:
+    """POST /detokenize, as vLLM's: {tokens} -> {prompt}."""
+    codec, tokens = _codec(engine), body.get("tokens")
+    vocab = engine.graphs.contract.vocab_size
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
+        raise BadRequest(f"tokens must be a list of token ids in [0, {vocab})", "tokens")
+    return {"prompt": codec.decode(tokens)}
+
+
+def _codec(engine: Engine):
+    if engine.generator.codec is None:
+        raise BadRequest("this export has no tokenizer.json: it takes and gives token ids only")
+    return engine.generator.codec
 
 
 class Hangup:
@@ -240,15 +298,20 @@ class _Serving:
 
         hangup = hangup or Hangup(self.metrics)
         start = time.perf_counter()
-        prompt, n, options = parse_request(self.engine, body, chat)
+        parsed = parse_request(self.engine, body, chat)
+        options, total = parsed.options, len(parsed.prompts) * parsed.n
         engine, capacity = self.engine, self.engine.max_batch + self.max_queue
-        if engine.load + n > capacity:
+        if engine.load + total > capacity:
             return _error(429, f"the server is full ({engine.max_batch} rows busy, {self.max_queue} requests waiting); retry later", None,
                           {"Retry-After": "1"})
         created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head = {"id": ident, "created": created, "model": self.model}
         if "num_beams" in options:
-            return self._beams(prompt, n, options, chat, created, ident)
-        cancels = [threading.Event() for _ in range(n)]  # one per choice: a choice that ends sets its own
+            return self._beams(parsed.prompts[0], parsed.n, options, chat, created, ident)
+        echoed = self._echoed(parsed) if parsed.echo else None
+        if options["max_new_tokens"] == 0:  # echo alone: the prompts and their log-probabilities, nothing generated
+            return JSONResponse(_echo_only(echoed, head, parsed, self.engine.generator.codec))
+        cancels = [threading.Event() for _ in range(total)]  # one per choice: a choice that ends sets its own
         hangup.watch(cancels)
 
         def cancel() -> None:
@@ -256,7 +319,7 @@ class _Serving:
                 event.set()
 
         try:
-            events = self._choices(prompt, options, chat, cancels, start)
+            events = self._choices(parsed, chat, cancels, start)
             first = next(events, None)  # admission and the request's own checks happen here: errors are still a 400
         except RequestTimeout as exc:  # still waiting for a row: 503, come back; late in its first token: 504
             return _error(503, str(exc), None, {"Retry-After": "1"}) if exc.queued else _error(504, str(exc), None)
@@ -265,12 +328,12 @@ class _Serving:
         if first is None:  # cancelled before its first token: its client hung up while it waited
             hangup.finish()
             return _error(499, "the client closed the request", None)
-        head = {"id": ident, "created": created, "model": self.model}
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return _watched_stream(_sse(_chunks(itertools.chain([first], events), head, n, chat, usage), cancel, hangup), hangup)
+            chunks = _chunks(itertools.chain([first], events), head, total, chat, usage, parsed.n)
+            return _watched_stream(_sse(chunks, cancel, hangup), hangup)
         try:
-            texts, results = _collect(itertools.chain([first], events), n)
+            texts, results = _collect(itertools.chain([first], events), total)
         except RequestTimeout as exc:
             return _error(504, str(exc), None)
         except KvgraphError:
@@ -281,7 +344,24 @@ class _Serving:
             hangup.finish()
             cancel()
         tool_call = chat and tool_schema(body)[0] is not None
-        return JSONResponse(_completion(texts, results, head, chat, tool_call))
+        answer = _completion(texts, results, head, chat, tool_call, parsed.n, self.engine.generator.codec, parsed.logprobs is not None)
+        if echoed is not None:
+            _prepend_echo(answer, echoed, parsed.n, self.engine.generator.codec)
+        return JSONResponse(answer)
+
+    def _echoed(self, parsed) -> list[tuple[list[int], str, list | None]]:
+        """Per prompt: its token ids, its text, and (when logprobs are asked) each token's log-probability given those
+        before it, read by the verify graph."""
+        generator, out = self.engine.generator, []
+        for prompt in parsed.prompts:
+            try:
+                ids = generator.request(prompt, 1).prompt_ids
+                logprobs = generator.prompt_logprobs(ids, parsed.logprobs) if parsed.logprobs is not None else None
+            except KvgraphError as exc:
+                raise BadRequest(str(exc), "echo") from exc
+            text = prompt if isinstance(prompt, str) else (generator.codec.decode(ids) if generator.codec else "")
+            out.append((ids, text, None if logprobs is None else prompt_entries(ids, logprobs)))
+        return out
 
     def _beams(self, prompt, n: int, options: dict, chat: bool, created: int, ident: str):
         """best_of > n: one beam search on its own cache (not on the engine's rows), the best n beams as the choices."""
@@ -293,13 +373,17 @@ class _Serving:
         except KvgraphError as exc:
             raise BadRequest(str(exc)) from exc
         ranked = ranked if isinstance(ranked, list) else [ranked]
-        return JSONResponse(_completion([r.text for r in ranked], ranked, {"id": ident, "created": created, "model": self.model}, chat))
+        return JSONResponse(_completion([r.text for r in ranked], ranked, {"id": ident, "created": created, "model": self.model}, chat, n=len(ranked)))
 
-    def _choices(self, prompt, options: dict, chat: bool, cancels: list[threading.Event], start: float) -> Iterator[tuple[int, Any]]:
-        """(choice index, event) as the choices run; choice i samples with seed + i."""
+    def _choices(self, parsed, chat: bool, cancels: list[threading.Event], start: float) -> Iterator[tuple[int, Any]]:
+        """(choice index, event) as the choices run: prompt p's choice j is index p * n + j and samples with seed + j."""
+        options = dict(parsed.options)
         seed = options.pop("seed")
-        streams = [self.metrics.timed(self.engine.events(prompt, chat=chat, cancel=cancel, timeout=self.timeout, **options,
-                                                         seed=None if seed is None else seed + i), start) for i, cancel in enumerate(cancels)]
+        if parsed.logprobs is not None:
+            options["logprobs"] = parsed.logprobs
+        streams = [self.metrics.timed(self.engine.events(prompt, chat=chat, cancel=cancels[p * parsed.n + j], timeout=self.timeout,
+                                                         **options, seed=None if seed is None else seed + j), start)
+                   for p, prompt in enumerate(parsed.prompts) for j in range(parsed.n)]
         if len(streams) == 1:
             return ((0, event) for event in streams[0])
         return _merged(streams)
@@ -347,21 +431,54 @@ def _collect(events: Iterator[tuple[int, Any]], n: int) -> tuple[list[str], list
     return ["".join(p) for p in pieces], results
 
 
-def _usage(results: list[GenerationResult]) -> dict:
-    prompt, new = results[0].stats.prompt_tokens, sum(r.stats.new_tokens for r in results)
+def _usage(results: list[GenerationResult], n: int = 1) -> dict:
+    prompt = sum(r.stats.prompt_tokens for r in results[::n])  # each prompt once, not once per choice
+    new = sum(r.stats.new_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
 
-def _completion(texts: list[str], results: list[GenerationResult], head: dict, chat: bool, tool_call: bool = False) -> dict:
+def _completion(texts: list[str], results: list[GenerationResult], head: dict, chat: bool, tool_call: bool = False, n: int = 1,
+                codec=None, logprobs: bool = False) -> dict:
     choices = []
     for index, (text, result) in enumerate(zip(texts, results)):
         finish = FINISH.get(result.finish_reason, "stop")
         if tool_call:
             choices.append(_tool_choice(index, text, finish))
             continue
-        choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
-                       else {"index": index, "text": text, "logprobs": None, "finish_reason": finish})
-    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": _usage(results)}
+        scored = logprobs and result.logprobs is not None
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                            "logprobs": chat_logprobs(codec, result.logprobs) if scored else None, "finish_reason": finish})
+        else:
+            choices.append({"index": index, "text": text, "finish_reason": finish,
+                            "logprobs": completion_logprobs(codec, generated(result.logprobs)) if scored else None})
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": _usage(results, n)}
+
+
+def _prepend_echo(answer: dict, echoed: list, n: int, codec) -> None:
+    """echo: each choice's text (and logprobs) start with its prompt's."""
+    for choice in answer["choices"]:
+        ids, text, entries = echoed[choice["index"] // n]
+        choice["text"] = text + choice["text"]
+        if entries is not None and choice["logprobs"] is not None:
+            mine = choice["logprobs"]
+            prompt = completion_logprobs(codec, entries)
+            shift = sum(map(len, prompt["tokens"]))
+            choice["logprobs"] = {"tokens": prompt["tokens"] + mine["tokens"], "token_logprobs": prompt["token_logprobs"] + mine["token_logprobs"],
+                                  "top_logprobs": prompt["top_logprobs"] + mine["top_logprobs"],
+                                  "text_offset": prompt["text_offset"] + [o + shift for o in mine["text_offset"]]}
+
+
+def _echo_only(echoed: list, head: dict, parsed, codec) -> dict:
+    """max_tokens 0 with echo: every choice is its prompt, nothing generated."""
+    choices = []
+    for p, (ids, text, entries) in enumerate(echoed):
+        for j in range(parsed.n):
+            choices.append({"index": p * parsed.n + j, "text": text, "finish_reason": "length",
+                            "logprobs": completion_logprobs(codec, entries) if entries is not None else None})
+    prompt = sum(len(ids) for ids, _, _ in echoed)
+    return {**head, "object": "text_completion", "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}}
 
 
 def _tool_choice(index: int, text: str, finish: str) -> dict:
@@ -375,7 +492,7 @@ def _tool_choice(index: int, text: str, finish: str) -> dict:
     return {"index": index, "message": message, "finish_reason": "tool_calls"}
 
 
-def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, chat: bool, usage: bool) -> Iterator[dict]:
+def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, chat: bool, usage: bool, per_prompt: int = 1) -> Iterator[dict]:
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if chat:
         for index in range(n):
@@ -392,7 +509,7 @@ def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, chat: bool, u
                  else {"index": index, "text": event, "finish_reason": None})
         yield {**head, "choices": [piece]}
     if usage and len(results) == n:
-        yield {**head, "choices": [], "usage": _usage([results[i] for i in range(n)])}
+        yield {**head, "choices": [], "usage": _usage([results[i] for i in range(n)], per_prompt)}
 
 
 def _streaming_response():

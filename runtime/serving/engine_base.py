@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 from kvgraph.graphs import KvgraphError
@@ -82,9 +82,10 @@ class Engine:
         codec = self.generator.codec  # without a tokenizer: no text pieces, the result only
         text = IncrementalText(codec, hold=max((len(s) for s in stop), default=1) - 1) if codec else None
         constraint = sampling.pop("constraint", None)
+        logprobs = sampling.pop("logprobs", None)  # each token's log-probability and this many alternatives (Request.logprobs)
         decoding = self.generator.resolve({"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, **sampling}, beams=False)
         request = self.generator.request(prompt, 1, chat, stop, decoding.min_new_tokens)
-        request = decoding.sized([request], len(self.generator.decoder_prefix(request)))[0]
+        request = replace(decoding.sized([request], len(self.generator.decoder_prefix(request)))[0], logprobs=logprobs)
         self.generator.check([request])
         settings = decoding.sampling
         job = self._start(request, settings, deadline, timeout, constraint)

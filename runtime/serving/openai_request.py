@@ -3,7 +3,7 @@ constraint (response_format, a required tool call), or BadRequest naming the fie
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime.serving.engine_base import Engine
@@ -18,8 +18,8 @@ FIELDS = {False: COMMON | {"prompt", "best_of", "echo", "logprobs", "suffix"},
           True: COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls", "max_completion_tokens", "logprobs",
                           "top_logprobs", "store", "service_tier"}}
 # Fields kvgraph knows but cannot honour yet: refused when set to anything but their "off" value.
-NOT_YET = {"suffix": (None, ""), "echo": (None, False), "logprobs": (None, False), "top_logprobs": (None,), "store": (None, False),
-           "service_tier": (None, "auto", "default")}
+NOT_YET = {"suffix": (None, ""), "store": (None, False), "service_tier": (None, "auto", "default")}
+MAX_TOP_LOGPROBS = {False: 5, True: 20}  # OpenAI's limits: completions' logprobs, chat's top_logprobs
 
 
 class BadRequest(Exception):
@@ -28,18 +28,33 @@ class BadRequest(Exception):
         self.param = param
 
 
-def parse_request(engine: Engine, body: dict, chat: bool) -> tuple[Any, int, dict]:
-    """The prompt, the number of choices and the engine's options, or BadRequest naming the field."""
+@dataclass(frozen=True)
+class Parsed:
+    """A request as the server runs it: its prompts (completions may send several), n choices each, the engine's
+    options, and what the answer carries besides the text."""
+    prompts: list
+    n: int
+    options: dict
+    logprobs: int | None = None  # each token's log-probability with this many alternatives (None: no logprobs)
+    echo: bool = False  # completions: the prompt comes back before the completion (with its logprobs, if asked)
+
+
+def parse_request(engine: Engine, body: dict, chat: bool) -> Parsed:
+    """The request's prompts, choices and options, or BadRequest naming the field."""
     _check_fields(body, chat)
     try:
-        prompt = _chat_prompt(engine, body) if chat else _prompt(body)
+        prompts = [_chat_prompt(engine, body)] if chat else _prompts(body)
     except KvgraphError as exc:
         raise BadRequest(str(exc), "messages" if chat else "prompt") from exc
-    room = engine.generator.room(len(prompt)) if isinstance(prompt, list) else None
+    logprobs, echo = _logprobs(body, chat), bool(body.get("echo"))
+    if (logprobs is not None or echo) and body.get("stream"):
+        raise BadRequest("logprobs and echo are not streamed by this server; ask without stream", "logprobs" if logprobs is not None else "echo")
+    prompt = prompts[0]
+    room = engine.generator.room(len(prompt)) if chat else None
     # a field the request leaves out: the export's generation config (as vLLM), then OpenAI's default
     config = engine.generator.defaults.settings
     default = config.get("max_new_tokens") or (room if chat and room else 16)  # chat: what the cache holds; completions: 16
-    options = {"max_new_tokens": _max_tokens(body, chat, default),
+    options = {"max_new_tokens": _max_tokens(body, chat, default, 0 if echo else 1),
                "min_new_tokens": _number(body, "min_tokens", int, 0, 0, None),  # an extension (vLLM's name): eos not before
                "temperature": _number(body, "temperature", (int, float), config.get("temperature", 1.0), 0, 2),
                "top_p": _number(body, "top_p", (int, float), config.get("top_p", 1.0), 0, 1),
@@ -47,8 +62,9 @@ def parse_request(engine: Engine, body: dict, chat: bool) -> tuple[Any, int, dic
     n = _number(body, "n", int, 1, 1, engine.max_batch)
     best_of = _number(body, "best_of", int, n, n, 16)
     if best_of > n:  # the best n of best_of beams (beam search), as transformers' num_beams / num_return_sequences
-        if options["temperature"] != 0 or body.get("stream"):
-            raise BadRequest("best_of > n runs a beam search: it needs temperature 0 and no stream", "best_of")
+        if options["temperature"] != 0 or body.get("stream") or logprobs is not None or echo or len(prompts) > 1:
+            raise BadRequest("best_of > n runs a beam search: it needs temperature 0, one prompt, and no stream, logprobs or echo",
+                             "best_of")
         options["num_beams"] = best_of
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -64,7 +80,22 @@ def parse_request(engine: Engine, body: dict, chat: bool) -> tuple[Any, int, dic
         if "num_beams" in options:
             raise BadRequest("best_of > n does not combine with response_format or tool_choice", "best_of")
         options["constraint"] = constraint
-    return prompt, n, {**options, "seed": seed, "stop": tuple(stop)}
+    return Parsed(prompts, n, {**options, "seed": seed, "stop": tuple(stop)}, logprobs, echo)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Completions: logprobs k (the chosen token and k alternatives); chat: logprobs true with top_logprobs k."""
+    limit = MAX_TOP_LOGPROBS[chat]
+    if not chat:
+        value = body.get("logprobs")
+        return None if value is None else _number(body, "logprobs", int, 0, 0, limit)
+    asked = body.get("logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise BadRequest("logprobs must be true or false", "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and not asked:
+        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    return _number(body, "top_logprobs", int, 0, 0, limit) if asked else None
 
 
 def _check_fields(body: dict, chat: bool) -> None:
@@ -81,13 +112,13 @@ def _check_fields(body: dict, chat: bool) -> None:
         raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
 
 
-def _max_tokens(body: dict, chat: bool, default: int) -> int:
+def _max_tokens(body: dict, chat: bool, default: int, low: int) -> int:
     """max_tokens, or chat's max_completion_tokens (its newer name); both at once must agree."""
     given = {name: body[name] for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None}
     if len(set(map(repr, given.values()))) > 1:
         raise BadRequest("max_tokens and max_completion_tokens disagree; send one", "max_completion_tokens")
     name = next(iter(given), "max_tokens")
-    return _number({name: given.get(name)}, name, int, default, 1, None)
+    return _number({name: given.get(name)}, name, int, default, low, None)  # 0 only with echo: the prompt's logprobs alone
 
 
 def _penalties(body: dict, vocab_size: int) -> dict:
@@ -176,12 +207,17 @@ def _chat_prompt(engine: Engine, body: dict) -> list[int]:
     return engine.generator.need_codec().encode_chat(messages, tools=tools)
 
 
-def _prompt(body: dict):
+def _prompts(body: dict) -> list:
+    """A string, a list of token ids, or a batch of either (OpenAI's prompt array; lm-eval sends token-id lists)."""
     prompt = body.get("prompt")
-    if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        raise BadRequest("prompt must be a non-empty string or a list of token ids", "prompt")
-    return prompt
+    batch = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+    prompts = prompt if batch else [prompt]
+    for i, one in enumerate(prompts):
+        if not (isinstance(one, str) and one) and not (isinstance(one, list) and one and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in one)):
+            where = f"prompt[{i}]" if batch else "prompt"
+            raise BadRequest(f"{where} must be a non-empty string or a list of token ids", "prompt")
+    return prompts
 
 
 def _number(body: dict, name: str, kind, default, low, high):
