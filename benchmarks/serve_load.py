@@ -17,6 +17,14 @@ Two arrival patterns (`--arrivals`):
   streamed while every client is active (from the last client's first piece to the first client's last).
 Each concurrency level runs `--rounds` times; rates are medians, latencies pool every request of every
 round. Servers run one at a time (compare rows of one table; the machine is shared and noisy).
+
+`--long-prompts` measures instead what a long prompt does to the streams already running: `--streams` clients
+stream `--new-tokens` each; once they all stream, `--long-count` requests with a `--long-tokens` prompt (sized
+with the server's /tokenize) arrive `--gap` seconds apart. It prints the running streams' inter-token latency
+before the long prompts and while they are in the server (p50 / p99 / max):
+
+    kvgraph serve models/smollm2-static-2304 --max-batch 12 --prefill-chunk 256 &   # and --prefill-chunk 0
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --long-prompts --new-tokens 400 --label "chunks of 256"
 """
 
 from __future__ import annotations
@@ -71,6 +79,63 @@ def round_(url: str, clients: int, new_tokens: int, stagger: float = 0.0, reques
     return {"rate": inside / (window[1] - window[0]), "ttft": ttft, "itl": itl}
 
 
+def long_prompt_text(url: str, tokens: int) -> str:
+    """A prompt of about `tokens` tokens for the server's tokenizer (its /tokenize when it has one; else 1.3 tokens a word)."""
+    words = [f"{w}{i % 97}" for i, w in enumerate(("river stone lamp field cloud tower " * (tokens // 4)).split())]
+    text = " ".join(words[: tokens // 2])
+    try:
+        counted = httpx.post(f"{url}/tokenize", json={"prompt": text}, timeout=60).json()["count"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        counted = int(1.3 * tokens // 2)
+    return " ".join(words[: max(1, int(len(text.split()) * tokens / counted))])
+
+
+def long_prompt_round(url: str, streams: int, new_tokens: int, prompt: str, arrivals: int, gap: float) -> dict:
+    """`streams` clients stream `new_tokens` each; once all are streaming, `arrivals` requests with a long prompt arrive
+    `gap` seconds apart (1 token each). Inter-token latency of the running streams while the long prompts are in the
+    server, and before they arrive."""
+    results: list = []
+    threads = [threading.Thread(target=one_client, args=(url, i, new_tokens, 0.0, 1, results)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)  # every stream past its prefill
+    spans = []
+
+    def long_request(i: int) -> None:
+        start = time.perf_counter()
+        body = {"model": "any", "prompt": f"{i} {prompt}", "max_tokens": 1, "temperature": 0}
+        httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()
+        spans.append((start, time.perf_counter()))
+
+    arrivals_threads = []
+    for i in range(arrivals):
+        arrivals_threads.append(threading.Thread(target=long_request, args=(i,)))
+        arrivals_threads[-1].start()
+        time.sleep(gap)
+    for thread in arrivals_threads + threads:
+        thread.join()
+    window = (min(a for a, _ in spans), max(b for _, b in spans))
+    during = [b - a for _, _, times in results for a, b in zip(times, times[1:]) if window[0] <= b <= window[1]]
+    before = [b - a for _, _, times in results for a, b in zip(times, times[1:]) if b < window[0]]
+    return {"during": during, "before": before, "long": [b - a for a, b in spans],
+            "ended_early": sum(1 for _, _, times in results if times and times[-1] < window[1])}
+
+
+def long_prompts(args) -> None:
+    prompt = long_prompt_text(args.url, args.long_tokens)
+    print(f"| server | streams | long prompts ({args.long_tokens} tokens, {args.gap:g} s apart) | inter-token ms before: p50 / p99 "
+          "| while long prompts arrive: p50 / p99 / max | long prompt latency p50 s |")
+    print("|---|---|---|---|---|---|")
+    rounds = [long_prompt_round(args.url, args.streams, args.new_tokens, prompt, args.long_count, args.gap) for _ in range(args.rounds)]
+    during = [t for r in rounds for t in r["during"]]
+    before = [t for r in rounds for t in r["before"]]
+    early = sum(r["ended_early"] for r in rounds)
+    note = f" ({early} streams ended before the last long prompt)" if early else ""
+    print(f"| {args.label} | {args.streams} | {args.long_count} | {1e3 * percentile(before, 50):.1f} / {1e3 * percentile(before, 99):.1f} | "
+          f"{1e3 * percentile(during, 50):.1f} / {1e3 * percentile(during, 99):.1f} / {1e3 * max(during):.0f}{note} | "
+          f"{statistics.median(t for r in rounds for t in r['long']):.2f} |", flush=True)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
@@ -85,8 +150,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--arrivals", choices=["together", "staggered"], nargs="+", default=["together", "staggered"])
     parser.add_argument("--requests", type=int, default=4, help="requests per client, back to back, when staggered")
+    parser.add_argument("--long-prompts", action="store_true",
+                        help="instead: inter-token latency of --streams running streams while long prompts arrive")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--long-tokens", type=int, default=2000)
+    parser.add_argument("--long-count", type=int, default=4, help="long prompts per round (default 4)")
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds between two long prompts' arrivals (default 1)")
     args = parser.parse_args()
     round_(args.url, 1, 8)  # warm-up
+    if args.long_prompts:
+        return long_prompts(args)
     begin = time.perf_counter()
     round_(args.url, 1, args.new_tokens)
     one_request = time.perf_counter() - begin  # a single client's request: the span the staggered starts cover

@@ -87,3 +87,49 @@ def test_a_request_that_waits_past_its_timeout_leaves_the_queue(kind, long_expor
             time.sleep(0.01)
         assert engine.generate("abc", max_new_tokens=5, timeout=30).token_ids == Generator.load(long_export).generate(
             "abc", max_new_tokens=5).token_ids
+
+
+def test_prompts_prefilled_in_chunks_give_the_same_tokens(static_export):
+    """Chunks of 3 prompt tokens (the prefill graph, then the extend graph on the same one-row cache) between decode
+    steps: every request's tokens are still those of Generator.generate alone."""
+    alone = Generator.load(static_export)
+    want = [alone.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids for _, prompt, new in REQUESTS]
+    engine = BatchEngine(Generator.load(static_export), max_batch=4, prefill_chunk=3)
+    got = [None] * len(REQUESTS)
+
+    def client(i: int) -> None:
+        delay, prompt, new = REQUESTS[i]
+        time.sleep(delay)
+        got[i] = engine.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(REQUESTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    engine.close()
+    assert got == want
+    assert engine.calls.count("prefill") == sum(-(-len(prompt) // 3) for _, prompt, _ in REQUESTS)
+    assert engine.free_rows == 4
+    with pytest.raises(KvgraphError, match="prefill_chunk must be >= 1"):
+        BatchEngine(Generator.load(static_export), max_batch=1, prefill_chunk=0)
+
+
+def test_a_long_prompt_does_not_stall_the_running_streams(long_export_static):
+    """A 2,000-token prompt arrives while a stream runs: with chunks of 128 the running row takes decode steps between
+    the prompt's chunks (without chunks it would wait for the whole prefill), and the long request's tokens equal
+    Generator.generate's, which prefills it at once."""
+    prompt = [3 + (i * 7) % 250 for i in range(2000)]
+    engine = BatchEngine(Generator.load(long_export_static), max_batch=2, prefill_chunk=128)
+    running = threading.Thread(target=engine.generate, args=([1, 60, 61],), kwargs={"max_new_tokens": 3000, "min_new_tokens": 3000})
+    running.start()
+    while engine.steps_run < 5:
+        time.sleep(0.001)
+    mine = engine.generate(prompt, max_new_tokens=8, min_new_tokens=8).token_ids
+    calls = list(engine.calls)
+    engine.close()
+    running.join(timeout=120)
+    first, last = calls.index("prefill", 1), len(calls) - 1 - calls[::-1].index("prefill")
+    assert calls[first:last + 1].count("prefill") == 16  # 2,000 tokens in chunks of 128
+    assert "decode" in calls[first:last]  # the running stream stepped while the prompt was prefilled
+    assert mine == Generator.load(long_export_static).generate(prompt, max_new_tokens=8, min_new_tokens=8).token_ids

@@ -120,8 +120,6 @@ def test_penalties_change_greedy_output_as_the_runtime_does(client, alone):
 
 @pytest.mark.parametrize("endpoint, extra, param", [
     ("completions", {"logprobs": 6}, "logprobs"),
-    ("completions", {"logprobs": 2, "stream": True}, "logprobs"),
-    ("completions", {"echo": True, "stream": True}, "echo"),
     ("completions", {"max_tokens": 0}, "max_tokens"),
     ("completions", {"suffix": "end"}, "suffix"),
     ("completions", {"functions": []}, "functions"),
@@ -190,6 +188,26 @@ def test_completion_echo_logprobs_score_the_prompt_as_pytorch_does(client, alone
     assert scored.choices[0].text == "the cat sat" and scored.usage.completion_tokens == 0
     assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
         [row[t] for row, t in zip(_torch_logprobs(text_export_static[0], ids), ids[1:])], abs=1e-4)
+
+
+def test_streamed_logprobs_are_those_of_the_answer_at_once(client):
+    """Each streamed chunk carries its own tokens' log-probabilities: gathered, they are the non-streamed answer's (chat,
+    and completions with echo, where the prompt and its log-probabilities come first and text_offset runs on)."""
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=7, logprobs=True,
+                top_logprobs=2, extra_body={"min_tokens": 7})
+    whole = client.chat.completions.create(**chat).choices[0]
+    chunks = [c.choices[0] for c in client.chat.completions.create(**chat, stream=True) if c.choices]
+    streamed = [entry for c in chunks if c.logprobs for entry in c.logprobs.content]
+    assert [(e.token, e.logprob, [t.logprob for t in e.top_logprobs]) for e in streamed] == \
+        [(e.token, e.logprob, [t.logprob for t in e.top_logprobs]) for e in whole.logprobs.content]
+    assert "".join(c.delta.content or "" for c in chunks) == whole.message.content
+
+    completion = dict(model="tiny", prompt="the cat", echo=True, logprobs=2, max_tokens=5, temperature=0, extra_body={"min_tokens": 5})
+    whole = client.completions.create(**completion).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**completion, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text and whole.text.startswith("the cat")
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for c in chunks if c.logprobs for v in getattr(c.logprobs, key)] == getattr(whole.logprobs, key), key
 
 
 def test_a_batch_of_prompts_answers_each_as_alone(client, alone):

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded at once per engine (default 8)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; beyond, 429 (default 64)")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="continuous batching: prompt tokens prefilled between two decode steps of the running streams "
+                             "(default 256; 0: each prompt at once)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds a request may take, waiting for a row included; 0: no limit (default 600)")
     parser.add_argument("--grace", type=float, default=30.0,
@@ -37,6 +40,7 @@ def check(args: argparse.Namespace) -> str:
     """The first bad option, as a one-line reason ("" when all are fine)."""
     path = Path(args.directory)
     for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0), ("--replicas", args.replicas, 1),
+                             ("--prefill-chunk", args.prefill_chunk, 0),
                              ("--request-timeout", args.request_timeout, 0), ("--grace", args.grace, 0), ("--port", args.port, 0)):
         if value < low:
             return f"{name} must be >= {low}, got {value}"
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvgraph serve{' --ray' if args.ray else ''} needs the {extra} extra (pip install 'kvgraph[{extra}]'): {exc}", file=sys.stderr)
         return 2
     settings = dict(directory=str(Path(args.directory).resolve()), max_batch=args.max_batch, max_queue=args.max_queue,
-                    timeout=args.request_timeout or None, threads=args.threads,
+                    timeout=args.request_timeout or None, threads=args.threads, prefill_chunk=args.prefill_chunk or None,
                     model=args.model_name or Path(args.directory).resolve().name)
     if args.ray:
         from kvgraph.runtime.serving.ray_deployment import serve_on_ray

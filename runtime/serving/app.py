@@ -4,8 +4,8 @@
     app = create_app(engine, model="smollm2", max_queue=64, request_timeout=600)
 
 Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with
-`n`, `stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`; logprobs, echo and
-batched prompts, not streamed), POST /tokenize and /detokenize (vLLM's shapes).
+`n`, `stream` as server-sent events ending in `data: [DONE]`, and `stream_options.include_usage`; logprobs (each
+streamed chunk carries its own tokens'), echo and batched prompts), POST /tokenize and /detokenize (vLLM's shapes).
 Encoder-decoder exports serve /v1/completions (the prompt is the source). Bad input is answered 400
 with an OpenAI-shaped error body naming the field (a field the server does not honour is refused by name,
 never dropped); malformed JSON, bad UTF-8, an unknown path (404) or method (405) get the same shape; a full
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime.generator import GenerationResult, Generator
-from kvgraph.runtime.serving.engine import make_engine
+from kvgraph.runtime.serving.engine import PREFILL_CHUNK, make_engine
 from kvgraph.runtime.serving.engine_base import Engine, RequestTimeout
 from kvgraph.runtime.serving.openai_logprobs import chat_logprobs, completion_logprobs, generated, prompt_entries
 from kvgraph.runtime.serving.openai_request import BadRequest, parse_request, tool_schema
@@ -310,7 +310,14 @@ class _Serving:
             return self._beams(parsed.prompts[0], parsed.n, options, chat, created, ident)
         echoed = self._echoed(parsed) if parsed.echo else None
         if options["max_new_tokens"] == 0:  # echo alone: the prompts and their log-probabilities, nothing generated
-            return JSONResponse(_echo_only(echoed, head, parsed, self.engine.generator.codec))
+            answer = _echo_only(echoed, head, parsed, self.engine.generator.codec)
+            if not body.get("stream"):
+                return JSONResponse(answer)
+            chunks = [{**answer, "choices": [choice]} for choice in answer.pop("choices")]
+            usage = answer.pop("usage")
+            if (body.get("stream_options") or {}).get("include_usage"):
+                chunks.append({**answer, "choices": [], "usage": usage})
+            return _watched_stream(_sse(iter(chunks), hangup.finish, hangup), hangup)
         cancels = [threading.Event() for _ in range(total)]  # one per choice: a choice that ends sets its own
         hangup.watch(cancels)
 
@@ -330,7 +337,8 @@ class _Serving:
             return _error(499, "the client closed the request", None)
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = _chunks(itertools.chain([first], events), head, total, chat, usage, parsed.n)
+            shape = _Streamed(chat, parsed.logprobs is not None, self.engine.generator.codec, echoed)
+            chunks = _chunks(itertools.chain([first], events), head, total, shape, usage, parsed.n)
             return _watched_stream(_sse(chunks, cancel, hangup), hangup)
         try:
             texts, results = _collect(itertools.chain([first], events), total)
@@ -492,22 +500,55 @@ def _tool_choice(index: int, text: str, finish: str) -> dict:
     return {"index": index, "message": message, "finish_reason": "tool_calls"}
 
 
-def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, chat: bool, usage: bool, per_prompt: int = 1) -> Iterator[dict]:
-    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-    if chat:
-        for index in range(n):
-            yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+class _Streamed:
+    """The shape of a streamed choice's chunks: chat deltas or completion text, each piece with the log-probabilities
+    of its tokens when asked (completions' text_offset counted on per choice), an echoed prompt first."""
+
+    def __init__(self, chat: bool, logprobs: bool, codec, echoed: list | None) -> None:
+        self.chat, self.logprobs, self.codec, self.echoed = chat, logprobs, codec, echoed
+        self.offsets: dict[int, int] = {}
+
+    def opening(self, index: int, per_prompt: int) -> dict | None:
+        """The choice's first chunk: chat's role; a completion's echoed prompt (None: nothing to open with)."""
+        if self.chat:
+            return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        if self.echoed is None:
+            return None
+        _, text, entries = self.echoed[index // per_prompt]
+        scored = completion_logprobs(self.codec, entries) if self.logprobs and entries is not None else None
+        self.offsets[index] = sum(len(token) for token in scored["tokens"]) if scored else 0
+        return {"index": index, "text": text, "logprobs": scored, "finish_reason": None}
+
+    def piece(self, index: int, piece: str) -> dict:
+        if self.chat:
+            choice = {"index": index, "delta": {"content": piece}, "finish_reason": None}
+            if self.logprobs:
+                choice["logprobs"] = chat_logprobs(self.codec, list(getattr(piece, "logprobs", ())))
+            return choice
+        choice = {"index": index, "text": piece, "finish_reason": None}
+        if self.logprobs:
+            scored = completion_logprobs(self.codec, generated(list(getattr(piece, "logprobs", ()))), self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + sum(len(token) for token in scored["tokens"])
+            choice["logprobs"] = scored
+        return choice
+
+    def last(self, index: int, finish: str) -> dict:
+        return {"index": index, "delta": {}, "finish_reason": finish} if self.chat else {"index": index, "text": "", "finish_reason": finish}
+
+
+def _chunks(events: Iterator[tuple[int, Any]], head: dict, n: int, shape: _Streamed, usage: bool, per_prompt: int = 1) -> Iterator[dict]:
+    head = {**head, "object": "chat.completion.chunk" if shape.chat else "text_completion"}
+    for index in range(n):
+        opening = shape.opening(index, per_prompt)
+        if opening is not None:
+            yield {**head, "choices": [opening]}
     results = {}
     for index, event in events:
         if isinstance(event, GenerationResult):
-            finish = FINISH.get(event.finish_reason, "stop")
-            last = {"index": index, "delta": {}, "finish_reason": finish} if chat else {"index": index, "text": "", "finish_reason": finish}
-            yield {**head, "choices": [last]}
+            yield {**head, "choices": [shape.last(index, FINISH.get(event.finish_reason, "stop"))]}
             results[index] = event
             continue
-        piece = ({"index": index, "delta": {"content": event}, "finish_reason": None} if chat
-                 else {"index": index, "text": event, "finish_reason": None})
-        yield {**head, "choices": [piece]}
+        yield {**head, "choices": [shape.piece(index, event)]}
     if usage and len(results) == n:
         yield {**head, "choices": [], "usage": _usage([results[i] for i in range(n)], per_prompt)}
 
@@ -570,9 +611,10 @@ async def _sse(chunks: Iterator[dict], cancel: Callable[[], None], hangup: Hangu
         cancel()
 
 
-def build_app(directory: str, max_batch: int, max_queue: int, timeout: float | None, threads: int | None, model: str, log=None):
+def build_app(directory: str, max_batch: int, max_queue: int, timeout: float | None, threads: int | None, model: str, log=None,
+              prefill_chunk: int | None = PREFILL_CHUNK):
     """Load the export, pick its engine and wrap it in the HTTP app: (app, engine). A Ray replica runs this too."""
-    engine, why = make_engine(Generator.load(directory, threads=threads), max_batch=max_batch)
+    engine, why = make_engine(Generator.load(directory, threads=threads), max_batch=max_batch, prefill_chunk=prefill_chunk)
     if log:
         log(f"kvgraph serve: {model}: {why}")
     return create_app(engine, model, max_queue, timeout), engine

@@ -18,7 +18,11 @@ token to the engine and waits. The engine's thread owns the onnxruntime calls an
   slots 0 .. k-1 and the step binds views of the first k rows, so it costs what k rows cost;
 - a finished or abandoned request frees its row before the next step (the last row moves into the hole).
 
-Admissions run between decode steps, so a new prompt makes the running rows wait one prefill.
+Admissions are interleaved with decoding: a prompt is prefilled in chunks of `prefill_chunk` tokens (the
+prefill graph for the first, the extend graph on the same one-row cache for the rest), and the running rows
+take a decode step between chunks. A 2,000-token prompt therefore holds the running streams up for one
+chunk at a time, not for its whole prefill. The chunks' logits are the whole prefill's (the extend graph
+is the one a chat's next turn runs).
 The buffers are host memory (numpy arrays under the OrtValues), so the batch engine runs on the CPU
 provider; a device engine needs a row copy on the device, not written yet.
 
@@ -45,9 +49,9 @@ from kvgraph.runtime.serving.engine_base import Engine, Job, RequestTimeout, rem
 from kvgraph.runtime.generator import Generator
 from kvgraph.runtime.core.loop import BatchRun, Request
 from kvgraph.runtime.core.sampling import Sampling
-from kvgraph.runtime.core.steps import StaticCache, BoundDecode, prefill
+from kvgraph.runtime.core.steps import StaticCache, BoundDecode, extend, prefill
 
-__all__ = ["BatchEngine", "Engine", "RequestEngine", "RequestTimeout", "batch_refusal", "make_engine"]
+__all__ = ["PREFILL_CHUNK", "BatchEngine", "Engine", "RequestEngine", "RequestTimeout", "batch_refusal", "make_engine"]
 
 
 @dataclass
@@ -60,6 +64,22 @@ class _Row:
     logits: np.ndarray | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     prefill_s: float = 0.0
+
+
+PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps of the running rows
+
+
+@dataclass
+class _Filling:
+    """An admitted request whose prompt is being prefilled, a chunk at a time, into a one-row cache of its own."""
+
+    request: Request
+    row: _Row
+    admitted: threading.Event
+    cache: StaticCache | None = None
+    done: int = 0  # prompt tokens in the cache so far
+    seconds: float = 0.0
+    logits: np.ndarray | None = None  # (1, V) once the whole prompt is in the cache
 
 
 class _Slots:
@@ -105,7 +125,8 @@ class BatchEngine(Engine):
 
     kind = "continuous batching"
 
-    def __init__(self, generator: Generator, max_batch: int = 8) -> None:
+    def __init__(self, generator: Generator, max_batch: int = 8, prefill_chunk: int | None = PREFILL_CHUNK) -> None:
+        """prefill_chunk: the most prompt tokens prefilled between two decode steps (None: a prompt at once)."""
         reason = batch_refusal(generator)
         if reason:
             raise KvgraphError(f"{generator.graphs.directory}: {reason}")
@@ -113,6 +134,11 @@ class BatchEngine(Engine):
         self.slots = _Slots(self.graphs, max_batch)
         self._rows: dict[int, _Row] = {}  # slot -> active row; compacted into slots 0 .. k-1 before each step
         self._waiting: list[tuple[Request, _Row, threading.Event]] = []  # admissions, in arrival order
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise KvgraphError(f"prefill_chunk must be >= 1 (or None: a prompt at once), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self._filling: list[_Filling] = []  # admitted, their prompts being prefilled a chunk at a time
+        self.calls: list[str] = []  # "prefill" / "decode", in the order the engine ran them (tests, benchmarks); the last 10,000
         self.steps_run = 0  # decode steps, and the rows each carried (for tests and benchmarks)
         self.rows_per_step: list[int] = []
         self._error: Exception | None = None
@@ -123,7 +149,7 @@ class BatchEngine(Engine):
     def load(self) -> int:
         """Requests running or waiting for a row."""
         with self._lock:
-            return len(self._rows) + len(self._waiting)
+            return len(self._rows) + len(self._filling) + len(self._waiting)
 
     @property
     def waiting(self) -> int:
@@ -133,7 +159,7 @@ class BatchEngine(Engine):
     @property
     def rows_in_use(self) -> int:
         with self._lock:
-            return len(self._rows)
+            return len(self._rows) + len(self._filling)
 
     def close(self) -> None:
         with self._lock:
@@ -201,21 +227,23 @@ class BatchEngine(Engine):
                     self._fail_all()
                     return
                 self._compact()
-                admit = [self._waiting.pop(0) for _ in range(min(len(self._waiting), self.max_batch - len(self._rows)))]
-                first = len(self._rows)
-                stepping = sorted(self._rows.values(), key=lambda r: r.slot) if not admit else []
-            for slot, (request, row, admitted) in enumerate(admit, start=first):
-                self._admit(request, row, slot)
-                with self._lock:
-                    self._rows[slot] = row
-                admitted.set()
+                self._place_filled()
+                free = self.max_batch - len(self._rows) - len(self._filling)
+                self._filling += [_Filling(*self._waiting.pop(0)) for _ in range(min(len(self._waiting), free))]
+                filling = next((f for f in self._filling if f.logits is None), None)
+                stepping = sorted(self._rows.values(), key=lambda r: r.slot) if self._stepping_due() else []
+            if filling is not None:
+                self._fill(filling)
             if stepping:
                 self._decode_step(stepping)
 
     def _due(self) -> bool:
-        """Work to do: a waiting request and a free row, or every active row has handed in its token."""
-        if self._waiting and len(self._rows) < self.max_batch:
+        """Work to do: a waiting request and a free row, a prompt to prefill, or every active row has handed in its token."""
+        if self._waiting and len(self._rows) + len(self._filling) < self.max_batch:
             return True
+        return bool(self._filling) or self._stepping_due()
+
+    def _stepping_due(self) -> bool:
         return bool(self._rows) and all(r.token is not None for r in self._rows.values())
 
     def _compact(self) -> None:
@@ -228,13 +256,39 @@ class BatchEngine(Engine):
                 row.slot = hole
                 self._rows[hole] = row
 
-    def _admit(self, request: Request, row: _Row, slot: int) -> None:
+    def _fill(self, filling: _Filling) -> None:
+        """One chunk of an admitted prompt into its own one-row cache; once the prompt is whole, its last logits are kept
+        and the next turn of the loop places the cache in a slot."""
         start = time.perf_counter()
-        ids = np.array([request.prompt_ids], dtype=np.int64)
-        logits, cache = prefill(self.graphs, ids, np.ones_like(ids))  # alone: the same call as Generator.generate
-        self.slots.put(slot, cache)
-        row.slot, row.length, row.logits = slot, len(request.prompt_ids), logits[:, -1]
-        row.prefill_s = time.perf_counter() - start
+        ids = filling.request.prompt_ids
+        end = len(ids) if self.prefill_chunk is None else min(len(ids), filling.done + self.prefill_chunk)
+        chunk = np.array([ids[filling.done:end]], dtype=np.int64)
+        if filling.cache is None:  # alone: the same call as Generator.generate when the prompt fits one chunk
+            logits, filling.cache = prefill(self.graphs, chunk, np.ones_like(chunk))
+        else:
+            logits, filling.cache = extend(self.graphs, filling.cache, chunk, np.ones((1, end), dtype=np.int64))
+        filling.done, filling.seconds = end, filling.seconds + time.perf_counter() - start
+        self._record("prefill")
+        if end == len(ids):
+            with self._lock:
+                filling.logits = logits[:, -1]  # whole: placed in a slot at the next turn of the loop
+                self._lock.notify_all()
+
+    def _record(self, call: str) -> None:
+        self.calls.append(call)
+        if len(self.calls) > 20_000:
+            del self.calls[:10_000]
+
+    def _place_filled(self) -> None:
+        """Whole prompts' caches into the slots after the active rows (under the lock, after compaction: no decode step
+        is running, and the slots 0 .. k-1 stay the active rows')."""
+        for filling in [f for f in self._filling if f.logits is not None]:
+            self._filling.remove(filling)
+            slot, row = len(self._rows), filling.row
+            self.slots.put(slot, filling.cache)
+            row.slot, row.length, row.logits, row.prefill_s = slot, filling.done, filling.logits, filling.seconds
+            self._rows[slot] = row
+            filling.admitted.set()
 
     def _decode_step(self, stepping: list[_Row]) -> None:
         """One decode call over slots 0 .. k-1, every row at its own write index."""
@@ -243,6 +297,7 @@ class BatchEngine(Engine):
         logits = self.slots.decode(self.graphs.steps.cache.row_feeds(self.graphs.contract, tokens, lengths))  # (k, 1, V)
         self.steps_run += 1
         self.rows_per_step.append(len(stepping))
+        self._record("decode")
         with self._lock:
             for row in stepping:
                 row.length += 1
@@ -252,6 +307,8 @@ class BatchEngine(Engine):
     def _fail_all(self) -> None:
         for _, row, admitted in self._waiting:
             admitted.set()
+        for filling in self._filling:
+            filling.admitted.set()
         for row in self._rows.values():
             row.logits = None
             row.ready.set()
@@ -328,9 +385,10 @@ def batch_refusal(generator: Generator) -> str:
     return ""
 
 
-def make_engine(generator: Generator, max_batch: int = 8) -> tuple[Engine, str]:
+def make_engine(generator: Generator, max_batch: int = 8, prefill_chunk: int | None = PREFILL_CHUNK) -> tuple[Engine, str]:
     """The batch engine where the export allows it, else one cache per request; and why that one."""
     reason = batch_refusal(generator)
     if reason:
         return RequestEngine(generator, max_batch), f"{reason}: each request runs on its own cache, up to {max_batch} at once"
-    return BatchEngine(generator, max_batch), f"continuous batching over {max_batch} rows"
+    chunks = f", prompts prefilled {prefill_chunk} tokens at a time between decode steps" if prefill_chunk else ""
+    return BatchEngine(generator, max_batch, prefill_chunk), f"continuous batching over {max_batch} rows{chunks}"

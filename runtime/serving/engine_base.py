@@ -16,7 +16,21 @@ from typing import Callable, Iterator, Sequence
 from kvgraph.graphs import KvgraphError
 from kvgraph.runtime.generator import GenerationResult, Generator
 from kvgraph.runtime.core.loop import BatchRun, Request
+from kvgraph.runtime.core.sampling import TokenLogprob
 from kvgraph.runtime.core.text import IncrementalText
+
+
+class Piece(str):
+    """A streamed text piece, with the log-probabilities of the tokens it closes (when the request asks for them): a
+    piece may carry several tokens (a character spread over bytes), and the last piece every token not yet carried."""
+
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    @classmethod
+    def of(cls, text: str, logprobs: list[TokenLogprob]) -> "Piece":
+        piece = cls(text)
+        piece.logprobs = tuple(logprobs)
+        return piece
 
 
 @dataclass
@@ -65,13 +79,13 @@ class Engine:
                min_new_tokens: int | None = None, **sampling) -> Iterator[str]:
         """Text pieces as tokens arrive; closing the iterator early frees the row at once."""
         for piece in self.events(prompt, max_new_tokens, chat=chat, stop=stop, min_new_tokens=min_new_tokens, **sampling):
-            if isinstance(piece, str):
+            if isinstance(piece, str) and piece:
                 yield piece
 
     def events(self, prompt, max_new_tokens: int | None = None, *, chat: bool = False, stop: Sequence[str] = (),
                min_new_tokens: int | None = None, cancel: threading.Event | None = None, timeout: float | None = None,
                **sampling) -> Iterator[str | GenerationResult]:
-        """Text pieces as tokens arrive, then the GenerationResult (finish reason, token counts).
+        """Text pieces (Piece: str with the log-probabilities they close) as tokens arrive, then the GenerationResult.
 
         The request's token loop runs in its own thread, so a consumer that stops reading (a client gone
         silent) never holds up the other rows' steps. Setting `cancel`, or closing this iterator, ends the
@@ -91,17 +105,21 @@ class Engine:
         job = self._start(request, settings, deadline, timeout, constraint)
         tokens: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, args=(job, tokens, cancel, deadline, timeout), name="kvgraph-request", daemon=True).start()
+        carried: list[TokenLogprob] = []  # log-probabilities of the tokens since the last piece (logprobs asked)
         try:
             while True:
                 kind, value = tokens.get()
                 if kind == "token" and text is not None:
-                    piece = text.push(value)
+                    token, entry = value
+                    carried += [entry] if entry is not None else []
+                    piece = text.push(token)
                     if piece:
-                        yield piece
+                        yield Piece.of(piece, carried)
+                        carried = []
                 elif kind == "done":
                     last = text.finish(value.text) if text is not None else ""
-                    if last:
-                        yield last
+                    if last or carried:
+                        yield Piece.of(last, carried)
                     yield value
                     return
                 elif kind == "error":
@@ -117,7 +135,7 @@ class Engine:
             for _, token in job.run:
                 row = job.run.rows[0]
                 if row.finish_reason != "stop":  # the stop string's token: its text is cut at the end
-                    tokens.put(("token", token))
+                    tokens.put(("token", (token, row.logprobs[-1] if job.request.logprobs is not None else None)))
                 if cancel.is_set():
                     break
                 if deadline is not None and time.monotonic() > deadline and not row.finished:

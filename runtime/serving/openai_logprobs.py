@@ -29,8 +29,9 @@ def prompt_entries(ids: list[int], logprobs: list[TokenLogprob | None]) -> list[
     return list(zip(ids, logprobs))
 
 
-def completion_logprobs(codec: TextCodec | None, entries: list[Entry]) -> dict:
-    tokens, values, tops, offsets, offset = [], [], [], [], 0
+def completion_logprobs(codec: TextCodec | None, entries: list[Entry], offset: int = 0) -> dict:
+    """offset: the text_offset of the first entry (a streamed chunk's: the length of the tokens' text before it)."""
+    tokens, values, tops, offsets = [], [], [], []
     for token, entry in entries:
         text = token_text(codec, token)
         tokens.append(text)

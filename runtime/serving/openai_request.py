@@ -47,8 +47,6 @@ def parse_request(engine: Engine, body: dict, chat: bool) -> Parsed:
     except KvgraphError as exc:
         raise BadRequest(str(exc), "messages" if chat else "prompt") from exc
     logprobs, echo = _logprobs(body, chat), bool(body.get("echo"))
-    if (logprobs is not None or echo) and body.get("stream"):
-        raise BadRequest("logprobs and echo are not streamed by this server; ask without stream", "logprobs" if logprobs is not None else "echo")
     prompt = prompts[0]
     room = engine.generator.room(len(prompt)) if chat else None
     # a field the request leaves out: the export's generation config (as vLLM), then OpenAI's default
