@@ -90,15 +90,15 @@ def long_prompt_text(url: str, tokens: int) -> str:
     return " ".join(words[: max(1, int(len(text.split()) * tokens / counted))])
 
 
-def long_prompt_round(url: str, streams: int, new_tokens: int, prompt: str, arrivals: int, gap: float) -> dict:
+def long_prompt_round(url: str, streams: int, new_tokens: int, prompt: str, arrivals: int, gap: float, settle: float = 6.0) -> dict:
     """`streams` clients stream `new_tokens` each; once all are streaming, `arrivals` requests with a long prompt arrive
-    `gap` seconds apart (1 token each). Inter-token latency of the running streams while the long prompts are in the
+    `gap` seconds apart (1 token each), `settle` seconds after the streams started. Inter-token latency of the running streams while the long prompts are in the
     server, and before they arrive."""
     results: list = []
     threads = [threading.Thread(target=one_client, args=(url, i, new_tokens, 0.0, 1, results)) for i in range(streams)]
     for thread in threads:
         thread.start()
-    time.sleep(2.0)  # every stream past its prefill
+    time.sleep(settle)  # every stream past its prefill, decoding at a steady pace
     spans = []
 
     def long_request(i: int) -> None:
@@ -132,7 +132,7 @@ def long_prompts(args) -> None:
     early = sum(r["ended_early"] for r in rounds)
     note = f" ({early} streams ended before the last long prompt)" if early else ""
     print(f"| {args.label} | {args.streams} | {args.long_count} | {1e3 * percentile(before, 50):.1f} / {1e3 * percentile(before, 99):.1f} | "
-          f"{1e3 * percentile(during, 50):.1f} / {1e3 * percentile(during, 99):.1f} / {1e3 * max(during):.0f}{note} | "
+          f"{1e3 * percentile(during, 50):.1f} / {1e3 * percentile(during, 99):.1f} / {1e3 * max(during, default=float('nan')):.0f}{note} | "
           f"{statistics.median(t for r in rounds for t in r['long']):.2f} |", flush=True)
 
 

@@ -49,7 +49,7 @@ from kvgraph.runtime.serving.engine_base import Engine, Job, RequestTimeout, rem
 from kvgraph.runtime.generator import Generator
 from kvgraph.runtime.core.loop import BatchRun, Request
 from kvgraph.runtime.core.sampling import Sampling
-from kvgraph.runtime.core.steps import StaticCache, BoundDecode, extend, prefill
+from kvgraph.runtime.core.steps import StaticCache, BoundDecode, extend, run_step
 
 __all__ = ["PREFILL_CHUNK", "BatchEngine", "Engine", "RequestEngine", "RequestTimeout", "batch_refusal", "make_engine"]
 
@@ -67,6 +67,7 @@ class _Row:
 
 
 PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps of the running rows
+TOKEN_WAIT = 0.05  # seconds a prefill chunk waits for the running rows' next tokens (a row's sampling takes well under)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class BatchEngine(Engine):
             raise KvgraphError(f"prefill_chunk must be >= 1 (or None: a prompt at once), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self._filling: list[_Filling] = []  # admitted, their prompts being prefilled a chunk at a time
+        self._spare: list[StaticCache] = []  # one-row caches already filled once and copied into a slot: reused, not reallocated
         self.calls: list[str] = []  # "prefill" / "decode", in the order the engine ran them (tests, benchmarks); the last 10,000
         self.steps_run = 0  # decode steps, and the rows each carried (for tests and benchmarks)
         self.rows_per_step: list[int] = []
@@ -226,12 +228,13 @@ class BatchEngine(Engine):
                 if self._closed:
                     self._fail_all()
                     return
+                self._await_tokens()
                 self._compact()
-                self._place_filled()
+                stepping = sorted(self._rows.values(), key=lambda r: r.slot) if self._stepping_due() else []
+                self._place_filled()  # after the rows that step: a row placed now joins the next step, once it has its token
                 free = self.max_batch - len(self._rows) - len(self._filling)
                 self._filling += [_Filling(*self._waiting.pop(0)) for _ in range(min(len(self._waiting), free))]
                 filling = next((f for f in self._filling if f.logits is None), None)
-                stepping = sorted(self._rows.values(), key=lambda r: r.slot) if self._stepping_due() else []
             if filling is not None:
                 self._fill(filling)
             if stepping:
@@ -242,6 +245,16 @@ class BatchEngine(Engine):
         if self._waiting and len(self._rows) + len(self._filling) < self.max_batch:
             return True
         return bool(self._filling) or self._stepping_due()
+
+    def _await_tokens(self) -> None:
+        """Before a prefill chunk, give the running rows' threads a moment (TOKEN_WAIT at most) to hand in the tokens they
+        are sampling, so that the chunk and their decode step share this turn instead of the chunk running alone."""
+        deadline = time.monotonic() + TOKEN_WAIT
+        while self._filling and self._rows and not self._stepping_due() and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._lock.wait(left)
 
     def _stepping_due(self) -> bool:
         return bool(self._rows) and all(r.token is not None for r in self._rows.values())
@@ -263,8 +276,9 @@ class BatchEngine(Engine):
         ids = filling.request.prompt_ids
         end = len(ids) if self.prefill_chunk is None else min(len(ids), filling.done + self.prefill_chunk)
         chunk = np.array([ids[filling.done:end]], dtype=np.int64)
-        if filling.cache is None:  # alone: the same call as Generator.generate when the prompt fits one chunk
-            logits, filling.cache = prefill(self.graphs, chunk, np.ones_like(chunk))
+        if filling.cache is None:  # alone: the same graph call as Generator.generate when the prompt fits one chunk
+            cache = self._spare.pop() if self._spare else StaticCache(self.graphs, 1)
+            logits, filling.cache, _ = run_step(self.graphs, cache.truncated(0), "prefill", chunk, np.ones_like(chunk))
         else:
             logits, filling.cache = extend(self.graphs, filling.cache, chunk, np.ones((1, end), dtype=np.int64))
         filling.done, filling.seconds = end, filling.seconds + time.perf_counter() - start
@@ -286,6 +300,7 @@ class BatchEngine(Engine):
             self._filling.remove(filling)
             slot, row = len(self._rows), filling.row
             self.slots.put(slot, filling.cache)
+            self._spare.append(filling.cache)  # the next prompt fills it again (its old values are masked, all finite)
             row.slot, row.length, row.logits, row.prefill_s = slot, filling.done, filling.logits, filling.seconds
             self._rows[slot] = row
             filling.admitted.set()
