@@ -31,10 +31,13 @@ REQUESTS = [(0.000, [1, 523, 8891, 77], 40), (0.000, [1, 4012, 33, 9, 12000, 480
             (0.010, [1, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86], 34), (0.015, [1, 31000, 2, 31001], 45), (0.020, [1, 600, 601], 6)]
 
 
-def test_batched_tokens_equal_each_request_alone(static_export):
-    alone = Generator.load(static_export)
-    want = [alone.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids for _, prompt, new in REQUESTS]
-    engine = BatchEngine(Generator.load(static_export), max_batch=4)  # 6 requests, 4 rows: two wait for a free row
+def _each_alone(export) -> list[list[int]]:
+    alone = Generator.load(export)
+    return [alone.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids for _, prompt, new in REQUESTS]
+
+
+def _run_requests(engine: BatchEngine) -> list[list[int]]:
+    """REQUESTS from one thread each, at their delays; every request's tokens, then the engine closed."""
     got = [None] * len(REQUESTS)
 
     def client(i: int) -> None:
@@ -48,7 +51,13 @@ def test_batched_tokens_equal_each_request_alone(static_export):
     for thread in threads:
         thread.join(timeout=120)
     engine.close()
-    assert got == want
+    return got
+
+
+def test_batched_tokens_equal_each_request_alone(static_export):
+    want = _each_alone(static_export)
+    engine = BatchEngine(Generator.load(static_export), max_batch=4)  # 6 requests, 4 rows: two wait for a free row
+    assert _run_requests(engine) == want
     assert max(engine.rows_per_step) >= 2 and max(engine.rows_per_step) <= 4  # steps really were shared, never over max_batch
     assert engine.steps_run < sum(new - 1 for _, _, new in REQUESTS)  # fewer graph calls than one request at a time
     assert engine.free_rows == 4  # every row given back
@@ -92,23 +101,9 @@ def test_a_request_that_waits_past_its_timeout_leaves_the_queue(kind, long_expor
 def test_prompts_prefilled_in_chunks_give_the_same_tokens(static_export):
     """Chunks of 3 prompt tokens (the prefill graph, then the extend graph on the same one-row cache) between decode
     steps: every request's tokens are still those of Generator.generate alone."""
-    alone = Generator.load(static_export)
-    want = [alone.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids for _, prompt, new in REQUESTS]
+    want = _each_alone(static_export)
     engine = BatchEngine(Generator.load(static_export), max_batch=4, prefill_chunk=3)
-    got = [None] * len(REQUESTS)
-
-    def client(i: int) -> None:
-        delay, prompt, new = REQUESTS[i]
-        time.sleep(delay)
-        got[i] = engine.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(REQUESTS))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    engine.close()
-    assert got == want
+    assert _run_requests(engine) == want
     assert engine.calls.count("prefill") == sum(-(-len(prompt) // 3) for _, prompt, _ in REQUESTS)
     assert engine.free_rows == 4
     with pytest.raises(KvgraphError, match="prefill_chunk must be >= 1"):

@@ -310,14 +310,7 @@ class _Serving:
             return self._beams(parsed.prompts[0], parsed.n, options, chat, created, ident)
         echoed = self._echoed(parsed) if parsed.echo else None
         if options["max_new_tokens"] == 0:  # echo alone: the prompts and their log-probabilities, nothing generated
-            answer = _echo_only(echoed, head, parsed, self.engine.generator.codec)
-            if not body.get("stream"):
-                return JSONResponse(answer)
-            chunks = [{**answer, "choices": [choice]} for choice in answer.pop("choices")]
-            usage = answer.pop("usage")
-            if (body.get("stream_options") or {}).get("include_usage"):
-                chunks.append({**answer, "choices": [], "usage": usage})
-            return _watched_stream(_sse(iter(chunks), hangup.finish, hangup), hangup)
+            return _echo_response(_echo_only(echoed, head, parsed, self.engine.generator.codec), body, hangup)
         cancels = [threading.Event() for _ in range(total)]  # one per choice: a choice that ends sets its own
         hangup.watch(cancels)
 
@@ -487,6 +480,19 @@ def _echo_only(echoed: list, head: dict, parsed, codec) -> dict:
     prompt = sum(len(ids) for ids, _, _ in echoed)
     return {**head, "object": "text_completion", "choices": choices,
             "usage": {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}}
+
+
+def _echo_response(answer: dict, body: dict, hangup: Hangup):
+    """The echo-only answer as JSON, or streamed: one chunk per choice, then the usage when asked."""
+    from fastapi.responses import JSONResponse
+
+    if not body.get("stream"):
+        return JSONResponse(answer)
+    chunks = [{**answer, "choices": [choice]} for choice in answer.pop("choices")]
+    usage = answer.pop("usage")
+    if (body.get("stream_options") or {}).get("include_usage"):
+        chunks.append({**answer, "choices": [], "usage": usage})
+    return _watched_stream(_sse(iter(chunks), hangup.finish, hangup), hangup)
 
 
 def _tool_choice(index: int, text: str, finish: str) -> dict:
