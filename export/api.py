@@ -22,7 +22,7 @@ from kvgraph.graphs.manifest import METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, g
 from kvgraph.graphs.modes import CACHE_MODES as MODE_ADAPTERS
 from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.onnx_files import embed_metadata, write_graphs
-from kvgraph.graphs.quantization import QuantScheme, thresholds
+from kvgraph.graphs.quantization import QuantReport, QuantScheme, Quantizer, thresholds
 from kvgraph.graphs.staging import check_destination, staged
 from kvgraph.graphs.weight_store import WeightStore
 from kvgraph.graphs.report import TOLERANCES, DiffRow, failures, format_table, graph_summaries
@@ -35,6 +35,9 @@ from kvgraph.export.scatter import SCATTER_OPSET
 from kvgraph.export.trace import IR_VERSION, OPSET, optimize_graphs, trace_graphs
 from kvgraph.export.validate import DECODE_STEPS, PROMPT_LENGTHS, SOURCE_LENGTHS
 from kvgraph.export.validate import check_cases, reference_cases
+from kvgraph.export.reference import torch_answers
+from kvgraph.runtime.tools.quality import Workload, answer, compare
+from kvgraph.runtime.tools.quantize_export import gate, publish_quantized, quantized_log_line
 
 OPSETS = {"dynamic": OPSET, "static": SCATTER_OPSET}  # cache mode -> the opset its graphs need (TensorScatter: 24)
 VALIDATION_BATCHES = {  # graph kind -> the batch export validation runs, as the manifest records it
@@ -78,8 +81,8 @@ def export_model(
     cache="static" writes prefill.onnx and decode.onnx over fixed (B, Hkv, max_length, D) buffers
     instead (no extend.onnx: prefill at a write index past 0 is the extend step).
 
-    quantize: also quantize the weights (graphs/quantization.py) after a float export to a temporary
-    directory, and publish only if the quality report against that float export passes
+    quantize: quantize the weights (graphs/quantization.py) as the graphs are made, without writing float graphs or
+    holding every float weight at once, and publish only if the quality report against the PyTorch model passes
     (min_top1 / max_ppl_ratio; defaults by bit width).
 
     log gets the progress and one validation line per graph; verbose (or a failure) adds the table of every
@@ -107,28 +110,95 @@ def export_model(
     mode = step_adapter(contract).cache.describe(contract)
     log(f"exporting {family.model_type} ({contract.num_layers} layers, {contract.num_kv_heads} KV heads, head dim {contract.head_dim}) as {dtype}, {mode}")
     if quantize is not None:
-        _check_blocks(source.model, quantize)
-        return _export_quantized(source, family, contract, out, validate, force, quantize, min_top1, max_ppl_ratio, log, verbose)
+        _check_quantizable(source.model, contract, quantize, validate)
+        limits = thresholds(quantize.bits, min_top1, max_ppl_ratio)
+        return _export_quantized(source, family, contract, out, force, quantize, limits, log)
     with staged(out, force) as staging, _remembered_interrupts() as interrupts:  # nothing half-written, also on Ctrl-C
         manifest, rows, phases = _build(source, family, contract, staging, validate, log, interrupts, verbose)
     return ExportResult(out, manifest, rows, phases)
 
 
-def _export_quantized(source: Source, family, contract: GraphContract, out: Path, validate: bool, force: bool, scheme: QuantScheme,
-                      min_top1: float | None, max_ppl_ratio: float | None, log, verbose: bool) -> ExportResult:
-    """The float export into a temporary directory, then `kvgraph quantize` of it into `out`."""
-    from kvgraph.runtime.tools.quantize_export import quantize_export
+def _export_quantized(source: Source, family, contract: GraphContract, out: Path, force: bool, scheme: QuantScheme,
+                      limits: tuple[float, float], log) -> ExportResult:
+    """Traced, optimized and quantized in memory, the float weights never all resident: the relaid weights live in a
+    scratch file (export/layout.py) and each one leaves memory once it is quantized. No float graph is written; the
+    quality report compares the quantized export with the PyTorch model itself (export/reference.py)."""
+    with tempfile.TemporaryDirectory(prefix="kvgraph-quantize-") as scratch, staged(out, force) as staging, \
+            _remembered_interrupts() as interrupts:
+        phase = Phases(log, family.model_type, interrupts)
+        parameter_bytes = _model_bytes(source.model)[0]
+        with contextlib.ExitStack() as layout:
+            with phase("layout"):
+                layout.enter_context(transposed_storage(source.model, restore=not source.owned, scratch=Path(scratch)))
+            report, manifest = _quantized_graphs(source, family, contract, staging, scheme, phase, parameter_bytes)
+            log(quantized_log_line(report, scheme))
+            workload = Workload.of(staging)
+            with phase("reference"):  # the float side of the quality report: PyTorch, a layer of weights at a time
+                reference = torch_answers(source.model, workload, Path(scratch) / "reference")
+        source.release_weights()
+        with phase("quality"):
+            quality = compare(workload, reference, answer(staging, workload, Path(scratch) / "quantized"))
+        log(quality.table("PyTorch"))
+        gate(quality, limits)
+        publish_quantized(manifest, staging, scheme, report, quality, limits, reference="pytorch")
+    return ExportResult(out, Manifest.load(out), [], phase.measured)
 
-    with tempfile.TemporaryDirectory(prefix="kvgraph-float-") as scratch:
-        with staged(Path(scratch) / "float", False) as staging, _remembered_interrupts() as interrupts:
-            _, rows, phases = _build(source, family, contract, staging, validate, log, interrupts, verbose)
-        del source
-        quantize_export(Path(scratch) / "float", out, scheme, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio, force=force, log=log)
-    return ExportResult(out, Manifest.load(out), rows, phases)
+
+def _quantized_graphs(source: Source, family, contract: GraphContract, staging: Path, scheme: QuantScheme, phase: Phases,
+                      parameter_bytes: int) -> tuple[QuantReport, Manifest]:
+    """Trace, optimize, quantize and write the graphs (the float manifest, until the quality report passes)."""
+    with phase("trace"):
+        programs = trace_graphs(source.model, family, contract)
+    store = WeightStore()
+    with phase("optimize"):
+        graphs = optimize_graphs(programs, family, contract, store)
+        del programs
+    with phase("quantize"):
+        report = Quantizer(scheme, _PagedStore(store)).quantize(graphs)
+        store.release_unreferenced(graphs)  # the float weights' blobs: the transposed embedding's memory goes here
+    with phase("write"):
+        write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX, store)
+        del graphs, store
+        files = _copy_tokenizer(source, staging)
+    manifest = _manifest(source, contract, files, [], False, parameter_bytes)
+    manifest.write(staging)
+    return report, manifest
+
+
+class _PagedStore:
+    """The weight store as the quantizer reads it: a float matrix a file holds leaves the process's memory as soon as
+    the next one is read (its pages stay in the file)."""
+
+    def __init__(self, store: WeightStore) -> None:
+        self.store, self.last = store, None
+
+    def array(self, tensor):
+        if self.last is not None:
+            memory.drop_file_pages(self.last.ctypes.data, self.last.nbytes)
+        self.last = self.store.array(tensor)
+        return self.last
+
+    def tensor(self, array, name: str):
+        return self.store.tensor(array, name)
+
+    def key(self, tensor) -> str | None:
+        return self.store.key(tensor)
+
+
+def _check_quantizable(model: torch.nn.Module, contract: GraphContract, scheme: QuantScheme, validate: bool) -> None:
+    """Before tracing: the cache mode takes quantized weights, --no-validate is not asked for (a quantized export is
+    always scored against PyTorch), and the blocks fit."""
+    reason = step_adapter(contract).quantization()
+    if reason:
+        raise KvgraphError(reason)
+    if not validate:
+        raise KvgraphError("--no-validate does not apply to --quantize: a quantized export is always scored against PyTorch "
+                           "(to publish whatever the score, add --min-top1 0 --max-ppl-ratio 1e9)")
+    _check_blocks(model, scheme)
 
 
 def _check_blocks(model: torch.nn.Module, scheme: QuantScheme) -> None:
-    """Before tracing: every linear layer's input width (and the embedding width) is a whole number of blocks."""
+    """Every linear layer's input width (and the embedding width) is a whole number of blocks."""
     widths = {f"{name} (in_features {module.in_features})": module.in_features for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear)}
     widths.update({f"{name} (embedding_dim {module.embedding_dim})": module.embedding_dim for name, module in model.named_modules()

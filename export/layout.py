@@ -12,12 +12,18 @@ A checkpoint loaded memory-mapped keeps its file's pages resident once read; the
 unmapped from the process (they stay in the file), so the model holds each weight once. Layout only: every value and
 every result of the model is unchanged. A tied embedding's matrix stays as it is (the
 input embedding gathers its rows). One weight is relaid at a time, so the change costs one matrix of memory at most.
+
+With a scratch directory (a quantized export, which never needs all the float weights at once), the relaid weights
+live in a file there instead of in the process's own memory: each one's pages are dropped once written, and come back
+from the file (the page cache) when a later phase reads them, so the float weights never count in full.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvgraph.graphs.rewrites.graph_edit import transposed_copy
@@ -36,14 +42,15 @@ def linear_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 @contextlib.contextmanager
-def transposed_storage(model: torch.nn.Module, restore: bool):
+def transposed_storage(model: torch.nn.Module, restore: bool, scratch: Path | None = None):
     """Lay every linear weight out as (in, out) storage for the duration; `restore` lays them back on exit (a model
-    the caller passed in comes back as it was, strides included)."""
+    the caller passed in comes back as it was, strides included). `scratch`: a directory for the file that holds them."""
     weights = linear_weights(model)
+    place = _FilePlacer(scratch, weights) if scratch is not None else None
     with torch.no_grad():
         for weight in weights:
             before = weight.data
-            weight.data = _transposed(before).t()
+            weight.data = (place(before) if place else _transposed(before)).t()
             memory.drop_file_pages(before.data_ptr(), before.numel() * before.element_size())
     try:
         yield weights
@@ -61,3 +68,22 @@ def _transposed(matrix: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of matrix.T (graphs' banded, threaded copy: about twice torch's speed on a large matrix)."""
     bits = matrix.view(_SAME_SIZE[matrix.element_size()]).numpy()
     return torch.from_numpy(transposed_copy(bits)).view(matrix.dtype)
+
+
+class _FilePlacer:
+    """Writes each weight's transposed copy into one shared file mapping (scratch/layout.bin) and drops its pages."""
+
+    def __init__(self, scratch: Path, weights: list[torch.Tensor]) -> None:
+        sizes = [w.numel() * w.element_size() for w in weights]
+        self.file = np.memmap(Path(scratch) / "layout.bin", dtype=np.uint8, mode="w+", shape=(max(1, sum(sizes)),))
+        self.offset = 0
+
+    def __call__(self, matrix: torch.Tensor) -> torch.Tensor:
+        size = matrix.numel() * matrix.element_size()
+        rows, cols = matrix.shape
+        bits = matrix.view(_SAME_SIZE[matrix.element_size()]).numpy()
+        out = self.file[self.offset: self.offset + size].view(bits.dtype).reshape(cols, rows)
+        self.offset += size
+        transposed_copy(bits, out=out)
+        memory.drop_file_pages(out.ctypes.data, size)
+        return torch.from_numpy(out).view(matrix.dtype)

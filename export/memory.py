@@ -68,11 +68,19 @@ def drop_file_pages(address: int, length: int) -> int:
     Returns the bytes dropped (0 off Linux, or for memory that is not a file's)."""
     if length <= 0 or not file_backed(address):
         return 0
+    return drop_pages(address, length)
+
+
+def drop_pages(address: int, length: int) -> int:
+    """drop_file_pages for memory the caller knows to be a file's mapping (MADV_DONTNEED: never call it on memory of
+    the process's own, whose contents it would discard). Returns the bytes dropped."""
     page = mmap.PAGESIZE
     first, last = -(-address // page) * page, (address + length) // page * page
     if last <= first:
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
+    if _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
         return 0
     return last - first
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -27,6 +27,7 @@ from kvgraph.graphs.rewrites.transposed_embeddings import share_embeddings_acros
 from kvgraph.graphs.rewrites.untie_transposed import untie_transposed_copies
 from kvgraph.graphs.rewrites.zero_additions import drop_zero_additions
 from kvgraph.graphs.weight_store import INLINE_LIMIT, WeightStore, location
+from kvgraph.export import memory
 from kvgraph.export.experts import traceable_experts
 from kvgraph.export.families import Family
 from kvgraph.export.optimize import optimize
@@ -146,11 +147,19 @@ def _weights_into_store(model: ir.Model, store: WeightStore) -> None:
     values = [value for value in model.graph.initializers.values() if value.const_value is not None
               and not isinstance(value.const_value, ir.ExternalTensor) and value.const_value.nbytes >= INLINE_LIMIT]
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashing the bytes releases the GIL: ~2x on 2 cores
-        keys = list(pool.map(lambda value: store.put(value.const_value.numpy(), int(value.const_value.dtype)), values))
+        keys = list(pool.map(lambda value: _put(store, value.const_value.numpy(), int(value.const_value.dtype)), values))
     for value, key in zip(values, keys):
         tensor = value.const_value
         value.const_value = ir.ExternalTensor(location(key), offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
                                               name=value.name)
+
+
+def _put(store: WeightStore, array, data_type: int) -> str:
+    """Into the store; a weight a file holds (a mapped checkpoint, a quantized export's relaid weights) leaves the
+    process's memory again once hashed: its pages come back from the file when read."""
+    key = store.put(array, data_type)
+    memory.drop_file_pages(array.ctypes.data, array.nbytes)
+    return key
 
 
 def _prefill_example(contract: GraphContract):

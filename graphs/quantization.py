@@ -224,24 +224,29 @@ class Quantizer:
                                f"{tensor.name} {list(tensor.dims)} in {graph_name}.onnx; block sizes that do: {fits or 'none'}")
         return (self.scheme.embedding_bits if gathers else self.scheme.bits), axis, readers
 
-    def _blocks(self, tensor: onnx.TensorProto, bits: int, axis: int, gathered: bool) -> _Blocks:
-        array = self.values.array(tensor)
-        key = (bits, axis, array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+    def _parts(self, tensor: onnx.TensorProto, bits: int, axis: int, gathered: bool) -> list[onnx.TensorProto]:
+        """The quantized initializers of `tensor` (codes, scales, zero points), made once per content: a matrix every
+        graph holds is read and quantized once, and only references to its stored parts are kept."""
+        stored = self.values.key(tensor)  # a stored tensor's content key saves reading it again
+        array = self.values.array(tensor) if stored is None else None
+        key = (bits, axis, stored) if stored is not None else (bits, axis, array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
         if key not in self._done:
+            array = self.values.array(tensor) if array is None else array
             blocks = quantize_blocks(array if axis == 0 else array.T, bits, self.scheme.block_size, self.scheme.symmetric)
             if axis == 1:
                 blocks = _Blocks(*(None if a is None else np.ascontiguousarray(a.T) for a in (blocks.q, blocks.scales, blocks.zero_points)))
-            self._done[key] = blocks
+            names = [f"{tensor.name}.q{bits}", f"{tensor.name}.scales"] + ([f"{tensor.name}.zero_points"] if blocks.zero_points is not None else [])
+            arrays = [blocks.q, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
+            self._done[key] = [self.values.tensor(a, name) for name, a in zip(names, arrays)]
             (self.report.gathered if gathered else self.report.matmul).append(tensor.name)
             self.report.float_bytes += array.nbytes
             self.report.quantized_bytes += blocks.nbytes
-        return self._done[key]
+        return [_renamed(part, tensor.name) for part in self._done[key]]
 
     def _rewrite(self, graph: onnx.GraphProto, tensor: onnx.TensorProto, bits: int, axis: int, readers: list) -> None:
-        blocks = self._blocks(tensor, bits, axis, any(node.op_type == "Gather" for node in readers))
-        parts = [f"{tensor.name}.q{bits}", f"{tensor.name}.scales"] + ([f"{tensor.name}.zero_points"] if blocks.zero_points is not None else [])
-        arrays = [blocks.q, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
-        graph.initializer.extend(self.values.tensor(array, name) for name, array in zip(parts, arrays))
+        initializers = self._parts(tensor, bits, axis, any(node.op_type == "Gather" for node in readers))
+        parts = [part.name for part in initializers]
+        graph.initializer.extend(initializers)
         matmuls = [node for node in readers if node.op_type == "MatMul"]
         gathers = len(readers) > len(matmuls)
         rows = _twins(graph, parts, "rows") if matmuls and gathers else parts  # a tied matrix: the Gathers read their own twins
@@ -251,6 +256,14 @@ class Quantizer:
             else:
                 _gather_then_dequantize(graph, node, rows, axis, self.scheme.block_size)
         graph.initializer.remove(tensor)
+
+
+def _renamed(part: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    """A copy of a quantized part named after `name` (the same content may sit under another name in another graph)."""
+    copy = onnx.TensorProto()
+    copy.CopyFrom(part)
+    copy.name = name + part.name[part.name.rindex("."):]
+    return copy
 
 
 def _dequantize_for_matmul(graph: onnx.GraphProto, matmul: onnx.NodeProto, name: str, parts: list[str], axis: int, block: int, i: int) -> None:

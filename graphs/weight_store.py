@@ -35,6 +35,8 @@ class Tensors(Protocol):
 
     def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto: ...
 
+    def key(self, tensor: onnx.TensorProto) -> str | None: ...  # a content key known without reading the values, or None
+
 
 class InlineTensors:
     """Initializers that carry their own bytes (onnx's numpy_helper)."""
@@ -44,6 +46,9 @@ class InlineTensors:
 
     def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
         return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+    def key(self, tensor: onnx.TensorProto) -> None:
+        return None
 
 
 INLINE = InlineTensors()
@@ -99,6 +104,14 @@ class WeightStore:
         if len(data) != length:
             raise ValueError(f"{self.source / info['location']}: {tensor.name} needs {length} bytes at {offset}, the file ends first")
         return data
+
+    def release_unreferenced(self, models: dict[str, onnx.ModelProto]) -> int:
+        """Forget the bytes no graph refers to any more (the float weights a rewrite replaced); returns how many."""
+        used = {self.key(t) for model in models.values() for t in model.graph.initializer}
+        unused = [key for key in self.blobs if key not in used]
+        for key in unused:
+            del self.blobs[key]
+        return len(unused)
 
     def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
         """A new initializer of `array`'s values, its bytes in the store (4-bit types packed two to a byte, as ONNX stores them)."""

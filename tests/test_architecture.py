@@ -15,7 +15,7 @@ PACKAGES = {"export": "kvgraph.export", "graphs": "kvgraph.graphs", "runtime": "
 RANKS = {"kvgraph.graphs": 0, "kvgraph.runtime.core": 1, "kvgraph.runtime.decoding": 2, "kvgraph.runtime.generator": 3,
          "kvgraph.runtime": 3, "kvgraph.runtime.serving": 4, "kvgraph.runtime.tools": 4, "kvgraph.runtime.commands": 5}
 # What export/ may use of the runtime: its public API, never a command module.
-EXPORT_MAY_USE = ("kvgraph.runtime", "kvgraph.runtime.generator", "kvgraph.runtime.tools.quantize_export")
+EXPORT_MAY_USE = ("kvgraph.runtime", "kvgraph.runtime.generator", "kvgraph.runtime.tools.quantize_export", "kvgraph.runtime.tools.quality")
 TORCH_SIDE = ("torch", "transformers", "optimum", "kvgraph.export")
 
 

@@ -187,11 +187,14 @@ def test_export_quantize_end_to_end_and_block_size_refused_before_tracing(tmp_pa
     assert main(["export", str(model_dir), str(tmp_path / "bad"), "--quantize", "int4", "--block-size", "128"]) == 1
     err = capsys.readouterr().err
     assert "block size 128 does not divide the input dimension of" in err and "trace" not in err
+    assert main(["export", str(model_dir), str(tmp_path / "bad"), "--quantize", "int8", "--no-validate"]) == 1
+    assert "--no-validate does not apply to --quantize" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert main(["export", str(model_dir), str(tmp_path / "q"), "--quantize", "int8", "--symmetric", "--cache", "static",
                  "--max-length", "64", "--min-top1", "0", "--max-ppl-ratio", "1e9"]) == 0
     manifest = Manifest.load(tmp_path / "q")
-    assert manifest.quantization["scheme"]["symmetric"] and manifest.contract.static and manifest.validation["passed"]
+    assert manifest.quantization["scheme"]["symmetric"] and manifest.contract.static and manifest.validation is None
+    assert manifest.quantization["reference"] == "pytorch"  # scored against the model itself: no float graph was written
     model = onnx.load(str(tmp_path / "q" / "prefill.onnx"), load_external_data=False)
     assert {t.data_type for t in model.graph.initializer if t.name.endswith(".q8")} == {onnx.TensorProto.INT8}
     assert Generator.load(tmp_path / "q").generate("Hi", max_new_tokens=5, min_new_tokens=5).token_ids

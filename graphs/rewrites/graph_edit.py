@@ -66,10 +66,10 @@ def edges(tensor: onnx.TensorProto, transposed: bool = False, values: Tensors = 
     return tensor.data_type, array.shape, array[0].tobytes(), array[:, 0].tobytes()
 
 
-def transposed_copy(matrix: np.ndarray, rows: int = 64, threads: int = 2) -> np.ndarray:
-    """A C-ordered copy of the 2-D `matrix.T`, copied a band of rows at a time by `threads` threads (numpy releases the
-    GIL while it copies). 5x as fast as numpy's strided copy of a large matrix: about 1 GB/s here."""
-    out = np.empty(matrix.shape[::-1], matrix.dtype)
+def transposed_copy(matrix: np.ndarray, rows: int = 64, threads: int = 2, out: np.ndarray | None = None) -> np.ndarray:
+    """A C-ordered copy of the 2-D `matrix.T` (into `out` when given), copied a band of rows at a time by `threads`
+    threads (numpy releases the GIL while it copies). 5x as fast as numpy's strided copy of a large matrix: about 1 GB/s here."""
+    out = np.empty(matrix.shape[::-1], matrix.dtype) if out is None else out
 
     def copy(start: int, stop: int) -> None:
         for row in range(start, stop, rows):

@@ -80,9 +80,9 @@ class QualityReport:
             reasons.append(f"perplexity ratio {self.perplexity_ratio:.4f} is above {max_ppl_ratio:.4f}")
         return reasons
 
-    def table(self) -> str:
+    def table(self, against: str = "the float export") -> str:
         return "\n".join([
-            f"quality against the float export ({self.text}, {self.tokens} next-token predictions in windows of {self.window}):",
+            f"quality against {against} ({self.text}, {self.tokens} next-token predictions in windows of {self.window}):",
             f"  top-1 agreement   {100 * self.top1_agreement:.2f} %",
             f"  mean KL           {self.mean_kl:.5f} nats/token",
             f"  perplexity        {self.perplexity_float:.4f} float, {self.perplexity_quantized:.4f} quantized "

@@ -14,11 +14,11 @@ from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.manifest import MANIFEST_NAME, METADATA_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, Manifest, graph_file
 from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.onnx_files import embed_metadata, write_graphs
-from kvgraph.graphs.quantization import QuantScheme, Quantizer, thresholds
+from kvgraph.graphs.quantization import QuantReport, QuantScheme, Quantizer, thresholds
 from kvgraph.graphs.safety import check_graph_file
 from kvgraph.graphs.staging import check_destination, staged
 from kvgraph.graphs.weight_store import WeightStore
-from kvgraph.runtime.tools.quality import measure
+from kvgraph.runtime.tools.quality import QualityReport, measure
 
 
 def quantize_export(source: str | Path, out: str | Path, scheme: QuantScheme, *, min_top1: float | None = None,
@@ -34,22 +34,38 @@ def quantize_export(source: str | Path, out: str | Path, scheme: QuantScheme, *,
     models = _load_graphs(source, manifest)  # without their weights: the quantizer reads them tensor by tensor
     store = WeightStore(source)
     report = Quantizer(scheme, store).quantize(models)
-    log(f"quantized {len(report.matmul)} matrices to int{scheme.bits} and {len(report.gathered)} gathered ones to "
-        f"int{scheme.embedding_bits} (block {scheme.block_size}): {report.float_bytes / 1e6:.1f} MB -> {report.quantized_bytes / 1e6:.1f} MB")
+    log(quantized_log_line(report, scheme))
     with staged(out, force) as staging:
         _write(models, manifest, source, staging, store)
         del models, store
         quality = measure(source, staging, threads, log)
         log(quality.table())
-        reasons = quality.shortfalls(*limits)
-        if reasons:
-            raise KvgraphError(f"quantized export refused: {'; '.join(reasons)} (change with --min-top1 / --max-ppl-ratio); "
-                               "nothing was written")
-        record = {"scheme": {**_scheme_json(scheme), "format": "qdq"}, "source_dtype": manifest.contract.dtype,
-                  "tensors": report.to_json(), "quality": quality.to_json(),
-                  "thresholds": {"min_top1": limits[0], "max_ppl_ratio": limits[1]}}
-        _publish_manifest(replace(manifest, quantization=record, versions={**manifest.versions, **_versions()}), staging)
+        gate(quality, limits)
+        publish_quantized(manifest, staging, scheme, report, quality, limits)
     return out
+
+
+def quantized_log_line(report: QuantReport, scheme: QuantScheme) -> str:
+    return (f"quantized {len(report.matmul)} matrices to int{scheme.bits} and {len(report.gathered)} gathered ones to "
+            f"int{scheme.embedding_bits} (block {scheme.block_size}): {report.float_bytes / 1e6:.1f} MB -> {report.quantized_bytes / 1e6:.1f} MB")
+
+
+def gate(quality: QualityReport, limits: tuple[float, float]) -> None:
+    """Refuse a quantized export whose quality report falls short of the thresholds."""
+    reasons = quality.shortfalls(*limits)
+    if reasons:
+        raise KvgraphError(f"quantized export refused: {'; '.join(reasons)} (change with --min-top1 / --max-ppl-ratio); "
+                           "nothing was written")
+
+
+def publish_quantized(manifest: Manifest, staging: Path, scheme: QuantScheme, report: QuantReport, quality: QualityReport,
+                      limits: tuple[float, float], reference: str = "float export") -> None:
+    """The float manifest with the quantization record (scheme, tensors, quality against `reference`, thresholds),
+    written beside the graphs and into them."""
+    record = {"scheme": {**_scheme_json(scheme), "format": "qdq"}, "source_dtype": manifest.contract.dtype,
+              "tensors": report.to_json(), "quality": quality.to_json(), "reference": reference,
+              "thresholds": {"min_top1": limits[0], "max_ppl_ratio": limits[1]}}
+    _publish_manifest(replace(manifest, quantization=record, versions={**manifest.versions, **_versions()}), staging)
 
 
 def _check_source(source: Path, manifest: Manifest) -> None:

@@ -1,0 +1,65 @@
+"""The float side of a quantized export's quality report, from PyTorch itself: the source model's logits over the
+quality workload's windows and its greedy tokens on the workload's prompts (runtime/tools/quality.py's `Answers`).
+
+A quantized export never writes its float graphs, so the model that was traced is the reference. Its weights are the
+checkpoint's mapped file and the relaid weights' scratch file (export/layout.py); each module's pages are dropped
+from the process once the module has run, so the reference holds about one layer of floats at a time, not the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from kvgraph.export import memory
+from kvgraph.runtime.tools.quality import Answers, Workload
+
+
+def torch_answers(model: torch.nn.Module, workload: Workload, logits_dir: Path) -> Answers:
+    """The model's (W, V) logits of every window (one .npy file each, as the exports' answers) and its greedy tokens:
+    `new_tokens` each, end-of-sequence suppressed until then, as the runtime's greedy loop with min_new_tokens."""
+    logits_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), pages_dropped_after_use(model):
+        for i, window in enumerate(workload.windows):
+            logits = model(torch.tensor([window])).logits[0]
+            np.save(logits_dir / f"window{i}.npy", logits.float().numpy())
+        greedy = [_greedy(model, prompt, workload.new_tokens) for prompt in workload.prompts]
+    return Answers(logits_dir, greedy)
+
+
+def _greedy(model: torch.nn.Module, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    eos = model.generation_config.eos_token_id
+    config = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=eos,
+                              pad_token_id=model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None
+                              else (eos[0] if isinstance(eos, list) else eos))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, len(prompt):].tolist()
+
+
+@contextlib.contextmanager
+def pages_dropped_after_use(model: torch.nn.Module):
+    """After each module runs, the file pages of its own parameters leave the process (they stay in the file and
+    the page cache, and come back on the next read). Memory that is not a file's is left alone."""
+    owners = []
+    for module in model.modules():
+        spans = [(p.data_ptr(), p.numel() * p.element_size()) for p in module.parameters(recurse=False) if p.numel()]
+        spans = [span for span in spans if memory.file_backed(span[0])]
+        if spans:
+            owners.append(module.register_forward_hook(_dropper(spans)))
+    try:
+        yield
+    finally:
+        for hook in owners:
+            hook.remove()
+
+
+def _dropper(spans: list[tuple[int, int]]):
+    def drop(module, inputs, output) -> None:
+        for address, length in spans:
+            memory.drop_pages(address, length)
+    return drop
