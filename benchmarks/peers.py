@@ -153,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="onnxruntime-genai venv python and model (repeatable: its fp32 and int4 builds)")
     parser.add_argument("--llamacpp", nargs=2, metavar=("PYTHON", "GGUF"), help="llama-cpp-python venv python and GGUF file")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
+    parser.add_argument("--tokenizer", help="a directory with the tokenizer.json that makes the prompt's ids (default: --hf's; "
+                                            "for a random-init model of a real shape, which has none)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
 
     from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_file(str(Path(args.hf) / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids[:PROMPT_TOKENS]
+    ids = Tokenizer.from_file(str(Path(args.tokenizer or args.hf) / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids[:PROMPT_TOKENS]
     assert len(ids) == PROMPT_TOKENS, f"the prompt has only {len(ids)} tokens"
     specs = []
     for directory in args.kvgraph:

@@ -25,6 +25,9 @@ before the long prompts and while they are in the server (p50 / p99 / max):
 
     kvgraph serve models/smollm2-static-2304 --max-batch 12 --prefill-chunk 256 &   # and --prefill-chunk 0
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --long-prompts --new-tokens 400 --label "chunks of 256"
+
+`--logprobs 0 5` adds, for each concurrency level, rounds that ask for every token's log-probability (with 0 and 5
+alternatives), alternating with the plain rounds: the cost of logprobs on decode tok/s.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ import httpx
 PROMPT = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps as his father had taught him, and"
 
 
-def one_client(url: str, index: int, new_tokens: int, delay: float, requests: int, results: list) -> None:
+def one_client(url: str, index: int, new_tokens: int, delay: float, requests: int, results: list, logprobs: int | None = None) -> None:
     time.sleep(delay)
     for turn in range(requests):
         body = {"model": "any", "prompt": f"{index}.{turn} {PROMPT}", "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                "min_tokens": new_tokens}
+                "min_tokens": new_tokens, **({} if logprobs is None else {"logprobs": logprobs})}
         start = time.perf_counter()
         times = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
@@ -58,10 +61,10 @@ def one_client(url: str, index: int, new_tokens: int, delay: float, requests: in
         results.append((index, start, times))
 
 
-def round_(url: str, clients: int, new_tokens: int, stagger: float = 0.0, requests: int = 1) -> dict:
-    """stagger: seconds over which the clients' starts are spread (0: all at once)."""
+def round_(url: str, clients: int, new_tokens: int, stagger: float = 0.0, requests: int = 1, logprobs: int | None = None) -> dict:
+    """stagger: seconds over which the clients' starts are spread (0: all at once); logprobs: asked for each token."""
     results: list = []
-    threads = [threading.Thread(target=one_client, args=(url, i, new_tokens, stagger * i / clients, requests, results))
+    threads = [threading.Thread(target=one_client, args=(url, i, new_tokens, stagger * i / clients, requests, results, logprobs))
                for i in range(clients)]
     begin = time.perf_counter()
     for thread in threads:
@@ -156,6 +159,9 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=2000)
     parser.add_argument("--long-count", type=int, default=4, help="long prompts per round (default 4)")
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between two long prompts' arrivals (default 1)")
+    parser.add_argument("--logprobs", type=int, nargs="+", default=None, metavar="K",
+                        help="also ask for each token's log-probability with K alternatives; the rows without logprobs and "
+                             "with each K alternate round by round, and the table adds their rate against the plain one")
     args = parser.parse_args()
     round_(args.url, 1, 8)  # warm-up
     if args.long_prompts:
@@ -163,19 +169,26 @@ def main() -> None:
     begin = time.perf_counter()
     round_(args.url, 1, args.new_tokens)
     one_request = time.perf_counter() - begin  # a single client's request: the span the staggered starts cover
-    print("| server | arrivals | clients | aggregate tok/s | vs 1 client | TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    modes = [None] + (args.logprobs or [])
+    print("| server | arrivals | clients | logprobs | aggregate tok/s | vs 1 client | vs no logprobs | TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for arrivals in args.arrivals:
-        single = None
+        single = {}
         for clients in args.clients:
             stagger, requests = (one_request, args.requests) if arrivals == "staggered" and clients > 1 else (0.0, 1)
-            rounds = [round_(args.url, clients, args.new_tokens, stagger, requests) for _ in range(args.rounds)]
-            rate = statistics.median(r["rate"] for r in rounds)
-            single = single or rate
-            ttft = [t for r in rounds for t in r["ttft"]]
-            itl = [t for r in rounds for t in r["itl"]]
-            print(f"| {args.label} | {arrivals} | {clients} | {rate:.1f} | {rate / single:.2f}x | {1e3 * percentile(ttft, 50):.0f} / "
-                  f"{1e3 * percentile(ttft, 99):.0f} | {1e3 * percentile(itl, 50):.1f} / {1e3 * percentile(itl, 99):.1f} |", flush=True)
+            rounds = {mode: [] for mode in modes}
+            for _ in range(args.rounds):  # the modes alternate: machine noise hits each alike
+                for mode in modes:
+                    rounds[mode].append(round_(args.url, clients, args.new_tokens, stagger, requests, mode))
+            plain = statistics.median(r["rate"] for r in rounds[None])
+            for mode in modes:
+                rate = statistics.median(r["rate"] for r in rounds[mode])
+                single.setdefault(mode, rate)
+                ttft = [t for r in rounds[mode] for t in r["ttft"]]
+                itl = [t for r in rounds[mode] for t in r["itl"]]
+                print(f"| {args.label} | {arrivals} | {clients} | {'-' if mode is None else mode} | {rate:.1f} | {rate / single[mode]:.2f}x | "
+                      f"{rate / plain:.2f}x | {1e3 * percentile(ttft, 50):.0f} / {1e3 * percentile(ttft, 99):.0f} | "
+                      f"{1e3 * percentile(itl, 50):.1f} / {1e3 * percentile(itl, 99):.1f} |", flush=True)
 
 
 if __name__ == "__main__":
