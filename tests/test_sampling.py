@@ -119,3 +119,14 @@ def test_openai_penalties_count_new_tokens_only_as_openai_defines_them():
         assert scores[b].tolist() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(KvgraphError, match="presence_penalty must be a number between -2 and 2"):
         Sampling.of({"presence_penalty": 2.5})
+
+
+def test_best_tokens_are_a_stable_sorts_first_k_ties_included():
+    from kvgraph.runtime.core.sampling import best_tokens
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):  # odd trials: five distinct values over 1,000 tokens, so ties straddle the k-th place
+        scores = rng.integers(0, 5, size=1000).astype(np.float64) if trial % 2 else rng.standard_normal(4096)
+        for k in (0, 1, 5, 20):
+            assert best_tokens(scores, k).tolist() == np.argsort(-scores, kind="stable")[:k].tolist()
+    assert best_tokens(np.array([0.5, 2.0]), 5).tolist() == [1, 0]  # more asked for than there are tokens

@@ -217,8 +217,18 @@ class TokenLogprob:
 def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
     """(V,) logits -> the token's TokenLogprob with the `top` best tokens (float64 arithmetic)."""
     lp = log_softmax(np.asarray(logits), np.float64)
-    best = np.argsort(-lp, kind="stable")[:top] if top else np.array([], dtype=np.int64)
-    return TokenLogprob(int(token), float(lp[token]), tuple((int(t), float(lp[t])) for t in best))
+    return TokenLogprob(int(token), float(lp[token]), tuple((int(t), float(lp[t])) for t in best_tokens(lp, top)))
+
+
+def best_tokens(lp: np.ndarray, top: int) -> np.ndarray:
+    """The `top` highest of (V,) scores, best first, ties by token id: a full stable sort's first `top`, in O(V) (a
+    partition finds the threshold; only the tokens at or above it are sorted)."""
+    top = min(top, len(lp))
+    if not top:
+        return np.array([], dtype=np.int64)
+    threshold = np.partition(lp, len(lp) - top)[len(lp) - top]
+    candidates = np.flatnonzero(lp >= threshold)  # in id order, so the stable sort breaks ties by id
+    return candidates[np.argsort(-lp[candidates], kind="stable")][:top]
 
 
 def processed_logits(logits: np.ndarray, seen: list[np.ndarray], sampling: Sampling) -> np.ndarray:
