@@ -62,7 +62,7 @@ def _quantization_lines(record, dtype: str) -> list[str]:
     weights = tensors.get("float_bytes", 0) / (2 if dtype == "float16" else 4)
     per_weight = tensors.get("quantized_bytes", 0) / weights if weights else 0.0
     lines = [f"quantized    int{scheme.get('bits')} weights, block {scheme.get('block_size')}, "
-             f"{'symmetric' if scheme.get('symmetric') else 'asymmetric'} ({scheme.get('format')}); gathered matrices "
+             f"{'float minimum' if scheme.get('float_min') else 'symmetric' if scheme.get('symmetric') else 'asymmetric'} ({scheme.get('format')}); gathered matrices "
              f"int{scheme.get('embedding_bits')}: {len(tensors.get('matmul', []))} + {len(tensors.get('gathered', []))} matrices, "
              f"{tensors.get('float_bytes', 0) / 1e6:.1f} MB {dtype} -> {tensors.get('quantized_bytes', 0) / 1e6:.1f} MB "
              f"({per_weight:.3f} bytes per weight, scales and zero points included)"]

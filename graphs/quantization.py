@@ -59,16 +59,20 @@ class QuantScheme:
     block_size: int = 32
     symmetric: bool = False
     embedding_bits: int = EMBEDDING_BITS
+    float_min: bool = False  # each block w = scale * code + minimum, the minimum a float (llama.cpp's Q4_1 / k-quant form)
 
     def check(self) -> None:
         if self.bits not in BITS:
             raise KvgraphError(f"unsupported bit width {self.bits}; choose one of {list(BITS)}")
+        if self.float_min and self.symmetric:
+            raise KvgraphError("--float-min and --symmetric exclude each other: a block with a float minimum is asymmetric")
         if self.block_size not in BLOCK_SIZES:
             raise KvgraphError(f"unsupported block size {self.block_size}; choose one of {list(BLOCK_SIZES)}")
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}, block {self.block_size}, {'symmetric' if self.symmetric else 'asymmetric'}"
+        form = "float minimum" if self.float_min else "symmetric" if self.symmetric else "asymmetric"
+        return f"int{self.bits}, block {self.block_size}, {form}"
 
 
 def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +80,9 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None,
                         help=f"weights per scale along the input dimension, one of {list(BLOCK_SIZES)} (default 32)")
     parser.add_argument("--symmetric", action="store_true", help="no zero points (signed integers around 0)")
+    parser.add_argument("--float-min", action="store_true",
+                        help="each block's minimum as a float, not an integer zero point (w = scale * code + minimum, as "
+                             "llama.cpp's Q4_1 and k-quants): one more small MatMul per layer, and a grid that holds such models exactly")
     parser.add_argument("--min-top1", type=float, default=None, metavar="FRACTION",
                         help="refuse below this next-token top-1 agreement with the float export "
                              f"(default {THRESHOLDS[8][0]} for int8, {THRESHOLDS[4][0]} for int4)")
@@ -87,12 +94,13 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
 def scheme_from_arguments(args: argparse.Namespace, bits: int | None) -> QuantScheme | None:
     """The scheme of `kvgraph quantize` / `export --quantize`; None when not quantizing (then no scheme option may be given)."""
     given = [flag for flag, value in (("--block-size", args.block_size), ("--symmetric", args.symmetric or None),
+                                      ("--float-min", args.float_min or None),
                                       ("--min-top1", args.min_top1), ("--max-ppl-ratio", args.max_ppl_ratio)) if value is not None]
     if bits is None:
         if given:
             raise KvgraphError(f"{given[0]} applies to quantized exports only; add --quantize int4 or int8")
         return None
-    return QuantScheme(bits, args.block_size or 32, args.symmetric)
+    return QuantScheme(bits, args.block_size or 32, args.symmetric, float_min=args.float_min)
 
 
 def thresholds(bits: int, min_top1: float | None, max_ppl_ratio: float | None) -> tuple[float, float]:
@@ -128,12 +136,13 @@ class _Blocks:
     q: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray | None
+    minimums: np.ndarray | None = None  # float_min: (K/bs, N) floats added to each block's scale * code
 
     @property
     def nbytes(self) -> int:
         bits = 4 if self.q.dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8
         zero = 0 if self.zero_points is None else self.zero_points.size * bits // 8
-        return self.q.size * bits // 8 + self.scales.nbytes + zero
+        return self.q.size * bits // 8 + self.scales.nbytes + zero + (0 if self.minimums is None else self.minimums.nbytes)
 
 
 def quantize_blocks(matrix: np.ndarray, bits: int, block: int, symmetric: bool) -> _Blocks:
@@ -156,6 +165,30 @@ def quantize_blocks(matrix: np.ndarray, bits: int, block: int, symmetric: bool) 
     unsigned = _TYPES[(bits, False)]
     return _Blocks(np.ascontiguousarray(q.T).astype(unsigned), np.ascontiguousarray(scales.T),
                    np.ascontiguousarray(points.T).astype(unsigned))
+
+
+def float_min_blocks(matrix: np.ndarray, bits: int, block: int) -> _Blocks:
+    """Blocks along axis 0 of a (K, N) float matrix as w = scale * code + minimum, code in 0 .. 2^bits - 1 and scale the
+    block's range over that many steps (llama.cpp's Q4_1 rounding). Stored as signed codes centred on 0 (code - 2^(bits-1))
+    with the minimum moved by 2^(bits-1) scales, so the integer part is the symmetric DequantizeLinear that onnxruntime
+    fuses into its 4-bit kernel, and the minimum is a float per block."""
+    rows, cols = matrix.shape
+    x = matrix.astype(np.float32).reshape(rows // block, block, cols)
+    low, high = x.min(axis=1), x.max(axis=1)  # (K/bs, N)
+    levels = (1 << bits) - 1
+    scale = (high - low) / levels
+    safe = np.where(scale > 0, scale, 1.0)
+    codes = np.clip(np.round((x - low[:, None]) / safe[:, None]), 0, levels)
+    centre = 1 << (bits - 1)
+    q = (codes - centre).reshape(rows, cols).astype(_TYPES[(bits, True)])
+    return _Blocks(q, scale.astype(matrix.dtype), None, (low + centre * scale).astype(matrix.dtype))
+
+
+def dequantize_float_min(blocks: _Blocks, block: int) -> np.ndarray:
+    """The float matrix a float-minimum block computes (for tests and reports)."""
+    q = blocks.q.astype(np.float32)
+    scale, low = (np.repeat(a.astype(np.float32), block, axis=0) for a in (blocks.scales, blocks.minimums))
+    return (q * scale + low).astype(blocks.scales.dtype)
 
 
 def _unpack(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
@@ -228,15 +261,21 @@ class Quantizer:
         """The quantized initializers of `tensor` (codes, scales, zero points), made once per content: a matrix every
         graph holds is read and quantized once, and only references to its stored parts are kept."""
         stored = self.values.key(tensor)  # a stored tensor's content key saves reading it again
+        float_min = self.scheme.float_min and not gathered  # a gathered matrix keeps the plain form: standard Gather reads it
         array = self.values.array(tensor) if stored is None else None
-        key = (bits, axis, stored) if stored is not None else (bits, axis, array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        content = stored if stored is not None else (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        key = (bits, axis, float_min, content)
         if key not in self._done:
             array = self.values.array(tensor) if array is None else array
-            blocks = quantize_blocks(array if axis == 0 else array.T, bits, self.scheme.block_size, self.scheme.symmetric)
+            if float_min:
+                blocks = float_min_blocks(array, bits, self.scheme.block_size)
+            else:
+                blocks = quantize_blocks(array if axis == 0 else array.T, bits, self.scheme.block_size, self.scheme.symmetric)
             if axis == 1:
                 blocks = _Blocks(*(None if a is None else np.ascontiguousarray(a.T) for a in (blocks.q, blocks.scales, blocks.zero_points)))
-            names = [f"{tensor.name}.q{bits}", f"{tensor.name}.scales"] + ([f"{tensor.name}.zero_points"] if blocks.zero_points is not None else [])
-            arrays = [blocks.q, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
+            named = [(f"{tensor.name}.q{bits}", blocks.q), (f"{tensor.name}.scales", blocks.scales),
+                     (f"{tensor.name}.zero_points", blocks.zero_points), (f"{tensor.name}.minimums", blocks.minimums)]
+            names, arrays = zip(*[(name, a) for name, a in named if a is not None])
             self._done[key] = [self.values.tensor(a, name) for name, a in zip(names, arrays)]
             (self.report.gathered if gathered else self.report.matmul).append(tensor.name)
             self.report.float_bytes += array.nbytes
@@ -245,17 +284,49 @@ class Quantizer:
 
     def _rewrite(self, graph: onnx.GraphProto, tensor: onnx.TensorProto, bits: int, axis: int, readers: list) -> None:
         initializers = self._parts(tensor, bits, axis, any(node.op_type == "Gather" for node in readers))
-        parts = [part.name for part in initializers]
         graph.initializer.extend(initializers)
+        minimums = next((part.name for part in initializers if part.name.endswith(".minimums")), None)
+        parts = [part.name for part in initializers if part.name != minimums]
         matmuls = [node for node in readers if node.op_type == "MatMul"]
         gathers = len(readers) > len(matmuls)
         rows = _twins(graph, parts, "rows") if matmuls and gathers else parts  # a tied matrix: the Gathers read their own twins
         for i, node in enumerate(readers):
             if node.op_type == "MatMul":
                 _dequantize_for_matmul(graph, node, tensor.name, parts, axis, self.scheme.block_size, i)
+                if minimums is not None:
+                    self._add_minimums(graph, node, minimums, tensor, i)
             else:
                 _gather_then_dequantize(graph, node, rows, axis, self.scheme.block_size)
         graph.initializer.remove(tensor)
+
+
+    def _add_minimums(self, graph: onnx.GraphProto, matmul: onnx.NodeProto, minimums: str, tensor: onnx.TensorProto, i: int) -> None:
+        """MatMul(x, W) = MatMul(x, DQ(codes, scales)) + MatMul(MatMul(x, S), minimums): x's sums over each block of
+        inputs (S, a (K, K/bs) matrix of ones and zeros shared by every matrix of that width) times each block's minimum."""
+        rows, block = tensor.dims[0], self.scheme.block_size
+        sums_name = f"kvgraph.block_sums.{rows}x{block}"
+        if not any(t.name == sums_name for t in graph.initializer):
+            sums = np.kron(np.eye(rows // block, dtype=_FLOATS[tensor.data_type]), np.ones((block, 1), dtype=_FLOATS[tensor.data_type]))
+            graph.initializer.append(self.values.tensor(sums, sums_name))
+        out = matmul.output[0]
+        base, offset = f"{out}/codes", f"{out}/minimums"
+        matmul.output[0] = base
+        # q, k and v (gate and up) read one x: one block sum, placed before the first of them (nodes stay in order)
+        sums = next((n for n in graph.node if n.op_type == "MatMul" and list(n.input) == [matmul.input[0], sums_name]), None)
+        if sums is None:
+            sums = helper.make_node("MatMul", [matmul.input[0], sums_name], [f"{out}/block_sums"], name=f"{matmul.name}/block_sums.{i}")
+        elif list(graph.node).index(sums) < list(graph.node).index(matmul):
+            sums = None  # already ahead of this MatMul
+        if sums is not None:
+            if sums in graph.node:
+                graph.node.remove(sums)
+            graph.node.insert(list(graph.node).index(matmul), sums)
+        sums_out = next(n.output[0] for n in graph.node if n.op_type == "MatMul" and list(n.input) == [matmul.input[0], sums_name])
+        nodes = [helper.make_node("MatMul", [sums_out, minimums], [offset], name=f"{matmul.name}/minimums.{i}"),
+                 helper.make_node("Add", [base, offset], [out], name=f"{matmul.name}/add_minimums.{i}")]
+        at = list(graph.node).index(matmul) + 1
+        for k, node in enumerate(nodes):
+            graph.node.insert(at + k, node)
 
 
 def _renamed(part: onnx.TensorProto, name: str) -> onnx.TensorProto:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from kvgraph.graphs import KvgraphError, Manifest
-from kvgraph.graphs.quantization import QuantScheme, dequantize, quantize_blocks
+from kvgraph.graphs.quantization import QuantScheme, dequantize, dequantize_float_min, float_min_blocks, quantize_blocks
 from kvgraph.runtime import Generator
 from kvgraph.runtime.commands.main import main
 from kvgraph.runtime.tools.quantize_export import quantize_export
@@ -263,3 +263,48 @@ def test_quality_report_figures_equal_pytorch_and_an_export_against_itself_is_pe
     assert recorded["perplexity_float"] == pytest.approx(mine.perplexity_float, rel=1e-9)
     assert (recorded["top1_agreement"], recorded["greedy_identical"]) == (mine.top1_agreement, mine.greedy_identical)
     assert recorded["mean_kl"] == pytest.approx(mine.mean_kl, rel=1e-6)
+
+
+def test_float_min_blocks_are_within_half_a_step_and_hold_their_own_grid_exactly():
+    rng = np.random.default_rng(0)
+    matrix = (rng.standard_normal((128, 48)) * rng.uniform(0.01, 2.0, size=(1, 48)) + rng.uniform(-1, 1, size=(1, 48))).astype(np.float32)
+    blocks = float_min_blocks(matrix, 4, 32)
+    grid = dequantize_float_min(blocks, 32)
+    step = np.repeat(blocks.scales, 32, axis=0)
+    assert (np.abs(grid - matrix) <= step * 0.5 + 1e-6).all() and np.abs(grid - matrix).max() > 0
+    assert blocks.q.dtype.name == "int4" and blocks.zero_points is None and blocks.minimums.shape == (4, 48)
+    again = dequantize_float_min(float_min_blocks(grid, 4, 32), 32)  # weights on such a grid (a Q4_1 model) come back
+    np.testing.assert_allclose(again, grid, rtol=0, atol=2e-6 * np.abs(grid).max())
+    integer = dequantize(quantize_blocks(grid, 4, 32, False), 32)  # an integer zero point cannot place the block's minimum
+    assert np.abs(integer - grid).max() > 100 * np.abs(again - grid).max()
+
+
+def test_float_min_export_computes_a_q4_1_models_own_weights(tmp_path):
+    """A model whose linear weights lie on a 4-bit float-minimum grid (as a dequantized Q4_1 GGUF's do) quantizes with
+    --float-min to graphs that compute those weights: prompt log-probabilities equal the float export's (without
+    onnxruntime's int8-activation kernel), where the integer zero point's differ. The extra nodes are standard ops."""
+    import torch
+    from tiny_models import tiny_model
+
+    from kvgraph.export import export_model
+
+    model = tiny_model("llama", **SMOLLM2_LIKE)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight is not model.get_input_embeddings().weight:
+                grid = dequantize_float_min(float_min_blocks(module.weight.numpy().T.copy(), 4, 32), 32)
+                module.weight.copy_(torch.from_numpy(np.ascontiguousarray(grid.T)))
+    source = export_model(model, tmp_path / "float").directory
+    assert main(["quantize", str(source), str(tmp_path / "fm"), "--bits", "4", "--float-min", "--min-top1", "0", "--max-ppl-ratio", "1e9"]) == 0
+    plain = quantize_export(source, tmp_path / "plain", QuantScheme(4), **ANY_QUALITY)
+    record = Manifest.load(tmp_path / "fm").quantization
+    assert record["scheme"]["float_min"] and len(record["tensors"]["matmul"]) == 14  # 2 layers x 7; the tied lm_head is gathered too
+    graph = onnx.load(str(tmp_path / "fm" / "decode.onnx"), load_external_data=False).graph
+    assert {node.domain for node in graph.node} <= {""}
+    assert sum(t.name.endswith(".minimums") for t in graph.initializer) == len(record["tensors"]["matmul"])
+    prompt = [1, 523, 8891, 31000, 77, 4012, 9, 15000]
+    want = [lp.logprob for lp in Generator.load(source).prompt_logprobs(prompt)[1:]]
+    got = [lp.logprob for lp in Generator.load(tmp_path / "fm", exact=True).prompt_logprobs(prompt)[1:]]
+    rounded = [lp.logprob for lp in Generator.load(plain, exact=True).prompt_logprobs(prompt)[1:]]
+    # the lm_head is the tied embedding, int8 in both: the float-minimum export's only departure from the float weights
+    assert np.abs(np.subtract(got, want)).max() < np.abs(np.subtract(rounded, want)).max() / 5

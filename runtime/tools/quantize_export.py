@@ -99,7 +99,8 @@ def _publish_manifest(manifest: Manifest, staging: Path) -> None:
 
 
 def _scheme_json(scheme: QuantScheme) -> dict:
-    return {"bits": scheme.bits, "block_size": scheme.block_size, "symmetric": scheme.symmetric, "embedding_bits": scheme.embedding_bits}
+    return {"bits": scheme.bits, "block_size": scheme.block_size, "symmetric": scheme.symmetric, "embedding_bits": scheme.embedding_bits,
+            "float_min": scheme.float_min}
 
 
 def _versions() -> dict[str, str]:
