@@ -132,7 +132,9 @@ def test_quality_report_is_in_the_manifest_and_inspect(quantized, capsys):
 
     assert schema_errors(json.loads((directory / "kvgraph.json").read_text())) == []
     record = Manifest.load(directory).quantization
-    assert record["scheme"] == {"bits": 8, "block_size": 32, "symmetric": False, "embedding_bits": 8, "format": "qdq"}
+    assert record["scheme"] == {"bits": 8, "block_size": 32, "symmetric": False, "embedding_bits": 8, "float_min": False,
+                                "format": "qdq"}
+    assert record["reference"] == "float export"
     quality = record["quality"]
     assert quality["tokens"] >= 2000 and quality["greedy_prompts"] == 8 and quality["greedy_new_tokens"] == 64
     assert quality["mean_kl"] > 0 and quality["perplexity_ratio"] == pytest.approx(quality["perplexity_quantized"] / quality["perplexity_float"])
