@@ -1,6 +1,6 @@
 """Coverage, measured: every causal-LM and seq2seq-LM model type in transformers, exported and checked.
 
-    python benchmarks/coverage.py [--jobs 2] [--only gpt2,bloom]
+    python benchmarks/coverage.py [--jobs 2] [--only gpt2,bloom] [--layers 2]
 
 For each model type of transformers' MODEL_FOR_CAUSAL_LM and MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM auto
 mappings, a tiny random-init model is built from the type's default config by one generic shrinker
@@ -9,6 +9,10 @@ to 2 KV heads (1 stays 1), up to 8 experts, a sliding window of 8 where the conf
 config's real vocabulary). Each is exported with a dynamic and with a static cache (48 positions),
 which validates the graphs against PyTorch; then the export's greedy tokens (kvgraph's runtime,
 7-token prompt, 24 new tokens: past 2x the window) must equal transformers `generate`.
+
+`--layers 4` builds the tiny models 4 layers deep (per-layer settings: one layer of each kind, then the first kind
+again) and records how each export traced its layers: traced once and copied (export/repeated_layers.py), or every
+layer with the reason. Its table goes to results/coverage-4-layers.md.
 
 Each model type runs in its own process (a crash or hang costs one row). The table goes to
 benchmarks/results/coverage.md (and .json); the README links it.
@@ -47,13 +51,14 @@ EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_expe
 TOP_K = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts")
 INIT = {"initializer_range": 0.1, "init_std": 0.1}  # top-2 logit gaps well above float noise
 ONE = ("n_group", "topk_group", "first_k_dense_replace")
+LAYERS = 2  # --layers
 
 
 def shrink(defaults: dict) -> dict:
     """Overrides that make a default config tiny; only fields the config has are touched."""
     out = {k: v for k, v in {**WIDTH, **FFN, **INIT}.items() if isinstance(defaults.get(k), (int, float)) and defaults.get(k)}
     layers = next((defaults[k] for k in DEPTH if isinstance(defaults.get(k), int)), None)
-    out.update({k: 2 for k in DEPTH if isinstance(defaults.get(k), int)})
+    out.update({k: LAYERS for k in DEPTH if isinstance(defaults.get(k), int)})
     heads = next((defaults[k] for k in HEADS if isinstance(defaults.get(k), int)), None)
     out.update({k: 4 for k in HEADS if isinstance(defaults.get(k), int)})
     for k in KV_HEADS:
@@ -80,7 +85,7 @@ def shrink(defaults: dict) -> dict:
         if isinstance(value, dict) and "model_type" in value:
             out[key] = {**value, **shrink(value)}
         elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):  # per-layer overrides by index
-            out[key] = {k: v for k, v in value.items() if int(k) < 2}
+            out[key] = {k: v for k, v in value.items() if int(k) < LAYERS}
     if layers:  # per-layer lists (layer types, no-rope layers, ...): one layer of each kind, in order
         for key, value in defaults.items():
             if isinstance(value, list) and len(value) == layers and key not in out:
@@ -104,7 +109,7 @@ def _one_of_each(values: list) -> list:
     for value in values:
         if value not in kinds:
             kinds.append(value)
-    return (kinds + [values[0]] * 2)[:2]
+    return (kinds + [values[0]] * LAYERS)[:LAYERS]
 
 
 # -- one model type (in a child process) ---------------------------------------------------------
@@ -131,6 +136,7 @@ def check(model_type: str, seq2seq: bool) -> dict:
         started = time.perf_counter()
         row[mode], row[f"{mode}_reason"] = _check_mode(model, mode, theirs)
         row[f"{mode}_seconds"] = round(time.perf_counter() - started, 1)
+        row[f"{mode}_tracing"] = TRACING.pop() if TRACING else ""
     return row
 
 
@@ -141,7 +147,7 @@ def _check_mode(model, mode: str, theirs: list[int]) -> tuple[bool, str]:
     options = MODE_OPTIONS[mode]
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            export_model(model, Path(tmp) / "out", **options)
+            export_model(model, Path(tmp) / "out", **options, log=_note_tracing)
             ours = Generator.load(Path(tmp) / "out").generate(_prompt(model), NEW_TOKENS, min_new_tokens=NEW_TOKENS).token_ids
         except Exception as exc:  # the row records any failure, with its one-line reason
             return False, _reason(exc)
@@ -149,6 +155,14 @@ def _check_mode(model, mode: str, theirs: list[int]) -> tuple[bool, str]:
         step = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
         return False, f"greedy tokens differ from transformers generate at new token {step}"
     return True, ""
+
+
+TRACING: list[str] = []  # the export's line on how it traced the layers
+
+
+def _note_tracing(message: str) -> None:
+    if message.startswith(("traced ", "tracing all ")):
+        TRACING.append(message)
 
 
 def _prompt(model) -> list[int]:
@@ -196,7 +210,7 @@ def model_types() -> dict[str, bool]:
 
 
 def run_child(model_type: str, seq2seq: bool, timeout: float) -> dict:
-    command = [sys.executable, __file__, "--one", model_type] + ["--seq2seq"] * seq2seq
+    command = [sys.executable, __file__, "--one", model_type, "--layers", str(LAYERS)] + ["--seq2seq"] * seq2seq
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
@@ -227,12 +241,13 @@ def table(rows: list[dict]) -> str:
     both = sum(r["dynamic"] and r["static"] for r in rows)
     lines = [f"**{both} of {len(rows)} model types pass in both cache modes** "
              f"({sum(r['dynamic'] for r in rows)} dynamic, {sum(r['static'] for r in rows)} static).", "",
-             "| family | kind | dynamic | static | reason |", "|---|---|---|---|---|"]
+             "| family | kind | dynamic | static | reason |" + " tracing |" * (LAYERS != 2), "|---|---|---|---|---|" + "---|" * (LAYERS != 2)]
     for r in rows:
         reasons = [r["dynamic_reason"]] if r["dynamic_reason"] == r["static_reason"] else [
             f"{mode}: {r[f'{mode}_reason']}" for mode in ("dynamic", "static") if r[f"{mode}_reason"]]
         reason = "; ".join(x for x in reasons if x).replace("|", "\\|")
-        lines.append(f"| {r['family']} | {r['kind']} | {MARKS[r['dynamic']]} | {MARKS[r['static']]} | {reason} |")
+        tracing = f" {r.get('dynamic_tracing', '')} |" if LAYERS != 2 else ""
+        lines.append(f"| {r['family']} | {r['kind']} | {MARKS[r['dynamic']]} | {MARKS[r['static']]} | {reason} |{tracing}")
     return "\n".join(lines) + "\n"
 
 
@@ -244,7 +259,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--merge", action="store_true", help="with --only: replace those rows in the saved results, rewrite the table")
+    parser.add_argument("--layers", type=int, default=2, help="layers of each tiny model (default 2)")
     args = parser.parse_args()
+    global LAYERS
+    LAYERS = args.layers
     if args.one:
         print(json.dumps(check(args.one, args.seq2seq)))
         return
@@ -256,16 +274,24 @@ def main() -> None:
         types = {name: types[name] for name in args.only.split(",")}
     started = time.perf_counter()
     rows = run_all(types, args.jobs, args.timeout)
-    note = f"\nMeasured by `python benchmarks/coverage.py` in {(time.perf_counter() - started) / 60:.0f} min ({args.jobs} jobs).\n"
+    note = f"\nMeasured by `python benchmarks/coverage.py{_layers_option()}` in {(time.perf_counter() - started) / 60:.0f} min ({args.jobs} jobs).\n"
     if args.only and args.merge:  # a partial rerun: the saved rows, these replaced, and the full run's note kept
         rerun = {r["family"] for r in rows}
-        rows += [r for r in json.loads((RESULTS / "coverage.json").read_text()) if r["family"] not in rerun]
-        note = "\nMeasured by" + (RESULTS / "coverage.md").read_text().split("\n\nMeasured by", 1)[1]
+        rows += [r for r in json.loads(_results(".json").read_text()) if r["family"] not in rerun]
+        note = "\nMeasured by" + _results(".md").read_text().split("\n\nMeasured by", 1)[1]
     rows.sort(key=lambda r: r["family"])
     text = table(rows) + note
     if not args.only or args.merge:
         save(rows, text)
     print(text)
+
+
+def _layers_option() -> str:
+    return f" --layers {LAYERS}" if LAYERS != 2 else ""
+
+
+def _results(suffix: str) -> Path:
+    return RESULTS / (f"coverage-{LAYERS}-layers{suffix}" if LAYERS != 2 else f"coverage{suffix}")
 
 
 def run_all(types: dict[str, bool], jobs: int, timeout: float) -> list[dict]:
@@ -275,7 +301,7 @@ def run_all(types: dict[str, bool], jobs: int, timeout: float) -> list[dict]:
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             rows.append(r)
-            print(f"[{len(rows)}/{len(types)}] {r['family']}: " + "; ".join(f"{mode} {_status(r, mode)}" for mode in MODE_OPTIONS), flush=True)
+            print(f"[{len(rows)}/{len(types)}] {r['family']}: " + "; ".join(f"{mode} {_status(r, mode)} [{r.get(mode + '_tracing', '')}]" for mode in MODE_OPTIONS), flush=True)
     return rows
 
 
@@ -285,8 +311,8 @@ def _status(row: dict, mode: str) -> str:
 
 def save(rows: list[dict], text: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "coverage.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "coverage.md").write_text(text)
+    _results(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    _results(".md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 each, with wall time and peak RSS (whole run and per phase) against the weights and the interpreter's baseline.
 
     python benchmarks/export_scale.py --shape qwen2.5-0.5b [--shape llama-3.2-1b] [--work /tmp/scale] [--option=--cache=static]
+    python benchmarks/export_scale.py --shape llama-3.2-1b --genai GENAI_VENV/bin/python --tokenizer TOKENIZER_DIR --rounds 3
+
+--genai runs onnxruntime-genai's model builder (`-p fp32 -e cpu`, or --genai-precision) on the same directory,
+alternating with kvgraph round by round, and prints each run and the medians. Its builder needs tokenizer files in the
+model directory: --tokenizer copies them in (random-init shapes have none).
 
 The shapes are the published configs (vocabulary, tying, head layout, rope scaling); the weights are random (no hub),
 made once per shape with a fixed seed and saved as a Hugging Face directory under --work, which the export then
@@ -13,8 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import os
 import resource
+import shutil
+import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -77,6 +86,43 @@ def export(model_dir: Path, out: Path, options: list[str]) -> dict:
     return {"ok": done.returncode == 0, "wall": wall, "peak": max(peaks, default=None), "phases": phases, "error": error}
 
 
+def genai_build(python: str, model_dir: Path, out: Path, precision: str) -> dict:
+    """onnxruntime-genai's model builder in a fresh process: wall time and its own peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryFile() as log:
+        command = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out), "-p", precision, "-e", "cpu",
+                   "-c", cache]
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        tail = log.read().decode(errors="replace").strip().splitlines()[-1:]
+    return {"ok": status == 0, "wall": wall, "peak": usage.ru_maxrss * 1024, "error": "" if status == 0 else " ".join(tail)}
+
+
+def copy_tokenizer(source: Path, model_dir: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, model_dir / name)
+
+
+def alternate(model_dir: Path, work: Path, shape: str, options: list[str], genai: str, precision: str, rounds: int) -> None:
+    """kvgraph and genai's builder, one after the other, `rounds` times; each run, then the medians and their ratio."""
+    walls: dict[str, list[float]] = {"kvgraph": [], "genai": []}
+    print("| round | exporter | result | wall s | peak RSS |")
+    print("|---|---|---|---|---|")
+    for round_ in range(1, rounds + 1):
+        for name in ("genai", "kvgraph"):
+            r = (genai_build(genai, model_dir, work / f"{shape}-genai", precision) if name == "genai"
+                 else export(model_dir, work / f"{shape}-onnx", options))
+            walls[name].append(r["wall"])
+            print(f"| {round_} | {name} | {'ok' if r['ok'] else 'failed: ' + r['error'][:100]} | {r['wall']:.1f} | "
+                  f"{(r['peak'] or 0) / 1e9:.1f} GB |", flush=True)
+    ours, theirs = statistics.median(walls["kvgraph"]), statistics.median(walls["genai"])
+    print(f"\nmedian wall: kvgraph {ours:.1f} s, genai {theirs:.1f} s: kvgraph takes {ours / theirs:.2f}x genai's time")
+
+
 def weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
@@ -86,8 +132,20 @@ def main() -> None:
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES), required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvgraph-scale"))
     parser.add_argument("--option", action="append", default=[], help="an option for kvgraph export (repeatable), e.g. --option=--cache=static")
+    parser.add_argument("--genai", metavar="PYTHON", help="an interpreter with onnxruntime-genai: alternate with its model builder")
+    parser.add_argument("--genai-precision", default="fp32", choices=("fp32", "fp16", "int4"))
+    parser.add_argument("--tokenizer", type=Path, help="a directory whose tokenizer files are copied into the model's (for --genai)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --genai: alternating rounds")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    options = [o for opt in args.option for o in opt.split("=", 1)]
+    if args.genai:
+        for shape in args.shape:
+            model_dir = make_model(shape, args.work)
+            if args.tokenizer:
+                copy_tokenizer(args.tokenizer, model_dir)
+            alternate(model_dir, args.work, shape, options, args.genai, args.genai_precision, args.rounds)
+        return
     base = baseline_rss()
     print(f"interpreter baseline (imports only): {base / 1e9:.2f} GB")
     print("| shape | options | weights | result | wall s | peak RSS | (peak - baseline) / weights | phases: s, peak RSS |")
@@ -95,7 +153,7 @@ def main() -> None:
     for shape in args.shape:
         model_dir = make_model(shape, args.work)
         weights = weights_bytes(model_dir)
-        r = export(model_dir, args.work / f"{shape}-onnx", [o for opt in args.option for o in opt.split("=", 1)])
+        r = export(model_dir, args.work / f"{shape}-onnx", options)
         phases = ", ".join(f"{name} {s:.1f} s {rss / 1e9:.1f} GB" for name, (s, rss) in r["phases"].items())
         peak = f"{r['peak'] / 1e9:.1f} GB" if r["peak"] else "?"
         ratio = f"{(r['peak'] - base) / weights:.2f}×" if r["peak"] else "?"

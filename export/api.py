@@ -75,6 +75,7 @@ def export_model(
     max_ppl_ratio: float | None = None,
     log: Callable[[str], None] = lambda message: None,
     verbose: bool = False,
+    trace_every_layer: bool = False,
 ) -> ExportResult:
     """Export prefill.onnx, decode.onnx and extend.onnx (+ weights, manifest, tokenizer files) into `out_dir`.
 
@@ -84,6 +85,9 @@ def export_model(
     quantize: quantize the weights (graphs/quantization.py) as the graphs are made, without writing float graphs or
     holding every float weight at once, and publish only if the quality report against the PyTorch model passes
     (min_top1 / max_ppl_ratio; defaults by bit width).
+
+    trace_every_layer: trace each layer instead of tracing repeated layers once and copying them
+    (export/repeated_layers.py), which is as exact and takes a fraction of the time.
 
     log gets the progress and one validation line per graph; verbose (or a failure) adds the table of every
     tensor and step. The directory appears only when everything succeeded: output is assembled in a temporary
@@ -112,14 +116,14 @@ def export_model(
     if quantize is not None:
         _check_quantizable(source.model, contract, quantize, validate)
         limits = thresholds(quantize.bits, min_top1, max_ppl_ratio)
-        return _export_quantized(source, family, contract, out, force, quantize, limits, log)
+        return _export_quantized(source, family, contract, out, force, quantize, limits, log, not trace_every_layer)
     with staged(out, force) as staging, _remembered_interrupts() as interrupts:  # nothing half-written, also on Ctrl-C
-        manifest, rows, phases = _build(source, family, contract, staging, validate, log, interrupts, verbose)
+        manifest, rows, phases = _build(source, family, contract, staging, validate, log, interrupts, verbose, not trace_every_layer)
     return ExportResult(out, manifest, rows, phases)
 
 
 def _export_quantized(source: Source, family, contract: GraphContract, out: Path, force: bool, scheme: QuantScheme,
-                      limits: tuple[float, float], log) -> ExportResult:
+                      limits: tuple[float, float], log, repeat: bool = True) -> ExportResult:
     """Traced, optimized and quantized in memory, the float weights never all resident: the relaid weights live in a
     scratch file (export/layout.py) and each one leaves memory once it is quantized. No float graph is written; the
     quality report compares the quantized export with the PyTorch model itself (export/reference.py)."""
@@ -130,7 +134,7 @@ def _export_quantized(source: Source, family, contract: GraphContract, out: Path
         with contextlib.ExitStack() as layout:
             with phase("layout"):
                 layout.enter_context(transposed_storage(source.model, restore=not source.owned, scratch=Path(scratch)))
-            report, manifest = _quantized_graphs(source, family, contract, staging, scheme, phase, parameter_bytes)
+            report, manifest = _quantized_graphs(source, family, contract, staging, scheme, phase, parameter_bytes, repeat)
             log(quantized_log_line(report, scheme))
             workload = Workload.of(staging)
             with phase("reference"):  # the float side of the quality report: PyTorch, a layer of weights at a time
@@ -145,10 +149,10 @@ def _export_quantized(source: Source, family, contract: GraphContract, out: Path
 
 
 def _quantized_graphs(source: Source, family, contract: GraphContract, staging: Path, scheme: QuantScheme, phase: Phases,
-                      parameter_bytes: int) -> tuple[QuantReport, Manifest]:
+                      parameter_bytes: int, repeat: bool = True) -> tuple[QuantReport, Manifest]:
     """Trace, optimize, quantize and write the graphs (the float manifest, until the quality report passes)."""
     with phase("trace"):
-        programs = trace_graphs(source.model, family, contract)
+        programs = trace_graphs(source.model, family, contract, phase.log, repeat)
     store = WeightStore()
     with phase("optimize"):
         graphs = optimize_graphs(programs, family, contract, store)
@@ -210,7 +214,7 @@ def _check_blocks(model: torch.nn.Module, scheme: QuantScheme) -> None:
 
 
 def _build(source: Source, family, contract: GraphContract, staging: Path, validate: bool, log,
-           interrupts: list[int], verbose: bool = False) -> tuple[Manifest, list[DiffRow], dict]:
+           interrupts: list[int], verbose: bool = False, repeat: bool = True) -> tuple[Manifest, list[DiffRow], dict]:
     phase = Phases(log, family.model_type, interrupts)
     model_bytes = _model_bytes(source.model)
     cases = []
@@ -221,7 +225,7 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
         with phase("layout"):  # linear weights stored as the graphs read them: the graphs' weights are the model's memory
             layout.enter_context(transposed_storage(source.model, restore=not source.owned))
         with phase("trace"):
-            programs = trace_graphs(source.model, family, contract)
+            programs = trace_graphs(source.model, family, contract, phase.log, repeat)
         store = WeightStore()  # the weights, once, while the graphs are copied and rewritten
         with phase("optimize"):
             graphs = optimize_graphs(programs, family, contract, store)

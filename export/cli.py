@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     parser.add_argument("--verbose", action="store_true",
                         help="print the validation's max |diff| for every tensor and step (default: a line per graph; the table on failure)")
+    parser.add_argument("--trace-every-layer", action="store_true",
+                        help="trace every layer (default: repeated layers are traced once and copied, checked node by node)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
     parser.add_argument("--quantize", choices=("int4", "int8"), default=None,
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         max_ppl_ratio=args.max_ppl_ratio,
         log=lambda message: print(message, file=sys.stderr),
         verbose=args.verbose,
+        trace_every_layer=args.trace_every_layer,
     )
     print(f"exported to {result.directory} (see {result.directory / MANIFEST_NAME})")
     return 0

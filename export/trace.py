@@ -31,6 +31,7 @@ from kvgraph.export import memory
 from kvgraph.export.experts import traceable_experts
 from kvgraph.export.families import Family
 from kvgraph.export.optimize import optimize
+from kvgraph.export.repeated_layers import TRACED, RepeatPlan, cut_to_traced, repeat_plan, stitch_layers, traced_contract
 from kvgraph.export.scatter import to_standard_tensor_scatter
 from kvgraph.export.translations import custom_translations
 from kvgraph.export.seq2seq import (seq2seq_dynamic_shapes, seq2seq_examples, seq2seq_static_dynamic_shapes, seq2seq_static_examples,
@@ -48,7 +49,8 @@ class TraceError(KvgraphError):
     """torch.onnx could not turn the model into a graph."""
 
 
-def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
+def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract, log=lambda message: None,
+                 repeat: bool = True) -> dict[str, Any]:
     """Capture the contract's graphs with torch.onnx, unoptimized: graph name -> ONNXProgram.
 
     Decoder-only, dynamic: one trace, extend (the decode wrapper with Q new tokens after a past of
@@ -57,9 +59,32 @@ def trace_graphs(model: torch.nn.Module, family: Family, contract: GraphContract
     SmolLM2 45.5 ms vs 45.5 ms a step), and prefill is extend after an empty past (graphs/derive.py),
     which halves the export's time. --all-logits keeps a traced prefill (extend keeps the last
     position only). Static: one trace, Q tokens into the buffers; decode is the same graph.
+
+    Repeated layers are traced once (export/repeated_layers.py) unless `repeat` is false; log says which way it went.
     """
     with traceable_experts(model):
-        return _trace(model, family, contract)
+        plan, reason = repeat_plan(model, contract) if repeat else (None, "asked to trace every layer")
+        programs = _traced_once(model, family, contract, plan) if plan else None
+        if isinstance(programs, str):
+            plan, reason = None, programs
+        if plan is None:
+            log(f"tracing all {contract.num_layers} layers ({reason})")
+            return _trace(model, family, contract)
+        log(f"traced {TRACED} of {contract.num_layers} layers; layers {TRACED}..{contract.num_layers - 1} are copies of layer {TRACED - 1}")
+        return programs
+
+
+def _traced_once(model: torch.nn.Module, family: Family, contract: GraphContract, plan: RepeatPlan) -> dict[str, Any] | str:
+    """The programs of the model cut to its first layers, stitched back to every layer; or why they could not be."""
+    with cut_to_traced(model, plan):
+        programs = _trace(model, family, traced_contract(contract))
+    tensors = {f"model.{name}": tensor for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                                                             *model.named_buffers(remove_duplicate=False)]}
+    for name, program in programs.items():
+        reason = stitch_layers(program.model, plan, contract, tensors)
+        if reason:
+            return f"{name} graph: {reason}"
+    return programs
 
 
 def _trace(model: torch.nn.Module, family: Family, contract: GraphContract) -> dict[str, Any]:
