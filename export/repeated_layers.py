@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -37,6 +38,7 @@ from kvgraph.export.config import text_config
 
 TRACED = 2  # layers traced: layer 0 and the template, layer 1
 SCOPES = "pkg.torch.onnx.name_scopes"  # torch.onnx's node metadata: the module path of each node
+UNBACKED = re.compile(r"\bu\d+\b")  # torch.export's name for a size that depends on values
 INDEX_NAMES = ("layer_idx", "layer_id", "layer_index", "layer_number", "idx")  # a layer's own index: allowed to differ
 
 
@@ -304,7 +306,8 @@ def _add_copies(graph: ir.Graph, template: list[ir.Node], first: list[ir.Node], 
         made: list[list[ir.Value]] = []
         for node in template:
             feeds = [_feed(value, layer, own, before, made, previous, plan, contract, graph, inputs, new_inputs, tensors) for value in node.inputs]
-            outputs = [ir.Value(name=_copy_name(output.name, layer, contract), type=output.type, shape=output.shape) for output in node.outputs]
+            outputs = [ir.Value(name=_copy_name(output.name, layer, contract), type=output.type, shape=_copied_shape(output.shape, layer))
+                       for output in node.outputs]
             copies.append(ir.Node(node.domain, node.op_type, feeds, [_copied(a) for a in node.attributes.values()], overload=node.overload,
                                   outputs=outputs, version=node.version, name=f"{node.name}.layer{layer}",
                                   metadata_props=dict(node.metadata_props)))
@@ -351,6 +354,14 @@ def _copy_name(name: str, layer: int, contract: GraphContract) -> str:
         if name == contract.present_name(TRACED - 1, kind):
             return contract.present_name(layer, kind)
     return f"{name}.layer{layer}"
+
+
+def _copied_shape(shape: ir.Shape | None, layer: int) -> ir.Shape | None:
+    """The template's shape, its data-dependent sizes made the copy's own: torch.export names a size that depends on
+    values (tokens routed to an expert) u0, u1, ...; the same name in two layers would claim the sizes are equal."""
+    if shape is None:
+        return None
+    return ir.Shape([dim if isinstance(dim, int) or dim.value is None else UNBACKED.sub(rf"\g<0>_layer{layer}", dim.value) for dim in shape])
 
 
 def _copied(attribute: ir.Attr) -> ir.Attr:
