@@ -32,6 +32,7 @@ from kvgraph.export.families import family_for
 from kvgraph.export.layout import transposed_storage
 from kvgraph.export.load import Source, first_line, library_versions, load_source
 from kvgraph.export.scatter import SCATTER_OPSET
+from kvgraph.export.stream import WeightStream
 from kvgraph.export.trace import IR_VERSION, OPSET, optimize_graphs, trace_graphs
 from kvgraph.export.validate import DECODE_STEPS, PROMPT_LENGTHS, SOURCE_LENGTHS
 from kvgraph.export.validate import check_cases, reference_cases
@@ -223,15 +224,16 @@ def _build(source: Source, family, contract: GraphContract, staging: Path, valid
             cases = reference_cases(source.model, family, contract)
     with contextlib.ExitStack() as layout:
         with phase("layout"):  # linear weights stored as the graphs read them: the graphs' weights are the model's memory
-            layout.enter_context(transposed_storage(source.model, restore=not source.owned))
+            laid_out = layout.enter_context(transposed_storage(source.model, restore=not source.owned))
+        store = WeightStore()  # the weights, once, while the graphs are copied and rewritten
+        stream = layout.enter_context(WeightStream(staging / WEIGHTS_FILE, laid_out, store))  # written while tracing
         with phase("trace"):
             programs = trace_graphs(source.model, family, contract, phase.log, repeat)
-        store = WeightStore()  # the weights, once, while the graphs are copied and rewritten
         with phase("optimize"):
             graphs = optimize_graphs(programs, family, contract, store)
             del programs
         with phase("write"):
-            weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX, store)
+            weights_bytes = write_graphs(graphs, staging, WEIGHTS_FILE, WEIGHTS_INDEX, store, stream.join())
             del graphs, store
             _check_weights_once(model_bytes, weights_bytes)
             files = _copy_tokenizer(source, staging)

@@ -46,11 +46,12 @@ def transposed_storage(model: torch.nn.Module, restore: bool, scratch: Path | No
     """Lay every linear weight out as (in, out) storage for the duration; `restore` lays them back on exit (a model
     the caller passed in comes back as it was, strides included). `scratch`: a directory for the file that holds them."""
     weights = linear_weights(model)
-    place = _FilePlacer(scratch, weights) if scratch is not None else None
+    place = _FilePlacer(scratch, weights) if scratch is not None else _MemoryPlacer(weights)
     with torch.no_grad():
         for weight in weights:
             before = weight.data
-            weight.data = (place(before) if place else _transposed(before)).t()
+            memory.populate(before.data_ptr(), before.numel() * before.element_size())  # one call, not a fault a page
+            weight.data = place(before).t()
             memory.drop_file_pages(before.data_ptr(), before.numel() * before.element_size())
     try:
         yield weights
@@ -64,26 +65,41 @@ def transposed_storage(model: torch.nn.Module, restore: bool, scratch: Path | No
 _SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bits as integers: numpy has no bfloat16
 
 
-def _transposed(matrix: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of matrix.T (graphs' banded, threaded copy: about twice torch's speed on a large matrix)."""
-    bits = matrix.view(_SAME_SIZE[matrix.element_size()]).numpy()
-    return torch.from_numpy(transposed_copy(bits)).view(matrix.dtype)
+class _Placer:
+    """Writes each weight's transposed copy (graphs' banded, threaded copy: about twice torch's speed on a large matrix)
+    into one block of memory, weight after weight."""
 
-
-class _FilePlacer:
-    """Writes each weight's transposed copy into one shared file mapping (scratch/layout.bin) and drops its pages."""
-
-    def __init__(self, scratch: Path, weights: list[torch.Tensor]) -> None:
-        sizes = [w.numel() * w.element_size() for w in weights]
-        self.file = np.memmap(Path(scratch) / "layout.bin", dtype=np.uint8, mode="w+", shape=(max(1, sum(sizes)),))
-        self.offset = 0
+    def __init__(self, block: np.ndarray) -> None:
+        self.block, self.offset = block, 0
 
     def __call__(self, matrix: torch.Tensor) -> torch.Tensor:
         size = matrix.numel() * matrix.element_size()
         rows, cols = matrix.shape
         bits = matrix.view(_SAME_SIZE[matrix.element_size()]).numpy()
-        out = self.file[self.offset: self.offset + size].view(bits.dtype).reshape(cols, rows)
+        out = self.block[self.offset: self.offset + size].view(bits.dtype).reshape(cols, rows)
         self.offset += size
         transposed_copy(bits, out=out)
-        memory.drop_file_pages(out.ctypes.data, size)
+        self.placed(out)
         return torch.from_numpy(out).view(matrix.dtype)
+
+    def placed(self, out: np.ndarray) -> None:
+        pass
+
+
+class _MemoryPlacer(_Placer):
+    """The process's own memory, in huge pages where the kernel gives them: 4 GB of weights is a million page faults in
+    4 KB pages, which cost more than the copy."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        super().__init__(memory.huge_page_block(sum(w.numel() * w.element_size() for w in weights)))
+
+
+class _FilePlacer(_Placer):
+    """One shared file mapping (scratch/layout.bin); each weight's pages are dropped once written."""
+
+    def __init__(self, scratch: Path, weights: list[torch.Tensor]) -> None:
+        sizes = [w.numel() * w.element_size() for w in weights]
+        super().__init__(np.memmap(Path(scratch) / "layout.bin", dtype=np.uint8, mode="w+", shape=(max(1, sum(sizes)),)))
+
+    def placed(self, out: np.ndarray) -> None:
+        memory.drop_file_pages(out.ctypes.data, out.nbytes)

@@ -6,9 +6,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import sys
 from pathlib import Path
 
+import numpy as np
+
 MADV_DONTNEED = 4  # Linux
+MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages in one call instead of a fault per page
+HUGE_PAGE = 2 << 20
 
 
 def _status_bytes(field: str, path: str = "/proc/self/status") -> int | None:
@@ -81,6 +86,26 @@ def drop_pages(address: int, length: int) -> int:
     if _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
         return 0
     return last - first
+
+
+def populate(address: int, length: int) -> None:
+    """Map the pages of a file-backed range (a memory-mapped checkpoint) into the process in one call before reading it
+    through; a hint only (older kernels and other systems: nothing happens)."""
+    page = mmap.PAGESIZE
+    first = address // page * page
+    if length > 0 and sys.platform.startswith("linux"):
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(address + length - first), MADV_POPULATE_READ)
+
+
+def huge_page_block(size: int) -> np.ndarray:
+    """`size` bytes of anonymous memory (uint8), asked to be backed by huge pages (a hint: transparent huge pages in
+    "madvise" or "always" mode)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux
+        return np.empty(max(size, 1), np.uint8)
+    block = mmap.mmap(-1, max(size, 1) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared is shmem
+    block.madvise(mmap.MADV_HUGEPAGE)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(block)) % HUGE_PAGE  # aligned to a huge page
+    return np.frombuffer(block, np.uint8, count=max(size, 1), offset=start)
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -6,6 +6,7 @@ Needs the `onnx` package. The graph rewrites are in graphs/rewrites/, one a modu
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import onnx
@@ -56,8 +57,37 @@ def apply_shapes(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list
                     dim.dim_value = want
 
 
+class WeightsFile:
+    """A weights file being written: each tensor once by content key, 64-byte aligned, in the order added. Safe to add
+    to from a thread of its own (an export streams the weights it already knows while it traces)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.handle = open(self.path, "wb")
+        self.slots: dict[str, int] = {}  # content key -> index into `tensors`
+        self.tensors: list[dict] = []  # {"offset", "length", "dtype", "shape"} in file order
+        self.lock = threading.Lock()
+
+    def add(self, key: str, raw, data_type: int, dims) -> int:
+        """The slot of `key`'s bytes, written now unless they are already there."""
+        with self.lock:
+            if key not in self.slots:
+                self.handle.write(b"\0" * ((-self.handle.tell()) % ALIGNMENT))
+                self.slots[key] = len(self.tensors)
+                self.tensors.append({"offset": self.handle.tell(), "length": len(raw),
+                                     "dtype": _DTYPE_NAMES.get(data_type, f"onnx:{data_type}"), "shape": list(dims)})
+                self.handle.write(raw)
+            return self.slots[key]
+
+    def close(self) -> int:
+        """Close the file; returns its size."""
+        size = self.handle.tell()
+        self.handle.close()
+        return size
+
+
 def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_name: str, index_name: str,
-                 store: WeightStore | None = None) -> int:
+                 store: WeightStore | None = None, weights: WeightsFile | None = None) -> int:
     """Save each model as `<name>.onnx` in `directory`, all large initializers in one file.
 
     Initializers with identical contents (across and within graphs) are stored once and
@@ -65,43 +95,38 @@ def write_graphs(models: dict[str, onnx.ModelProto], directory: Path, weights_na
     per graph, which initializer names read it, so a runtime without the onnx package can map
     the weights once and hand the same memory to every session. `store` holds the bytes of the
     initializers taken out of the graphs while they were copied (graphs/weight_store.py).
+    `weights`: the weights file (directory / weights_name) already opened, with what was written into it before.
     Returns the weights file's size.
     """
     directory, store = Path(directory), store or WeightStore()
-    slots: dict[str, int] = {}  # content key -> index into `tensors`
-    tensors: list[dict] = []  # {"offset", "length", "dtype", "shape"} in file order
+    weights = weights or WeightsFile(directory / weights_name)
     graphs: dict[str, dict[str, int]] = {}  # graph -> initializer name -> index into `tensors`
-    with open(directory / weights_name, "wb") as data:
+    try:
         for name, model in models.items():
             graphs[name] = {}
             for tensor in model.graph.initializer:
-                slot = _externalize(tensor, data, slots, tensors, weights_name, store)
+                slot = _externalize(tensor, weights, weights_name, store)
                 if slot is not None:
                     graphs[name][tensor.name] = slot
-        size = data.tell()
+    finally:
+        size = weights.close()
     for name, model in models.items():
         onnx.save_model(model, str(directory / f"{name}.onnx"))
-    index = {"format": WEIGHTS_FORMAT, "format_version": WEIGHTS_VERSION, "file": weights_name, "size": size, "tensors": tensors,
+    index = {"format": WEIGHTS_FORMAT, "format_version": WEIGHTS_VERSION, "file": weights_name, "size": size, "tensors": weights.tensors,
              "graphs": graphs}
     (directory / index_name).write_text(json.dumps(index, separators=(",", ":")) + "\n", encoding="utf-8")
     return size
 
 
-def _externalize(tensor: onnx.TensorProto, data, slots: dict[str, int], tensors: list[dict], location: str,
-                 store: WeightStore) -> int | None:
+def _externalize(tensor: onnx.TensorProto, weights: WeightsFile, location: str, store: WeightStore) -> int | None:
     """Point the tensor at its bytes in the weights file; returns its slot, or None if kept inline."""
     key = store.key(tensor)
-    raw = None if key in slots else store.raw(tensor)
+    raw = None if key in weights.slots else store.raw(tensor)
     if raw is not None and len(raw) < INLINE_LIMIT:
         return None
     key = key or content_key(tensor.data_type, tensor.dims, raw)
-    if key not in slots:
-        data.write(b"\0" * ((-data.tell()) % ALIGNMENT))
-        slots[key] = len(tensors)
-        tensors.append({"offset": data.tell(), "length": len(raw), "dtype": _DTYPE_NAMES.get(tensor.data_type, f"onnx:{tensor.data_type}"),
-                        "shape": list(tensor.dims)})
-        data.write(raw)
-    stored = tensors[slots[key]]
+    slot = weights.add(key, raw, tensor.data_type, tensor.dims)
+    stored = weights.tensors[slot]
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)
     del tensor.external_data[:]
@@ -109,7 +134,7 @@ def _externalize(tensor: onnx.TensorProto, data, slots: dict[str, int], tensors:
     external_data_helper.set_external_data(tensor, location=location, offset=stored["offset"], length=stored["length"])
     tensor.data_location = onnx.TensorProto.EXTERNAL
     tensor.ClearField("raw_data")
-    return slots[key]
+    return slot
 
 
 def embed_metadata(path: Path, entries: dict[str, str]) -> None:

@@ -60,11 +60,13 @@ class WeightStore:
     def __init__(self, source: str | Path | None = None) -> None:
         self.blobs: dict[str, np.ndarray] = {}  # key -> the bytes, as a flat uint8 array (a view where possible)
         self.source = None if source is None else Path(source)  # graphs loaded without their weights: the directory holding them
+        # (address, bytes, data type, shape) -> content key, of memory already hashed (and unchanged since): not hashed again
+        self.known: dict[tuple, str] = {}
 
     def put(self, array: np.ndarray, data_type: int) -> str:
         """Hold `array`'s bytes (no copy if it is contiguous); returns its key."""
         raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        key = content_key(data_type, array.shape, raw)
+        key = self.known.get((raw.ctypes.data, raw.nbytes, data_type, tuple(array.shape))) or content_key(data_type, array.shape, raw)
         self.blobs.setdefault(key, raw)
         return key
 

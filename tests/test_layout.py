@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,24 @@ def test_pages_of_a_module_leave_memory_once_it_has_run(tmp_path):
     torch.testing.assert_close(dropped, plain, rtol=0, atol=0)
     assert grown > 0.9 * weights_bytes, (grown, weights_bytes)
     assert kept < 0.1 * weights_bytes, (kept, weights_bytes)
+
+
+def test_laid_out_weights_stream_into_the_weights_file_once_each(tmp_path):
+    from kvgraph.export.stream import WeightStream
+    from kvgraph.graphs.weight_store import WeightStore, content_key
+
+    model = _model()
+    store = WeightStore()
+    with torch.no_grad(), transposed_storage(model, restore=True) as weights, WeightStream(tmp_path / "w.data", weights + weights[:1], store) as stream:
+        file = stream.join()
+        size = file.close()
+        assert len(file.tensors) == len(weights) == len(store.known)  # the repeated one written once
+        data = (tmp_path / "w.data").read_bytes()
+        assert size == len(data)
+        for weight in weights:
+            stored = weight.t().contiguous().numpy()  # (in, out): what the graph stores
+            key = content_key(1, stored.shape, stored.reshape(-1).view(np.uint8))
+            entry = file.tensors[file.slots[key]]
+            assert entry["offset"] % 64 == 0 and entry["shape"] == list(stored.shape)
+            assert data[entry["offset"]: entry["offset"] + entry["length"]] == stored.tobytes()
+            assert store.put(weight.t().numpy(), 1) == key  # the graphs' own pass gets the same key (from the stream's record)
