@@ -53,8 +53,10 @@ class WeightStream:
         self.file.add(key, raw, data_type, tuple(storage.shape))
 
     def join(self) -> WeightsFile:
-        """Wait for the thread; the open file, with what it wrote."""
+        """Wait for the thread; the open file, with what it wrote. The stream lets go of the store (whose blobs are
+        views of the weights: held here, they would outlive the weights' release before validation)."""
         self.thread.join()
+        self.store = None
         if self.error is not None:
             raise self.error
         return self.file

@@ -5,6 +5,7 @@ every value of the model as it was. Linux only (the resident set is read from /p
 from __future__ import annotations
 
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,6 @@ def test_laid_out_weights_stream_into_the_weights_file_once_each(tmp_path):
             assert entry["offset"] % 64 == 0 and entry["shape"] == list(stored.shape)
             assert data[entry["offset"]: entry["offset"] + entry["length"]] == stored.tobytes()
             assert store.put(weight.t().numpy(), 1) == key  # the graphs' own pass gets the same key (from the stream's record)
+        held = weakref.ref(store)
+        del store  # as the export does once the graphs are written: the store's blobs (views of the weights) must go with it
+        assert held() is None, "the stream still holds the weight store (and through it every weight)"
