@@ -38,8 +38,8 @@ class OrtRunner:
     """The export's graphs in onnxruntime (numpy in and out); a failure names the model type, graph and step.
     Only the graph last run has an open session, so validation holds the weights once on this side."""
 
-    def __init__(self, directory: Path, model_type: str) -> None:
-        self.directory, self.model_type = Path(directory), model_type
+    def __init__(self, directory: Path, model_type: str, dtype: str = "float32") -> None:
+        self.directory, self.model_type, self.dtype = Path(directory), model_type, dtype
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.step = 0
 
@@ -61,6 +61,8 @@ class OrtRunner:
             # copy of the weights per graph of a 1B model, for the handful of steps validation runs. The graph and its
             # numerics are the same either way (the steps then take ~2x as long).
             options.add_session_config_entry("session.disable_prepacking", "1")
+            if self.dtype != "float32":
+                _one_weight_at_a_time(options)
             try:
                 self.sessions[graph] = ort.InferenceSession(str(self.directory / graph_file(graph)), options,
                                                             providers=["CPUExecutionProvider"])
@@ -68,6 +70,18 @@ class OrtRunner:
                 raise KvgraphError(f"model type {self.model_type!r}: onnxruntime cannot load {graph_file(graph)} during validation "
                                    f"(step {self.step}): {first_line(exc)}") from exc
         return self.sessions[graph]
+
+
+def _one_weight_at_a_time(options: ort.SessionOptions) -> None:
+    """Half-precision graphs on the CPU provider, which has fp32 kernels only for most of their ops: onnxruntime wraps
+    them in Casts, and would fold each weight's Cast into an fp32 copy as the session starts (and, in its default
+    order, run them all before the first layer): 2x the fp16 weights held at once, 14.7 GB for a 3B model. Unfolded and
+    in priority order, each weight's fp32 copy lives only while its MatMul runs. The graph is the one written; only
+    onnxruntime's own rewrites are left out, for the few steps validation runs."""
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
 
 
 @dataclass
@@ -84,7 +98,7 @@ class Case:
 
 def _check_decoder(directory: Path, family: Family, contract: GraphContract, cases: list[Case]) -> list[DiffRow]:
     """PyTorch's steps replayed in onnxruntime, each side feeding its own presents back."""
-    adapter, runner = step_adapter(contract), OrtRunner(directory, family.model_type)
+    adapter, runner = step_adapter(contract), OrtRunner(directory, family.model_type, contract.dtype)
     names, rows, past = [LOGITS, *contract.present_names()], [], []
     for case in cases:
         runner.step = case.step
@@ -142,7 +156,7 @@ def _eager(step: Callable, *arrays: np.ndarray) -> list[np.ndarray]:
 
 def _check_seq2seq(directory: Path, family: Family, contract: GraphContract, cases: list[Case]) -> list[DiffRow]:
     """PyTorch's steps replayed in onnxruntime: both sides decode from PyTorch's past, so each step is checked alone."""
-    adapter, runner = step_adapter(contract), OrtRunner(directory, family.model_type)
+    adapter, runner = step_adapter(contract), OrtRunner(directory, family.model_type, contract.dtype)
     encoder, *steps = cases
     actual = runner("encoder", {INPUT_IDS: encoder.tokens, ATTENTION_MASK: encoder.mask})[ENCODER_HIDDEN]
     valid = encoder.mask == 1
