@@ -47,6 +47,9 @@ QUANTIZED_OPSET = 21  # blocked DequantizeLinear (block_size) and int4 types
 # bits -> (min top-1 agreement, max perplexity ratio) a quantized export must reach against its float export
 # to be published, unless the user says otherwise (--min-top1 / --max-ppl-ratio)
 THRESHOLDS = {8: (0.90, 1.05), 4: (0.75, 1.25)}
+ROUNDINGS = ("search", "nearest")
+MIXES = ("auto", "none")
+MIX_ROOM = 0.10  # mix auto without --budget-mb: the 8-bit matrices may add this share to the all-int4 size
 _FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 _TYPES = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
 
@@ -60,6 +63,9 @@ class QuantScheme:
     symmetric: bool = False
     embedding_bits: int = EMBEDDING_BITS
     float_min: bool = False  # each block w = scale * code + minimum, the minimum a float (llama.cpp's Q4_1 / k-quant form)
+    rounding: str = "search"  # "search": each block's grid searched (searched_blocks); "nearest": plain min/max rounding
+    mix: str = "auto"  # int4 only: "auto" keeps the matrices that cost most KL at 8 bits within budget_mb; "none": all int4
+    budget_mb: float | None = None  # mix auto: MB the quantized matrices may take (None: MIX_ROOM over all-int4)
 
     def check(self) -> None:
         if self.bits not in BITS:
@@ -68,11 +74,28 @@ class QuantScheme:
             raise KvgraphError("--float-min and --symmetric exclude each other: a block with a float minimum is asymmetric")
         if self.block_size not in BLOCK_SIZES:
             raise KvgraphError(f"unsupported block size {self.block_size}; choose one of {list(BLOCK_SIZES)}")
+        if self.rounding not in ROUNDINGS:
+            raise KvgraphError(f"unknown --rounding {self.rounding!r}; choose one of {list(ROUNDINGS)}")
+        if self.mix not in MIXES:
+            raise KvgraphError(f"unknown --mix {self.mix!r}; choose one of {list(MIXES)}")
+        if self.budget_mb is not None and (self.bits != 4 or self.mix != "auto" or not self.budget_mb > 0):
+            raise KvgraphError("--budget-mb takes a positive size and applies to int4 with --mix auto"
+                               f" (got {self.budget_mb} MB, int{self.bits}, --mix {self.mix})")
+
+    @property
+    def mixed(self) -> bool:
+        return self.bits == 4 and self.mix == "auto"
+
+    @property
+    def searched(self) -> bool:
+        return self.rounding == "search" and not self.symmetric
 
     @property
     def name(self) -> str:
         form = "float minimum" if self.float_min else "symmetric" if self.symmetric else "asymmetric"
-        return f"int{self.bits}, block {self.block_size}, {form}"
+        how = "searched" if self.searched else "nearest"
+        mix = ", mixed with int8" if self.mixed else ""
+        return f"int{self.bits}, block {self.block_size}, {form}, {how}{mix}"
 
 
 def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +106,15 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--float-min", action="store_true",
                         help="each block's minimum as a float, not an integer zero point (w = scale * code + minimum, as "
                              "llama.cpp's Q4_1 and k-quants): one more small MatMul per layer, and a grid that holds such models exactly")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=None,
+                        help="search (default): each block's scale and offset searched for the least error, weighted by "
+                             "the input channels' activations on calibration text; nearest: plain min/max rounding")
+    parser.add_argument("--mix", choices=MIXES, default=None,
+                        help="int4: auto (default) measures what quantizing each matrix alone costs in KL on calibration "
+                             f"text and keeps the costliest at int8 within --budget-mb (default {100 * MIX_ROOM:.0f} %% over "
+                             "all-int4); none: every matrix int4")
+    parser.add_argument("--budget-mb", type=float, default=None, metavar="MB",
+                        help="int4 with --mix auto: megabytes the quantized matrices may take")
     parser.add_argument("--min-top1", type=float, default=None, metavar="FRACTION",
                         help="refuse below this next-token top-1 agreement with the float export "
                              f"(default {THRESHOLDS[8][0]} for int8, {THRESHOLDS[4][0]} for int4)")
@@ -94,13 +126,15 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
 def scheme_from_arguments(args: argparse.Namespace, bits: int | None) -> QuantScheme | None:
     """The scheme of `kvgraph quantize` / `export --quantize`; None when not quantizing (then no scheme option may be given)."""
     given = [flag for flag, value in (("--block-size", args.block_size), ("--symmetric", args.symmetric or None),
-                                      ("--float-min", args.float_min or None),
+                                      ("--float-min", args.float_min or None), ("--rounding", args.rounding),
+                                      ("--mix", args.mix), ("--budget-mb", args.budget_mb),
                                       ("--min-top1", args.min_top1), ("--max-ppl-ratio", args.max_ppl_ratio)) if value is not None]
     if bits is None:
         if given:
             raise KvgraphError(f"{given[0]} applies to quantized exports only; add --quantize int4 or int8")
         return None
-    return QuantScheme(bits, args.block_size or 32, args.symmetric, float_min=args.float_min)
+    return QuantScheme(bits, args.block_size or 32, args.symmetric, float_min=args.float_min, rounding=args.rounding or "search",
+                       mix=args.mix or "auto", budget_mb=args.budget_mb)
 
 
 def thresholds(bits: int, min_top1: float | None, max_ppl_ratio: float | None) -> tuple[float, float]:
@@ -122,6 +156,7 @@ class QuantReport:
     matmul: list[str] = field(default_factory=list)  # initializer names (the first graph that holds each)
     gathered: list[str] = field(default_factory=list)  # quantized at embedding_bits
     kept: list[str] = field(default_factory=list)  # float matrices left as they are, with the reason
+    bits: dict[str, int] = field(default_factory=dict)  # every quantized matrix's bits
     float_bytes: int = 0  # of the matrices quantized
     quantized_bytes: int = 0  # their integers, scales and zero points
 
@@ -184,6 +219,72 @@ def float_min_blocks(matrix: np.ndarray, bits: int, block: int) -> _Blocks:
     return _Blocks(q, scale.astype(matrix.dtype), None, (low + centre * scale).astype(matrix.dtype))
 
 
+# The search over each block's grid (llama.cpp's make_qkx2_quants, the k-quants' search): the block's range is
+# divided into levels - 1 + t steps for t in SEARCH_STEPS (t = 1: plain min/max rounding, always a candidate), the
+# block rounded onto each grid, the grid's scale and offset then fitted by weighted least squares to the codes
+# chosen, and the candidate with the least weighted squared error kept. The weights are each input channel's mean
+# squared activation on calibration text when given (llama.cpp's importance matrix), else 1.
+SEARCH_STEPS = np.linspace(-1.0, 1.0, 11)
+
+
+def searched_blocks(matrix: np.ndarray, bits: int, block: int, float_min: bool, importance: np.ndarray | None = None) -> _Blocks:
+    """Blocks along axis 0 of a (K, N) float matrix, each block's scale and offset searched to minimise its weighted
+    squared error. float_min: w = scale * code + minimum (signed codes centred, as float_min_blocks); else the
+    asymmetric integer-zero-point form of quantize_blocks (w = scale * (code - zero point)), standard DequantizeLinear.
+    importance: (K,) weights of the input channels (None: all 1)."""
+    rows, cols = matrix.shape
+    x = matrix.astype(np.float32).reshape(rows // block, block, cols).transpose(0, 2, 1)  # (K/bs, N, bs)
+    w = np.ones((1, 1, block), np.float32) if importance is None else \
+        np.maximum(importance.astype(np.float32), 1e-12).reshape(rows // block, 1, block)
+    levels = (1 << bits) - 1
+    low, high = x.min(axis=-1), x.max(axis=-1)
+    span = np.where(high > low, high - low, 1.0)
+    best = None
+    for t in SEARCH_STEPS:
+        codes = np.clip(np.round((x - low[..., None]) * ((levels + t) / span)[..., None]), 0, levels)
+        scale, offset = _fit(x, w, codes)
+        if not float_min:  # the offset must sit on the grid: offset = -scale * zero point, zero point an integer code
+            scale = np.where(scale > 0, scale, span / levels)
+            zero = np.clip(np.round(-offset / scale), 0, levels)
+            codes = np.clip(np.round(x / scale[..., None]) + zero[..., None], 0, levels)
+            scale = _fit_scale(x, w, codes - zero[..., None], scale)
+            offset = -scale * zero
+        error = (w * (scale[..., None] * codes + offset[..., None] - x) ** 2).sum(axis=-1)
+        if best is None:
+            best = [error, scale, offset, codes]
+        else:
+            better = error < best[0]
+            for i, value in enumerate((error, scale, offset, codes)):
+                best[i] = np.where(better[..., None] if value.ndim == 3 else better, value, best[i])
+    _, scale, offset, codes = best
+    codes = codes.transpose(0, 2, 1).reshape(rows, cols)
+    scale, offset = scale.astype(matrix.dtype), offset
+    if float_min:
+        centre = 1 << (bits - 1)
+        return _Blocks((codes - centre).astype(_TYPES[(bits, True)]), scale, None, (offset + centre * scale).astype(matrix.dtype))
+    unsigned = _TYPES[(bits, False)]
+    zero = np.round(-offset / np.where(scale > 0, scale, 1.0))
+    return _Blocks(codes.astype(unsigned), scale, zero.astype(unsigned))
+
+
+def _fit(x: np.ndarray, w: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) minimising sum w (scale * codes + offset - x)^2 over the last axis (a flat block: offset = mean)."""
+    sw, sl, sll = (np.broadcast_to(w, x.shape)).sum(-1), (w * codes).sum(-1), (w * codes * codes).sum(-1)
+    sx, slx = (w * x).sum(-1), (w * codes * x).sum(-1)
+    det = sw * sll - sl * sl
+    flat = det <= 1e-20
+    safe = np.where(flat, 1.0, det)
+    scale = np.where(flat, 0.0, (sw * slx - sl * sx) / safe)
+    offset = np.where(flat, sx / sw, (sll * sx - sl * slx) / safe)
+    return scale, offset
+
+
+def _fit_scale(x: np.ndarray, w: np.ndarray, centred: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """The scale minimising sum w (scale * centred - x)^2 (centred = code - zero point), else `fallback`."""
+    den = (w * centred * centred).sum(-1)
+    return np.where(den > 0, (w * centred * x).sum(-1) / np.where(den > 0, den, 1.0), fallback)
+
+
 def dequantize_float_min(blocks: _Blocks, block: int) -> np.ndarray:
     """The float matrix a float-minimum block computes (for tests and reports)."""
     q = blocks.q.astype(np.float32)
@@ -205,14 +306,72 @@ def dequantize(blocks: _Blocks, block: int) -> np.ndarray:
     return ((q - zero) * np.repeat(blocks.scales.astype(np.float32), block, axis=0)).astype(blocks.scales.dtype)
 
 
+def matmul_weights(graph: onnx.GraphProto) -> dict[str, str]:
+    """{weight: its activation} for each MatMul(x, W) whose W is a 2-D float initializer (the first MatMul reading W)."""
+    floats = {t.name for t in graph.initializer if t.data_type in _FLOATS and len(t.dims) == 2}
+    found: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in floats:
+            found.setdefault(node.input[1], node.input[0])
+    return found
+
+
+def gathered_weights(graph: onnx.GraphProto) -> set[str]:
+    """The initializers some Gather reads (quantized at embedding_bits, never mixed)."""
+    return {n.input[0] for n in graph.node if n.op_type == "Gather"}
+
+
+def expose(model: onnx.ModelProto, activations: list[str], weights: list[str]) -> None:
+    """In place: `activations` become graph outputs and the initializers `weights` graph inputs (so a session can be fed
+    other values for them: a sensitivity measurement runs one session for every variant)."""
+    graph = model.graph
+    by_name = {t.name: t for t in graph.initializer}
+    known = {v.name: v for v in [*graph.value_info, *graph.input, *graph.output]}
+    for name in activations:
+        if name not in {o.name for o in graph.output}:
+            info = known.get(name)
+            graph.output.append(info if info is not None else helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None))
+    for name in weights:
+        tensor = by_name[name]
+        graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+        graph.initializer.remove(tensor)
+
+
+def dequantized(matrix: np.ndarray, bits: int, block: int, float_min: bool, importance: np.ndarray | None) -> np.ndarray:
+    """The (K, N) float matrix a searched int`bits` quantization of `matrix` computes."""
+    blocks = searched_blocks(matrix, bits, block, float_min, importance)
+    return dequantize_float_min(blocks, block) if float_min else dequantize(blocks, block)
+
+
+def choose_bits(costs: dict[str, float], extra_bytes: dict[str, int], room: int) -> dict[str, int]:
+    """Mixed precision: the matrices to keep at 8 bits, most KL saved per extra byte first, while their extra bytes
+    fit in `room`. costs: what quantizing each matrix alone to 4 bits costs in KL; extra_bytes: int8 over int4."""
+    chosen: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: costs[n] / max(extra_bytes[n], 1), reverse=True):
+        if costs[name] > 0 and extra_bytes[name] <= room:
+            chosen[name] = 8
+            room -= extra_bytes[name]
+    return chosen
+
+
+def block_bytes(rows: int, cols: int, bits: int, block: int, float_min: bool, scale_size: int = 4) -> int:
+    """Bytes of a (rows, cols) matrix quantized in blocks along its rows: codes, scales, zero points or minimums."""
+    blocks = rows // block * cols
+    return rows * cols * bits // 8 + scale_size * blocks + (scale_size * blocks if float_min else blocks * bits // 8)
+
+
 class Quantizer:
     """Rewrites graphs in place; one instance for all graphs of an export, so shared weights quantize once."""
 
-    def __init__(self, scheme: QuantScheme, values: Tensors = INLINE) -> None:
+    def __init__(self, scheme: QuantScheme, values: Tensors = INLINE, importance: dict[str, np.ndarray] | None = None,
+                 bits_of: dict[str, int] | None = None) -> None:
         """values: how initializers are read and made (a WeightStore: graphs loaded without their weights read them
-        tensor by tensor, and the quantized tensors are held once for every graph)."""
+        tensor by tensor, and the quantized tensors are held once for every graph).
+        importance: a matrix's input channels' mean squared activations (its rounding search's weights);
+        bits_of: matrices quantized at other than scheme.bits (mixed precision)."""
         scheme.check()
         self.scheme, self.values = scheme, values
+        self.importance, self.bits_of = importance or {}, bits_of or {}
         self.report = QuantReport()
         self._done: dict[tuple, _Blocks] = {}
 
@@ -255,7 +414,7 @@ class Quantizer:
             fits = [b for b in BLOCK_SIZES if length % b == 0]
             raise KvgraphError(f"block size {self.scheme.block_size} does not divide the input dimension {length} of "
                                f"{tensor.name} {list(tensor.dims)} in {graph_name}.onnx; block sizes that do: {fits or 'none'}")
-        return (self.scheme.embedding_bits if gathers else self.scheme.bits), axis, readers
+        return (self.scheme.embedding_bits if gathers else self.bits_of.get(tensor.name, self.scheme.bits)), axis, readers
 
     def _parts(self, tensor: onnx.TensorProto, bits: int, axis: int, gathered: bool) -> list[onnx.TensorProto]:
         """The quantized initializers of `tensor` (codes, scales, zero points), made once per content: a matrix every
@@ -267,7 +426,12 @@ class Quantizer:
         key = (bits, axis, float_min, content)
         if key not in self._done:
             array = self.values.array(tensor) if array is None else array
-            if float_min:
+            oriented = array if axis == 0 else array.T
+            if self.scheme.searched:
+                weights = self.importance.get(tensor.name)
+                weights = weights if weights is not None and len(weights) == oriented.shape[0] else None
+                blocks = searched_blocks(oriented, bits, self.scheme.block_size, float_min, weights)
+            elif float_min:
                 blocks = float_min_blocks(array, bits, self.scheme.block_size)
             else:
                 blocks = quantize_blocks(array if axis == 0 else array.T, bits, self.scheme.block_size, self.scheme.symmetric)
@@ -278,6 +442,7 @@ class Quantizer:
             names, arrays = zip(*[(name, a) for name, a in named if a is not None])
             self._done[key] = [self.values.tensor(a, name) for name, a in zip(names, arrays)]
             (self.report.gathered if gathered else self.report.matmul).append(tensor.name)
+            self.report.bits[tensor.name] = bits
             self.report.float_bytes += array.nbytes
             self.report.quantized_bytes += blocks.nbytes
         return [_renamed(part, tensor.name) for part in self._done[key]]

@@ -16,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from kvgraph.graphs import KvgraphError, Manifest
-from kvgraph.graphs.quantization import QuantScheme, dequantize, dequantize_float_min, float_min_blocks, quantize_blocks
+from kvgraph.graphs.quantization import (QuantScheme, choose_bits, dequantize, dequantize_float_min, float_min_blocks, quantize_blocks,
+                                         searched_blocks)
 from kvgraph.runtime import Generator
 from kvgraph.runtime.commands.main import main
 from kvgraph.runtime.tools.quantize_export import quantize_export
@@ -49,7 +50,7 @@ def quantized(float_exports, tmp_path_factory):
     def get(mode: str, bits: int):
         if (mode, bits) not in made:
             out = tmp_path_factory.mktemp("quantized") / f"{mode}-int{bits}"
-            made[mode, bits] = quantize_export(float_exports[mode], out, QuantScheme(bits), **ANY_QUALITY)
+            made[mode, bits] = quantize_export(float_exports[mode], out, QuantScheme(bits, mix="none"), **ANY_QUALITY)
         return made[mode, bits]
 
     return get
@@ -133,7 +134,8 @@ def test_quality_report_is_in_the_manifest_and_inspect(quantized, capsys):
     assert schema_errors(json.loads((directory / "kvgraph.json").read_text())) == []
     record = Manifest.load(directory).quantization
     assert record["scheme"] == {"bits": 8, "block_size": 32, "symmetric": False, "embedding_bits": 8, "float_min": False,
-                                "format": "qdq"}
+                                "rounding": "search", "mix": "none", "budget_mb": None, "format": "qdq"}
+    assert set(record["tensors"]["bits"].values()) == {8}
     assert record["reference"] == "float export"
     quality = record["quality"]
     assert quality["tokens"] >= 2000 and quality["greedy_prompts"] == 8 and quality["greedy_new_tokens"] == 64
@@ -298,7 +300,7 @@ def test_float_min_export_computes_a_q4_1_models_own_weights(tmp_path):
                 module.weight.copy_(torch.from_numpy(np.ascontiguousarray(grid.T)))
     source = export_model(model, tmp_path / "float").directory
     assert main(["quantize", str(source), str(tmp_path / "fm"), "--bits", "4", "--float-min", "--min-top1", "0", "--max-ppl-ratio", "1e9"]) == 0
-    plain = quantize_export(source, tmp_path / "plain", QuantScheme(4), **ANY_QUALITY)
+    plain = quantize_export(source, tmp_path / "plain", QuantScheme(4, mix="none"), **ANY_QUALITY)
     record = Manifest.load(tmp_path / "fm").quantization
     assert record["scheme"]["float_min"] and len(record["tensors"]["matmul"]) == 14  # 2 layers x 7; the tied lm_head is gathered too
     graph = onnx.load(str(tmp_path / "fm" / "decode.onnx"), load_external_data=False).graph
@@ -310,3 +312,90 @@ def test_float_min_export_computes_a_q4_1_models_own_weights(tmp_path):
     rounded = [lp.logprob for lp in Generator.load(plain, exact=True).prompt_logprobs(prompt)[1:]]
     # the lm_head is the tied embedding, int8 in both: the float-minimum export's only departure from the float weights
     assert np.abs(np.subtract(got, want)).max() < np.abs(np.subtract(rounded, want)).max() / 5
+
+
+def _blocked_error(matrix, approx, weights=None):
+    """(K/32, N) weighted squared error of each block of 32 along axis 0."""
+    w = np.ones(matrix.shape[0]) if weights is None else weights
+    return ((approx - matrix) ** 2 * w[:, None]).reshape(-1, 32, matrix.shape[1]).sum(axis=1)
+
+
+def test_searched_blocks_beat_nearest_rounding_weigh_by_importance_and_hold_a_grid_exactly():
+    rng = np.random.default_rng(3)
+    matrix = (rng.standard_normal((256, 96)) * 0.02).astype(np.float32)
+    matrix[rng.random(matrix.shape) < 0.02] *= 6  # outliers, as real weights have
+    nearest = dequantize(quantize_blocks(matrix, 4, 32, False), 32)
+    searched = searched_blocks(matrix, 4, 32, float_min=False)
+    assert searched.q.dtype == nearest.dtype or str(searched.q.dtype) == "uint4"
+    assert searched.q.shape == matrix.shape and searched.scales.shape == searched.zero_points.shape == (8, 96)
+    plain, better = _blocked_error(matrix, nearest), _blocked_error(matrix, dequantize(searched, 32))
+    assert better.sum() < 0.97 * plain.sum() and (better <= plain * 1.0001 + 1e-12).mean() > 0.9
+    importance = (rng.random(256) ** 4).astype(np.float32)  # a few input channels carry most of the activation
+    weighted = dequantize(searched_blocks(matrix, 4, 32, float_min=False, importance=importance), 32)
+    assert _blocked_error(matrix, weighted, importance).sum() < _blocked_error(matrix, dequantize(searched, 32), importance).sum()
+    float_min = searched_blocks(matrix, 4, 32, float_min=True)
+    assert _blocked_error(matrix, dequantize_float_min(float_min, 32)).sum() < better.sum()  # a float offset is a finer fit
+    grid = dequantize(searched, 32)  # weights already on an integer-zero-point grid come back exactly
+    assert np.abs(dequantize(searched_blocks(grid, 4, 32, float_min=False), 32) - grid).max() < 1e-6
+    q41 = dequantize_float_min(float_min_blocks(matrix, 4, 32), 32)  # and a Q4_1 grid, with a float minimum
+    assert np.abs(dequantize_float_min(searched_blocks(q41, 4, 32, float_min=True), 32) - q41).max() < 1e-6
+
+
+def test_choose_bits_takes_the_most_kl_per_byte_within_the_room():
+    costs = {"a": 0.30, "b": 0.20, "c": 0.05, "d": 0.0}
+    extra = {"a": 300, "b": 100, "c": 10, "d": 1}
+    assert choose_bits(costs, extra, 115) == {"b": 8, "c": 8}  # b then c by KL per byte; a does not fit after them
+    assert choose_bits(costs, extra, 1000) == {"a": 8, "b": 8, "c": 8}  # a matrix that costs nothing stays int4
+    assert choose_bits(costs, extra, 0) == {}
+
+
+def test_calibration_measures_a_matrix_cost_in_kl(float_exports):
+    """The sensitivity measurement is real: a matrix fed as itself costs nothing, zeroed it costs KL; the importance
+    is each input channel's mean squared activation, positive where activations flow."""
+    from kvgraph.runtime.tools.calibrate import Calibration
+
+    calibration = Calibration(float_exports["dynamic"])
+    importance = calibration.importance()
+    assert set(calibration.matrices) <= set(importance) and len(calibration.matrices) == 14  # 2 layers x 7; the tied lm_head is gathered
+    assert all(v.ndim == 1 and (v >= 0).all() and v.sum() > 0 for v in importance.values())
+    first = calibration.matrices[:2]
+    calibration.matrices = first
+    same = calibration.costs(lambda name, matrix: matrix)
+    zeroed = calibration.costs(lambda name, matrix: np.zeros_like(matrix))
+    assert all(abs(same[n]) < 1e-9 for n in first) and all(zeroed[n] > 1e-6 for n in first)
+
+
+def test_mixed_int4_keeps_matrices_at_int8_within_the_budget(float_exports, tmp_path):
+    source = float_exports["dynamic"]
+    plain = quantize_export(source, tmp_path / "plain", QuantScheme(4, mix="none"), **ANY_QUALITY)
+    all_int4 = Manifest.load(plain).quantization["tensors"]["quantized_bytes"]
+    budget = (all_int4 + 5_000) / 1e6  # room for a few of the tiny model's matrices at int8, not all
+    assert main(["quantize", str(source), str(tmp_path / "mixed"), "--bits", "4", "--budget-mb", str(budget),
+                 "--min-top1", "0", "--max-ppl-ratio", "1e9"]) == 0
+    record = Manifest.load(tmp_path / "mixed").quantization
+    bits = record["tensors"]["bits"]
+    matmul = record["tensors"]["matmul"]
+    assert record["scheme"]["mix"] == "auto" and record["scheme"]["budget_mb"] == budget
+    assert 0 < sum(bits[n] == 8 for n in matmul) < len(matmul) and record["tensors"]["quantized_bytes"] <= budget * 1e6
+    model = onnx.load(str(tmp_path / "mixed" / "decode.onnx"), load_external_data=False)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for name in matmul:
+        assert types[f"{name}.q{bits[name]}"] == (onnx.TensorProto.UINT8 if bits[name] == 8 else onnx.TensorProto.UINT4), name
+    assert {node.domain for node in model.graph.node} <= {""}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "mixed" / "decode.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 15 and "MatMul" not in ops  # both widths run onnxruntime's fused kernel
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "4", "--budget-mb", "0.001"], "--budget-mb 0.001 is below the all-int4 size of the quantized matrices"),
+    (["--bits", "8", "--budget-mb", "50"], "--budget-mb takes a positive size and applies to int4 with --mix auto"),
+    (["--bits", "4", "--mix", "none", "--budget-mb", "50"], "--budget-mb takes a positive size and applies to int4 with --mix auto"),
+])
+def test_bad_mixed_precision_options_are_refused_and_write_nothing(float_exports, tmp_path, capsys, argv, message):
+    out = tmp_path / "refused"
+    assert main(["quantize", str(float_exports["dynamic"]), str(out), *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()

@@ -364,6 +364,24 @@ def test_sigterm_drains_running_requests_then_exits(long_export):
         process.wait()
 
 
+def test_serve_weights_mapped_answers_as_generate_alone(text_export_static, alone):
+    """kvgraph serve --weights mapped (the least memory): the same greedy completion as the default policy's Generator."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "kvgraph.runtime.commands.main", "serve", str(text_export_static[1]), "--port",
+                                str(port), "--weights", "mapped"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_healthy(url, process)
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": "Once upon", "max_tokens": 12, "temperature": 0}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == alone.generate("Once upon", max_new_tokens=12).text
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def wait_healthy(url: str, process, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:

@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from kvgraph.runtime.core.session import WEIGHT_POLICIES
+
 HELP = "serve an export over HTTP with the OpenAI API (continuous batching on static-cache exports)"  # registered in pyproject.toml
 
 
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="on Ctrl-C or SIGTERM: stop accepting, let running requests finish for up to this many seconds (default 30)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (per replica)")
+    parser.add_argument("--weights", choices=WEIGHT_POLICIES, default="auto",
+                        help="how sessions hold the weights: one-session (one prepacked copy; the default for decoder-only "
+                             "exports), mapped (one mapped copy read unpacked: the least memory, slower prefill)")
     parser.add_argument("--model-name", default=None, help="the model id clients send (default: the export directory's name)")
     ray = parser.add_argument_group("scale-out on Ray Serve")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'kvgraph[ray]')")
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = dict(directory=str(Path(args.directory).resolve()), max_batch=args.max_batch, max_queue=args.max_queue,
                     timeout=args.request_timeout or None, threads=args.threads, prefill_chunk=args.prefill_chunk or None,
+                    weights=args.weights,
                     model=args.model_name or Path(args.directory).resolve().name)
     if args.ray:
         from kvgraph.runtime.serving.ray_deployment import serve_on_ray

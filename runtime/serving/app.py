@@ -618,9 +618,10 @@ async def _sse(chunks: Iterator[dict], cancel: Callable[[], None], hangup: Hangu
 
 
 def build_app(directory: str, max_batch: int, max_queue: int, timeout: float | None, threads: int | None, model: str, log=None,
-              prefill_chunk: int | None = PREFILL_CHUNK):
-    """Load the export, pick its engine and wrap it in the HTTP app: (app, engine). A Ray replica runs this too."""
-    engine, why = make_engine(Generator.load(directory, threads=threads), max_batch=max_batch, prefill_chunk=prefill_chunk)
+              prefill_chunk: int | None = PREFILL_CHUNK, weights: str = "auto"):
+    """Load the export, pick its engine and wrap it in the HTTP app: (app, engine). A Ray replica runs this too.
+    weights: the weights policy (runtime.core.session.WEIGHT_POLICIES)."""
+    engine, why = make_engine(Generator.load(directory, threads=threads, weights=weights), max_batch=max_batch, prefill_chunk=prefill_chunk)
     if log:
         log(f"kvgraph serve: {model}: {why}")
     return create_app(engine, model, max_queue, timeout), engine

@@ -18,6 +18,7 @@ from kvgraph.graphs.quantization import QuantReport, QuantScheme, Quantizer, thr
 from kvgraph.graphs.safety import check_graph_file
 from kvgraph.graphs.staging import check_destination, staged
 from kvgraph.graphs.weight_store import WeightStore
+from kvgraph.runtime.tools.calibrate import plan
 from kvgraph.runtime.tools.quality import QualityReport, measure
 
 
@@ -32,8 +33,10 @@ def quantize_export(source: str | Path, out: str | Path, scheme: QuantScheme, *,
     _check_source(source, manifest)
     out = check_destination(Path(out), force)
     models = _load_graphs(source, manifest)  # without their weights: the quantizer reads them tensor by tensor
+    importance, bits_of = plan(source, scheme, threads, log)  # calibration: the search's weights, the int8 matrices
     store = WeightStore(source)
-    report = Quantizer(scheme, store).quantize(models)
+    report = Quantizer(scheme, store, importance, bits_of).quantize(models)
+    del importance
     log(quantized_log_line(report, scheme))
     with staged(out, force) as staging:
         _write(models, manifest, source, staging, store)
@@ -46,7 +49,9 @@ def quantize_export(source: str | Path, out: str | Path, scheme: QuantScheme, *,
 
 
 def quantized_log_line(report: QuantReport, scheme: QuantScheme) -> str:
-    return (f"quantized {len(report.matmul)} matrices to int{scheme.bits} and {len(report.gathered)} gathered ones to "
+    eights = sum(1 for name in report.matmul if report.bits.get(name) == 8) if scheme.bits == 4 else 0
+    mixed = f" ({eights} of them int8)" if eights else ""
+    return (f"quantized {len(report.matmul)} matrices to int{scheme.bits}{mixed} and {len(report.gathered)} gathered ones to "
             f"int{scheme.embedding_bits} (block {scheme.block_size}): {report.float_bytes / 1e6:.1f} MB -> {report.quantized_bytes / 1e6:.1f} MB")
 
 
@@ -100,7 +105,8 @@ def _publish_manifest(manifest: Manifest, staging: Path) -> None:
 
 def _scheme_json(scheme: QuantScheme) -> dict:
     return {"bits": scheme.bits, "block_size": scheme.block_size, "symmetric": scheme.symmetric, "embedding_bits": scheme.embedding_bits,
-            "float_min": scheme.float_min}
+            "float_min": scheme.float_min, "rounding": "search" if scheme.searched else "nearest", "mix": "auto" if scheme.mixed else "none",
+            "budget_mb": scheme.budget_mb}
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,162 @@
+"""Calibration for quantization: what the float export's activations say about its matrices.
+
+    calibration = Calibration(float_dir)                  # the prefill graph, weights fed as inputs, on calibration text
+    importance = calibration.importance()                 # {matrix: mean squared activation of each input channel}
+    costs = calibration.costs(names, quantize)            # {matrix: KL(float || the model with only it quantized)}
+
+The text is calibration_text.txt beside this module: prose written for this project (no copyright of others), a
+different text from the quality report's, so a quantization is never tuned on what scores it. One session serves
+every measurement: the matrices are graph inputs, so measuring a matrix is one run with its quantized values fed in
+place of the float ones (the others are the float export's own bytes, read from its weights file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from kvgraph.graphs.errors import KvgraphError
+from kvgraph.graphs.manifest import Manifest, graph_file
+from kvgraph.graphs.modes import step_adapter
+from kvgraph.graphs.quantization import (MIX_ROOM, QuantScheme, block_bytes, choose_bits, dequantized, expose, gathered_weights,
+                                         matmul_weights)
+from kvgraph.graphs.rewrites.every_position import keep_every_position
+from kvgraph.graphs.safety import check_graph_file
+from kvgraph.runtime.core.sampling import log_softmax
+from kvgraph.runtime.core.text import TextCodec
+
+TEXT = Path(__file__).with_name("calibration_text.txt")
+WINDOW = 128  # tokens a calibration window holds (fewer if the export holds fewer)
+WINDOWS = 2
+
+
+class Calibration:
+    """The float export's prefill graph with logits at every position, every MatMul's activation as an output and
+    its weight as an input, run on the calibration windows."""
+
+    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+        directory = Path(directory)
+        manifest = Manifest.load(directory)
+        contract = manifest.contract
+        self.steps = step_adapter(contract)
+        name = graph_file(self.steps.graph("prefill"))
+        model = check_graph_file(directory, name)
+        try:
+            keep_every_position(model, contract, "prefill")
+        except ValueError as exc:
+            raise KvgraphError(f"{directory / name}: cannot calibrate with it: {exc}") from exc
+        activations = matmul_weights(model.graph)  # weight -> activation
+        gathered = gathered_weights(model.graph)
+        self.matrices = sorted(w for w in activations if w not in gathered)  # what mixed precision may choose
+        self.activation_of = activations
+        tensors = {t.name: t for t in model.graph.initializer}
+        self.gathered = {name: tuple(tensors[name].dims) for name in gathered if name in tensors and len(tensors[name].dims) == 2}
+        self.floats = {w: _mapped(directory, tensors[w]) for w in self.matrices}  # read from the file as runs need them
+        expose(model, sorted(set(activations.values())), self.matrices)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.windows = _windows(directory, contract, manifest.model.max_positions)
+        self._reference: list[np.ndarray] | None = None
+
+    def run_window(self, ids: np.ndarray, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One (1, W) window through the graph with these weights fed: its outputs by name."""
+        def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return dict(zip(self.names, self.session.run(None, {**feeds, **weights})))
+
+        _, outputs = self.steps.run(run, "prefill", ids, np.ones_like(ids), [])
+        return outputs
+
+    def gathered_bytes(self, bits: int, block: int) -> int:
+        """The gathered matrices' bytes at `bits` (their blocks run along the features: the shorter side of a tied (H, V))."""
+        return sum(block_bytes(min(shape), max(shape), bits, block, False) for shape in self.gathered.values())
+
+    def importance(self) -> dict[str, np.ndarray]:
+        """Each MatMul weight's input channels' mean squared activation over the calibration tokens (float run),
+        and the float log-probabilities kept for costs()."""
+        sums: dict[str, np.ndarray] = {}
+        count, self._reference = 0, []
+        for window in self.windows:
+            outputs = self.run_window(window, self.floats)
+            self._reference.append(log_softmax(outputs["logits"][0], np.float64))
+            count += window.shape[1]
+            for activation in set(self.activation_of.values()):
+                x = outputs[activation].astype(np.float64)
+                sums[activation] = sums.get(activation, 0.0) + (x * x).reshape(-1, x.shape[-1]).sum(axis=0)
+        return {w: (sums[a] / count).astype(np.float32) for w, a in self.activation_of.items() if a in sums}
+
+    def costs(self, quantize: Callable[[str, np.ndarray], np.ndarray], log: Callable[[str], None] = lambda m: None) -> dict[str, float]:
+        """{matrix: mean KL(float || the model with only that matrix replaced by quantize(name, float matrix))}."""
+        if self._reference is None:
+            self.importance()
+        costs = {}
+        for i, name in enumerate(self.matrices):
+            weights = {**self.floats, name: np.ascontiguousarray(quantize(name, np.asarray(self.floats[name])))}
+            kl, count = 0.0, 0
+            for window, reference in zip(self.windows, self._reference):
+                lp = log_softmax(self.run_window(window, weights)["logits"][0], np.float64)
+                kl += float((np.exp(reference) * (reference - lp)).sum())
+                count += len(lp)
+            costs[name] = kl / count
+            if (i + 1) % 50 == 0:
+                log(f"mixed precision: measured {i + 1} of {len(self.matrices)} matrices")
+        return costs
+
+
+def _mapped(directory: Path, tensor) -> np.ndarray:
+    """A read-only map of an initializer's bytes in the export's weights file (or its own bytes when it has them)."""
+    from onnx import helper, numpy_helper
+
+    if tensor.data_location != tensor.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    return np.memmap(directory / info["location"], dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type), mode="r",
+                     offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+
+
+def _windows(directory: Path, contract, max_positions: int | None) -> list[np.ndarray]:
+    """The calibration text's first WINDOWS windows (pseudo-random ids for an export without tokenizer.json)."""
+    limits = [limit for limit in (step_adapter(contract).cache.capacity(contract), max_positions) if limit]
+    window = min([WINDOW] + limits)
+    if (directory / "tokenizer.json").is_file():
+        ids = TextCodec(directory).encode(TEXT.read_text(encoding="utf-8"))
+    else:
+        ids = np.random.default_rng(2).integers(0, contract.vocab_size, size=WINDOW * WINDOWS).tolist()
+    return [np.array([ids[start: start + window]], dtype=np.int64) for start in range(0, window * WINDOWS, window)
+            if len(ids[start: start + window]) >= 2]
+
+
+def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
+         log: Callable[[str], None] = lambda message: None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """What calibration tells the quantizer: (importance for the rounding search, the matrices mixed precision keeps at
+    8 bits). Nothing is run for a scheme that uses neither."""
+    if not (scheme.searched or scheme.mixed):
+        return {}, {}
+    calibration = Calibration(source, threads)
+    log(f"calibration: {sum(w.shape[1] for w in calibration.windows)} tokens of {TEXT.name}, "
+        f"{len(calibration.activation_of)} matrices' activations")
+    importance = calibration.importance()
+    if not scheme.mixed:
+        return importance, {}
+    block, float_min = scheme.block_size, scheme.float_min
+    costs = calibration.costs(lambda name, matrix: dequantized(matrix, 4, block, float_min, importance.get(name)), log)
+    shapes = {name: calibration.floats[name].shape for name in calibration.matrices}
+    size = {name: {bits: block_bytes(*shape, bits, block, float_min and bits == 4, calibration.floats[name].itemsize)
+                   for bits in (4, 8)} for name, shape in shapes.items()}
+    all_int4 = sum(s[4] for s in size.values()) + calibration.gathered_bytes(scheme.embedding_bits, block)
+    room = (scheme.budget_mb * 1e6 if scheme.budget_mb is not None else (1 + MIX_ROOM) * all_int4) - all_int4
+    if room < 0:
+        raise KvgraphError(f"--budget-mb {scheme.budget_mb:g} is below the all-int4 size of the quantized matrices, "
+                           f"{all_int4 / 1e6:.1f} MB; give at least that, or --mix none")
+    bits_of = choose_bits(costs, {name: s[8] - s[4] for name, s in size.items()}, int(room))
+    extra = sum(size[name][8] - size[name][4] for name in bits_of)
+    log(f"mixed precision: {len(bits_of)} of {len(costs)} matrices at int8 (+{extra / 1e6:.2f} MB over all-int4's "
+        f"{all_int4 / 1e6:.1f} MB), chosen by the KL each costs alone at int4 on calibration text")
+    return importance, bits_of
