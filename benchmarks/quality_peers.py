@@ -2,7 +2,10 @@
 
     python benchmarks/quality_peers.py --float models/smollm2-135m-instruct-onnx \\
         --quantized models/smollm2-int8 --quantized models/smollm2-int4 \\
-        --llamacpp LLAMACPP_VENV/bin/python SmolLM2-135M-Instruct.Q4_1.gguf
+        --llamacpp LLAMACPP_VENV/bin/python SmolLM2-135M-Instruct.Q4_1.gguf [--llamacpp-requantize q4_0,q4_k_m,q8_0]
+
+--llamacpp-requantize has llama.cpp's own quantizer (`llama_model_quantize`, allow_requantize) requantize the GGUF
+into each type, and scores those too: llama.cpp rounding the same weights as kvgraph rounds from the float export.
 
 The same figures as the quality report written at quantization time (runtime/tools/quality.py), on the
 same text, windows and prompts: next-token top-1 agreement and mean KL(float || other) over
@@ -49,12 +52,38 @@ def _llamacpp_worker(gguf: str, job: str) -> None:
     Path(job, "greedy.json").write_text(json.dumps(greedy))
 
 
+def _requantize_worker(source: str, target: str, kind: str) -> None:
+    """In llama.cpp's venv: `source` requantized by llama.cpp into `target` as LLAMA_FTYPE_MOSTLY_<KIND>."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.allow_requantize = True
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    status = llama_cpp.llama_model_quantize(source.encode(), target.encode(), params)
+    if status != 0:
+        raise SystemExit(f"llama_model_quantize({source} -> {kind}) returned {status}")
+
+
+def _llamacpp_row(python: str, gguf: Path, label: str, workload, reference, scratch: Path, quality) -> str:
+    job = scratch / f"llamacpp-{gguf.stem}"
+    job.mkdir()
+    (job / "job.json").write_text(json.dumps({"windows": workload.windows, "prompts": workload.prompts,
+                                              "window": workload.window, "new_tokens": workload.new_tokens}))
+    subprocess.run([python, __file__, "--worker", str(gguf), str(job)], check=True)
+    answers = quality.Answers(job, json.loads((job / "greedy.json").read_text()))
+    return _row(label, quality.compare(workload, reference, answers), gguf)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--float", dest="reference", required=True, help="the float kvgraph export (the reference)")
     parser.add_argument("--quantized", action="append", default=[], help="a quantized kvgraph export of the same model (repeatable)")
     parser.add_argument("--llamacpp", nargs=2, metavar=("PYTHON", "GGUF"), help="llama-cpp-python venv python and the GGUF file")
+    parser.add_argument("--llamacpp-requantize", default="", metavar="TYPES",
+                        help="comma-separated llama.cpp types (q4_0, q4_k_m, q8_0, ...) to requantize the GGUF into and score")
     args = parser.parse_args(argv)
+    if args.llamacpp_requantize and not args.llamacpp:
+        parser.error("--llamacpp-requantize needs --llamacpp PYTHON GGUF")
 
     from kvgraph.runtime.tools import quality
 
@@ -66,14 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         answers = quality.answer(directory, workload, Path(scratch.name) / f"quantized{i}")
         rows.append(_row(f"kvgraph {_scheme(directory)}", quality.compare(workload, reference, answers), directory))
     if args.llamacpp:
-        python, gguf = args.llamacpp
-        job = Path(scratch.name) / "llamacpp"
-        job.mkdir()
-        (job / "job.json").write_text(json.dumps({"windows": workload.windows, "prompts": workload.prompts,
-                                                  "window": workload.window, "new_tokens": workload.new_tokens}))
-        subprocess.run([python, __file__, "--worker", gguf, str(job)], check=True)
-        answers = quality.Answers(job, json.loads((job / "greedy.json").read_text()))
-        rows.append(_row("llama.cpp Q4_1 (llama-cpp-python)", quality.compare(workload, reference, answers), gguf))
+        python, gguf = args.llamacpp[0], Path(args.llamacpp[1])
+        rows.append(_llamacpp_row(python, gguf, f"llama.cpp {gguf.name} (as published)", workload, reference, Path(scratch.name), quality))
+        for kind in filter(None, args.llamacpp_requantize.split(",")):
+            target = Path(scratch.name) / f"{gguf.stem}.requantized-{kind}.gguf"
+            subprocess.run([python, __file__, "--requantize", str(gguf), str(target), kind], check=True)
+            rows.append(_llamacpp_row(python, target, f"llama.cpp {kind.upper()} (requantized from {gguf.name})", workload, reference,
+                                      Path(scratch.name), quality))
     text, window, windows, prompts = workload.text, workload.window, workload.windows, workload.prompts
     print(f"quality against {Path(args.reference).name} (float32): {text}, {sum(len(w) - 1 for w in windows)} next-token "
           f"predictions in windows of {window}; greedy: {len(prompts)} prompts x {workload.new_tokens} new tokens")
@@ -94,7 +122,12 @@ def _row(label, report, path) -> str:
 def _scheme(directory: str) -> str:
     record = json.loads(Path(directory, "kvgraph.json").read_text()).get("quantization") or {}
     scheme = record.get("scheme", {})
-    return f"int{scheme.get('bits')} block {scheme.get('block_size')}" if scheme else "float"
+    if not scheme:
+        return "float"
+    form = "float minimum" if scheme.get("float_min") else "symmetric" if scheme.get("symmetric") else "asymmetric"
+    mixed = sum(1 for bits in record.get("tensors", {}).get("bits", {}).values() if bits == 8) if scheme.get("bits") == 4 else 0
+    how = f"{scheme.get('rounding', 'nearest')}" + (f", {mixed} matrices int8" if mixed else "")
+    return f"int{scheme.get('bits')} block {scheme.get('block_size')}, {form}, {how}"
 
 
 def _size(path: Path) -> int:
@@ -104,5 +137,7 @@ def _size(path: Path) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _llamacpp_worker(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--requantize":
+        _requantize_worker(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         sys.exit(main())

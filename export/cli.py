@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         trust_remote_code=args.trust_remote_code,
         task=args.task,
-        quantize=scheme_from_arguments(args, int(args.quantize[3:]) if args.quantize else None),
+        quantize=scheme_from_arguments(args, int(args.quantize[3:]) if args.quantize else None, at_export=True),
         min_top1=args.min_top1,
         max_ppl_ratio=args.max_ppl_ratio,
         log=lambda message: print(message, file=sys.stderr),

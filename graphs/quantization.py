@@ -49,7 +49,7 @@ QUANTIZED_OPSET = 21  # blocked DequantizeLinear (block_size) and int4 types
 THRESHOLDS = {8: (0.90, 1.05), 4: (0.75, 1.25)}
 ROUNDINGS = ("search", "nearest")
 MIXES = ("auto", "none")
-MIX_ROOM = 0.10  # mix auto without --budget-mb: the 8-bit matrices may add this share to the all-int4 size
+MIX_ROOM = 0.14  # mix auto without --budget-mb: the 8-bit matrices may add this share to the all-int4 size
 _FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 _TYPES = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
 
@@ -123,8 +123,9 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{THRESHOLDS[4][1]} for int4)")
 
 
-def scheme_from_arguments(args: argparse.Namespace, bits: int | None) -> QuantScheme | None:
-    """The scheme of `kvgraph quantize` / `export --quantize`; None when not quantizing (then no scheme option may be given)."""
+def scheme_from_arguments(args: argparse.Namespace, bits: int | None, at_export: bool = False) -> QuantScheme | None:
+    """The scheme of `kvgraph quantize` / `export --quantize` (at_export); None when not quantizing (then no scheme option
+    may be given). At export no float graph exists to measure each matrix on: mixed precision is `kvgraph quantize`'s."""
     given = [flag for flag, value in (("--block-size", args.block_size), ("--symmetric", args.symmetric or None),
                                       ("--float-min", args.float_min or None), ("--rounding", args.rounding),
                                       ("--mix", args.mix), ("--budget-mb", args.budget_mb),
@@ -133,8 +134,12 @@ def scheme_from_arguments(args: argparse.Namespace, bits: int | None) -> QuantSc
         if given:
             raise KvgraphError(f"{given[0]} applies to quantized exports only; add --quantize int4 or int8")
         return None
+    if at_export and (args.mix == "auto" or args.budget_mb is not None):
+        flag = "--budget-mb" if args.budget_mb is not None else "--mix auto"
+        raise KvgraphError(f"{flag} measures each matrix on the float export, which export --quantize does not write: run "
+                           "kvgraph export, then kvgraph quantize FLOAT_EXPORT OUT --bits 4")
     return QuantScheme(bits, args.block_size or 32, args.symmetric, float_min=args.float_min, rounding=args.rounding or "search",
-                       mix=args.mix or "auto", budget_mb=args.budget_mb)
+                       mix=args.mix or ("none" if at_export else "auto"), budget_mb=args.budget_mb)
 
 
 def thresholds(bits: int, min_top1: float | None, max_ppl_ratio: float | None) -> tuple[float, float]:

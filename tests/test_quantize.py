@@ -193,6 +193,8 @@ def test_export_quantize_end_to_end_and_block_size_refused_before_tracing(tmp_pa
     assert "block size 128 does not divide the input dimension of" in err and "trace" not in err
     assert main(["export", str(model_dir), str(tmp_path / "bad"), "--quantize", "int8", "--no-validate"]) == 1
     assert "--no-validate does not apply to --quantize" in capsys.readouterr().err
+    assert main(["export", str(model_dir), str(tmp_path / "bad"), "--quantize", "int4", "--budget-mb", "5"]) == 1
+    assert "--budget-mb measures each matrix on the float export, which export --quantize does not write" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert main(["export", str(model_dir), str(tmp_path / "q"), "--quantize", "int8", "--symmetric", "--cache", "static",
                  "--max-length", "64", "--min-top1", "0", "--max-ppl-ratio", "1e9"]) == 0

@@ -64,10 +64,10 @@ class Calibration:
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
         self.windows = _windows(directory, contract, manifest.model.max_positions)
-        self._reference: list[np.ndarray] | None = None
+        self._reference: np.ndarray | None = None  # (windows, W, V) float log-probabilities
 
     def run_window(self, ids: np.ndarray, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One (1, W) window through the graph with these weights fed: its outputs by name."""
+        """The (windows, W) calibration ids through the graph, one batch, with these weights fed: its outputs by name."""
         def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return dict(zip(self.names, self.session.run(None, {**feeds, **weights})))
 
@@ -81,30 +81,24 @@ class Calibration:
     def importance(self) -> dict[str, np.ndarray]:
         """Each MatMul weight's input channels' mean squared activation over the calibration tokens (float run),
         and the float log-probabilities kept for costs()."""
-        sums: dict[str, np.ndarray] = {}
-        count, self._reference = 0, []
-        for window in self.windows:
-            outputs = self.run_window(window, self.floats)
-            self._reference.append(log_softmax(outputs["logits"][0], np.float64))
-            count += window.shape[1]
-            for activation in set(self.activation_of.values()):
-                x = outputs[activation].astype(np.float64)
-                sums[activation] = sums.get(activation, 0.0) + (x * x).reshape(-1, x.shape[-1]).sum(axis=0)
-        return {w: (sums[a] / count).astype(np.float32) for w, a in self.activation_of.items() if a in sums}
+        outputs = self.run_window(self.windows, self.floats)
+        self._reference = log_softmax(outputs["logits"], np.float64)
+        found = {}
+        for activation in set(self.activation_of.values()):
+            x = outputs[activation].astype(np.float64)
+            found[activation] = (x * x).reshape(-1, x.shape[-1]).mean(axis=0).astype(np.float32)
+        return {w: found[a] for w, a in self.activation_of.items() if a in found}
 
     def costs(self, quantize: Callable[[str, np.ndarray], np.ndarray], log: Callable[[str], None] = lambda m: None) -> dict[str, float]:
         """{matrix: mean KL(float || the model with only that matrix replaced by quantize(name, float matrix))}."""
         if self._reference is None:
             self.importance()
+        reference = self._reference
         costs = {}
         for i, name in enumerate(self.matrices):
             weights = {**self.floats, name: np.ascontiguousarray(quantize(name, np.asarray(self.floats[name])))}
-            kl, count = 0.0, 0
-            for window, reference in zip(self.windows, self._reference):
-                lp = log_softmax(self.run_window(window, weights)["logits"][0], np.float64)
-                kl += float((np.exp(reference) * (reference - lp)).sum())
-                count += len(lp)
-            costs[name] = kl / count
+            lp = log_softmax(self.run_window(self.windows, weights)["logits"], np.float64)
+            costs[name] = float((np.exp(reference) * (reference - lp)).sum(axis=-1).mean())
             if (i + 1) % 50 == 0:
                 log(f"mixed precision: measured {i + 1} of {len(self.matrices)} matrices")
         return costs
@@ -121,16 +115,16 @@ def _mapped(directory: Path, tensor) -> np.ndarray:
                      offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
 
 
-def _windows(directory: Path, contract, max_positions: int | None) -> list[np.ndarray]:
-    """The calibration text's first WINDOWS windows (pseudo-random ids for an export without tokenizer.json)."""
+def _windows(directory: Path, contract, max_positions: int | None) -> np.ndarray:
+    """(windows, W): the calibration text's first WINDOWS full windows (pseudo-random ids without tokenizer.json)."""
     limits = [limit for limit in (step_adapter(contract).cache.capacity(contract), max_positions) if limit]
     window = min([WINDOW] + limits)
     if (directory / "tokenizer.json").is_file():
         ids = TextCodec(directory).encode(TEXT.read_text(encoding="utf-8"))
     else:
         ids = np.random.default_rng(2).integers(0, contract.vocab_size, size=WINDOW * WINDOWS).tolist()
-    return [np.array([ids[start: start + window]], dtype=np.int64) for start in range(0, window * WINDOWS, window)
-            if len(ids[start: start + window]) >= 2]
+    count = max(1, min(WINDOWS, len(ids) // window))
+    return np.array([ids[start: start + window] for start in range(0, window * count, window)], dtype=np.int64)
 
 
 def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
@@ -140,7 +134,7 @@ def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
     if not (scheme.searched or scheme.mixed):
         return {}, {}
     calibration = Calibration(source, threads)
-    log(f"calibration: {sum(w.shape[1] for w in calibration.windows)} tokens of {TEXT.name}, "
+    log(f"calibration: {calibration.windows.size} tokens of {TEXT.name}, "
         f"{len(calibration.activation_of)} matrices' activations")
     importance = calibration.importance()
     if not scheme.mixed:
