@@ -311,6 +311,14 @@ def dequantize(blocks: _Blocks, block: int) -> np.ndarray:
     return ((q - zero) * np.repeat(blocks.scales.astype(np.float32), block, axis=0)).astype(blocks.scales.dtype)
 
 
+def check_block(block: int, length: int, name: str, dims: list[int], graph_name: str) -> None:
+    """Refuse a block size that does not divide a quantized matrix's input dimension, naming the matrix."""
+    if length % block:
+        fits = [b for b in BLOCK_SIZES if length % b == 0]
+        raise KvgraphError(f"block size {block} does not divide the input dimension {length} of "
+                           f"{name} {dims} in {graph_name}.onnx; block sizes that do: {fits or 'none'}")
+
+
 def matmul_weights(graph: onnx.GraphProto) -> dict[str, str]:
     """{weight: its activation} for each MatMul(x, W) whose W is a 2-D float initializer (the first MatMul reading W)."""
     floats = {t.name for t in graph.initializer if t.data_type in _FLOATS and len(t.dims) == 2}
@@ -415,10 +423,7 @@ class Quantizer:
             return None
         axis = axes.pop()
         length = tensor.dims[axis]
-        if length % self.scheme.block_size:
-            fits = [b for b in BLOCK_SIZES if length % b == 0]
-            raise KvgraphError(f"block size {self.scheme.block_size} does not divide the input dimension {length} of "
-                               f"{tensor.name} {list(tensor.dims)} in {graph_name}.onnx; block sizes that do: {fits or 'none'}")
+        check_block(self.scheme.block_size, length, tensor.name, list(tensor.dims), graph_name)
         return (self.scheme.embedding_bits if gathers else self.bits_of.get(tensor.name, self.scheme.bits)), axis, readers
 
     def _parts(self, tensor: onnx.TensorProto, bits: int, axis: int, gathered: bool) -> list[onnx.TensorProto]:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.manifest import Manifest, graph_file
 from kvgraph.graphs.modes import step_adapter
-from kvgraph.graphs.quantization import (MIX_ROOM, QuantScheme, block_bytes, choose_bits, dequantized, expose, gathered_weights,
+from kvgraph.graphs.quantization import (MIX_ROOM, QuantScheme, block_bytes, check_block, choose_bits, dequantized, expose, gathered_weights,
                                          matmul_weights)
 from kvgraph.graphs.rewrites.every_position import keep_every_position
 from kvgraph.graphs.safety import check_graph_file
@@ -42,7 +42,8 @@ class Calibration:
         manifest = Manifest.load(directory)
         contract = manifest.contract
         self.steps = step_adapter(contract)
-        name = graph_file(self.steps.graph("prefill"))
+        self.graph = self.steps.graph("prefill")
+        name = graph_file(self.graph)
         model = check_graph_file(directory, name)
         try:
             keep_every_position(model, contract, "prefill")
@@ -134,6 +135,9 @@ def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
     if not (scheme.searched or scheme.mixed):
         return {}, {}
     calibration = Calibration(source, threads)
+    for name in calibration.matrices:
+        shape = calibration.floats[name].shape
+        check_block(scheme.block_size, shape[0], name, list(shape), calibration.graph)
     log(f"calibration: {calibration.windows.size} tokens of {TEXT.name}, "
         f"{len(calibration.activation_of)} matrices' activations")
     importance = calibration.importance()
