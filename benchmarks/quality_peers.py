@@ -125,7 +125,8 @@ def _scheme(directory: str) -> str:
     if not scheme:
         return "float"
     form = "float minimum" if scheme.get("float_min") else "symmetric" if scheme.get("symmetric") else "asymmetric"
-    mixed = sum(1 for bits in record.get("tensors", {}).get("bits", {}).values() if bits == 8) if scheme.get("bits") == 4 else 0
+    tensors = record.get("tensors", {})
+    mixed = sum(1 for name in tensors.get("matmul", []) if tensors.get("bits", {}).get(name) == 8) if scheme.get("bits") == 4 else 0
     how = f"{scheme.get('rounding', 'nearest')}" + (f", {mixed} matrices int8" if mixed else "")
     return f"int{scheme.get('bits')} block {scheme.get('block_size')}, {form}, {how}"
 
