@@ -16,17 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 
 from kvgraph.graphs.errors import KvgraphError
-from kvgraph.graphs.manifest import Manifest, graph_file
 from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.quantization import (MIX_ROOM, QuantScheme, block_bytes, check_block, choose_bits, dequantized, expose, gathered_weights,
                                          matmul_weights)
-from kvgraph.graphs.rewrites.every_position import keep_every_position
-from kvgraph.graphs.safety import check_graph_file
 from kvgraph.runtime.core.sampling import log_softmax
 from kvgraph.runtime.core.text import TextCodec
+from kvgraph.runtime.tools.quality import every_position_prefill, prefill_session
 
 TEXT = Path(__file__).with_name("calibration_text.txt")
 WINDOW = 128  # tokens a calibration window holds (fewer if the export holds fewer)
@@ -39,16 +36,10 @@ class Calibration:
 
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
         directory = Path(directory)
-        manifest = Manifest.load(directory)
+        manifest, model = every_position_prefill(directory, "calibrate")
         contract = manifest.contract
         self.steps = step_adapter(contract)
         self.graph = self.steps.graph("prefill")
-        name = graph_file(self.graph)
-        model = check_graph_file(directory, name)
-        try:
-            keep_every_position(model, contract, "prefill")
-        except ValueError as exc:
-            raise KvgraphError(f"{directory / name}: cannot calibrate with it: {exc}") from exc
         activations = matmul_weights(model.graph)  # weight -> activation
         gathered = gathered_weights(model.graph)
         self.matrices = sorted(w for w in activations if w not in gathered)  # what mixed precision may choose
@@ -57,12 +48,7 @@ class Calibration:
         self.gathered = {name: tuple(tensors[name].dims) for name in gathered if name in tensors and len(tensors[name].dims) == 2}
         self.floats = {w: _mapped(directory, tensors[w]) for w in self.matrices}  # read from the file as runs need them
         expose(model, sorted(set(activations.values())), self.matrices)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = prefill_session(model, directory, threads)
         self.names = [o.name for o in self.session.get_outputs()]
         self.windows = _windows(directory, contract, manifest.model.max_positions)
         self._reference: np.ndarray | None = None  # (windows, W, V) float log-probabilities

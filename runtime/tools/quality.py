@@ -201,23 +201,11 @@ class TextScorer:
     onnxruntime's default kernels (as the export runs)."""
 
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
-        from kvgraph.graphs.rewrites.every_position import keep_every_position
 
         directory = Path(directory)
-        manifest = Manifest.load(directory)
+        manifest, model = every_position_prefill(directory, "score a text")
         self.steps = step_adapter(manifest.contract)
-        name = graph_file(self.steps.graph("prefill"))
-        model = check_graph_file(directory, name)  # the header, without the weights
-        try:
-            keep_every_position(model, manifest.contract, "prefill")
-        except ValueError as exc:
-            raise KvgraphError(f"{directory / name}: cannot score a text with it: {exc}") from exc
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = prefill_session(model, directory, threads)
         self.names = [o.name for o in self.session.get_outputs()]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -227,6 +215,30 @@ class TextScorer:
 
         _, outputs = self.steps.run(run, "prefill", ids, np.ones_like(ids), [])
         return outputs["logits"][0]
+
+
+def every_position_prefill(directory: Path, purpose: str):
+    """(manifest, the header of the export's prefill graph changed in memory to give logits at every position)."""
+    from kvgraph.graphs.rewrites.every_position import keep_every_position
+
+    manifest = Manifest.load(directory)
+    name = graph_file(step_adapter(manifest.contract).graph("prefill"))
+    model = check_graph_file(directory, name)  # the header, without the weights
+    try:
+        keep_every_position(model, manifest.contract, "prefill")
+    except ValueError as exc:
+        raise KvgraphError(f"{directory / name}: cannot {purpose} with it: {exc}") from exc
+    return manifest, model
+
+
+def prefill_session(model, directory: Path, threads: int | None) -> ort.InferenceSession:
+    """A CPU session of an edited graph header whose weights stay in the export's weights file."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _text_ids(codec: TextCodec | None, vocab: int) -> tuple[list[int], str]:
