@@ -201,7 +201,6 @@ class TextScorer:
     onnxruntime's default kernels (as the export runs)."""
 
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
-
         directory = Path(directory)
         manifest, model = every_position_prefill(directory, "score a text")
         self.steps = step_adapter(manifest.contract)
