@@ -26,16 +26,16 @@ and give identical initializers, which the weights file then stores once.
 
 from __future__ import annotations
 
-import hashlib
 import argparse
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from kvgraph.graphs.block_rounding import Blocks, BlockRounding
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.rewrites.graph_edit import attr
 from kvgraph.graphs.weight_store import INLINE, Tensors
@@ -47,11 +47,10 @@ QUANTIZED_OPSET = 21  # blocked DequantizeLinear (block_size) and int4 types
 # bits -> (min top-1 agreement, max perplexity ratio) a quantized export must reach against its float export
 # to be published, unless the user says otherwise (--min-top1 / --max-ppl-ratio)
 THRESHOLDS = {8: (0.90, 1.05), 4: (0.75, 1.25)}
-ROUNDINGS = ("search", "nearest")
+ROUNDINGS = ("search", "gptq", "nearest")
 MIXES = ("auto", "none")
 MIX_ROOM = 0.14  # mix auto without --budget-mb: the 8-bit matrices may add this share to the all-int4 size
 _FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
-_TYPES = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,8 @@ class QuantScheme:
     symmetric: bool = False
     embedding_bits: int = EMBEDDING_BITS
     float_min: bool = False  # each block w = scale * code + minimum, the minimum a float (llama.cpp's Q4_1 / k-quant form)
-    rounding: str = "search"  # "search": each block's grid searched (searched_blocks); "nearest": plain min/max rounding
+    rounding: str = "search"  # "search": each block's grid searched; "gptq": searched grids and GPTQ's error compensation;
+    # "nearest": plain min/max rounding (graphs/block_rounding.py)
     mix: str = "auto"  # int4 only: "auto" keeps the matrices that cost most KL at 8 bits within budget_mb; "none": all int4
     budget_mb: float | None = None  # mix auto: MB the quantized matrices may take (None: MIX_ROOM over all-int4)
 
@@ -88,12 +88,17 @@ class QuantScheme:
 
     @property
     def searched(self) -> bool:
-        return self.rounding == "search" and not self.symmetric
+        """Whether the rounding needs calibration (search and gptq do; a symmetric grid is min/max)."""
+        return self.rounding in ("search", "gptq") and not self.symmetric
+
+    @property
+    def rounding_name(self) -> str:
+        return self.rounding if self.searched else "nearest"
 
     @property
     def name(self) -> str:
         form = "float minimum" if self.float_min else "symmetric" if self.symmetric else "asymmetric"
-        how = "searched" if self.searched else "nearest"
+        how = {"search": "searched", "gptq": "GPTQ"}.get(self.rounding_name, "nearest")
         mix = ", mixed with int8" if self.mixed else ""
         return f"int{self.bits}, block {self.block_size}, {form}, {how}{mix}"
 
@@ -108,7 +113,9 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
                              "llama.cpp's Q4_1 and k-quants): one more small MatMul per layer, and a grid that holds such models exactly")
     parser.add_argument("--rounding", choices=ROUNDINGS, default=None,
                         help="search (default): each block's scale and offset searched for the least error, weighted by "
-                             "the input channels' activations on calibration text; nearest: plain min/max rounding")
+                             "the input channels' activations on calibration text; gptq: the searched grids, and each "
+                             "input row's rounding error compensated on the rows after it (GPTQ, from the calibration "
+                             "inputs' Hessian); nearest: plain min/max rounding")
     parser.add_argument("--mix", choices=MIXES, default=None,
                         help="int4: auto (default) measures what quantizing each matrix alone costs in KL on calibration "
                              f"text and keeps the costliest at int8 within --budget-mb (default {100 * MIX_ROOM:.0f} %% over "
@@ -134,9 +141,9 @@ def scheme_from_arguments(args: argparse.Namespace, bits: int | None, at_export:
         if given:
             raise KvgraphError(f"{given[0]} applies to quantized exports only; add --quantize int4 or int8")
         return None
-    if at_export and (args.mix == "auto" or args.budget_mb is not None):
-        flag = "--budget-mb" if args.budget_mb is not None else "--mix auto"
-        raise KvgraphError(f"{flag} measures each matrix on the float export, which export --quantize does not write: run "
+    if at_export and (args.mix == "auto" or args.budget_mb is not None or args.rounding == "gptq"):
+        flag = "--budget-mb" if args.budget_mb is not None else "--mix auto" if args.mix == "auto" else "--rounding gptq"
+        raise KvgraphError(f"{flag} calibrates on the float export, which export --quantize does not write: run "
                            "kvgraph export, then kvgraph quantize FLOAT_EXPORT OUT --bits 4")
     return QuantScheme(bits, args.block_size or 32, args.symmetric, float_min=args.float_min, rounding=args.rounding or "search",
                        mix=args.mix or ("none" if at_export else "auto"), budget_mb=args.budget_mb)
@@ -167,148 +174,6 @@ class QuantReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class _Blocks:
-    """A matrix quantized in blocks of `block` along its axis 0: q (K, N), scales and zero points (K/bs, N)."""
-
-    q: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray | None
-    minimums: np.ndarray | None = None  # float_min: (K/bs, N) floats added to each block's scale * code
-
-    @property
-    def nbytes(self) -> int:
-        bits = 4 if self.q.dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8
-        zero = 0 if self.zero_points is None else self.zero_points.size * bits // 8
-        return self.q.size * bits // 8 + self.scales.nbytes + zero + (0 if self.minimums is None else self.minimums.nbytes)
-
-
-def quantize_blocks(matrix: np.ndarray, bits: int, block: int, symmetric: bool) -> _Blocks:
-    """Round-to-nearest blocks along axis 0 of a (K, N) float matrix, by onnxruntime's kernels."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    rows, cols = matrix.shape  # (K, N)
-    blocks = rows // block
-    per_byte = 8 // bits
-    packed = np.zeros((cols, blocks, block // per_byte), dtype=np.uint8)  # (N, K/bs, bytes per block)
-    scales = np.zeros((cols, blocks), dtype=matrix.dtype)
-    zero = np.zeros((cols, -(-blocks // per_byte)), dtype=np.uint8)
-    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    kernel(packed, np.ascontiguousarray(matrix), scales, zero, block, cols, rows, symmetric)
-    q = _unpack(packed.reshape(cols, -1), bits, rows).astype(np.int16)  # (N, K), unsigned
-    if symmetric:  # the kernel's symmetric codes are offset by 2^(bits-1); the signed type stores them centred
-        signed = _TYPES[(bits, True)]
-        return _Blocks(np.ascontiguousarray((q - (1 << (bits - 1))).T).astype(signed), np.ascontiguousarray(scales.T), None)
-    points = _unpack(zero, bits, blocks)
-    unsigned = _TYPES[(bits, False)]
-    return _Blocks(np.ascontiguousarray(q.T).astype(unsigned), np.ascontiguousarray(scales.T),
-                   np.ascontiguousarray(points.T).astype(unsigned))
-
-
-def float_min_blocks(matrix: np.ndarray, bits: int, block: int) -> _Blocks:
-    """Blocks along axis 0 of a (K, N) float matrix as w = scale * code + minimum, code in 0 .. 2^bits - 1 and scale the
-    block's range over that many steps (llama.cpp's Q4_1 rounding). Stored as signed codes centred on 0 (code - 2^(bits-1))
-    with the minimum moved by 2^(bits-1) scales, so the integer part is the symmetric DequantizeLinear that onnxruntime
-    fuses into its 4-bit kernel, and the minimum is a float per block."""
-    rows, cols = matrix.shape
-    x = matrix.astype(np.float32).reshape(rows // block, block, cols)
-    low, high = x.min(axis=1), x.max(axis=1)  # (K/bs, N)
-    levels = (1 << bits) - 1
-    scale = (high - low) / levels
-    safe = np.where(scale > 0, scale, 1.0)
-    codes = np.clip(np.round((x - low[:, None]) / safe[:, None]), 0, levels)
-    centre = 1 << (bits - 1)
-    q = (codes - centre).reshape(rows, cols).astype(_TYPES[(bits, True)])
-    return _Blocks(q, scale.astype(matrix.dtype), None, (low + centre * scale).astype(matrix.dtype))
-
-
-# The search over each block's grid (llama.cpp's make_qkx2_quants, the k-quants' search): the block's range is
-# divided into levels - 1 + t steps for t in SEARCH_STEPS (t = 1: plain min/max rounding, always a candidate), the
-# block rounded onto each grid, the grid's scale and offset then fitted by weighted least squares to the codes
-# chosen, and the candidate with the least weighted squared error kept. The weights are each input channel's mean
-# squared activation on calibration text when given (llama.cpp's importance matrix), else 1.
-SEARCH_STEPS = np.linspace(-1.0, 1.0, 11)
-
-
-def searched_blocks(matrix: np.ndarray, bits: int, block: int, float_min: bool, importance: np.ndarray | None = None) -> _Blocks:
-    """Blocks along axis 0 of a (K, N) float matrix, each block's scale and offset searched to minimise its weighted
-    squared error. float_min: w = scale * code + minimum (signed codes centred, as float_min_blocks); else the
-    asymmetric integer-zero-point form of quantize_blocks (w = scale * (code - zero point)), standard DequantizeLinear.
-    importance: (K,) weights of the input channels (None: all 1)."""
-    rows, cols = matrix.shape
-    x = matrix.astype(np.float32).reshape(rows // block, block, cols).transpose(0, 2, 1)  # (K/bs, N, bs)
-    w = np.ones((1, 1, block), np.float32) if importance is None else \
-        np.maximum(importance.astype(np.float32), 1e-12).reshape(rows // block, 1, block)
-    levels = (1 << bits) - 1
-    low, high = x.min(axis=-1), x.max(axis=-1)
-    span = np.where(high > low, high - low, 1.0)
-    best = None
-    for t in SEARCH_STEPS:
-        codes = np.clip(np.round((x - low[..., None]) * ((levels + t) / span)[..., None]), 0, levels)
-        scale, offset = _fit(x, w, codes)
-        if not float_min:  # the offset must sit on the grid: offset = -scale * zero point, zero point an integer code
-            scale = np.where(scale > 0, scale, span / levels)
-            zero = np.clip(np.round(-offset / scale), 0, levels)
-            codes = np.clip(np.round(x / scale[..., None]) + zero[..., None], 0, levels)
-            scale = _fit_scale(x, w, codes - zero[..., None], scale)
-            offset = -scale * zero
-        error = (w * (scale[..., None] * codes + offset[..., None] - x) ** 2).sum(axis=-1)
-        if best is None:
-            best = [error, scale, offset, codes]
-        else:
-            better = error < best[0]
-            for i, value in enumerate((error, scale, offset, codes)):
-                best[i] = np.where(better[..., None] if value.ndim == 3 else better, value, best[i])
-    _, scale, offset, codes = best
-    codes = codes.transpose(0, 2, 1).reshape(rows, cols)
-    scale, offset = scale.astype(matrix.dtype), offset
-    if float_min:
-        centre = 1 << (bits - 1)
-        return _Blocks((codes - centre).astype(_TYPES[(bits, True)]), scale, None, (offset + centre * scale).astype(matrix.dtype))
-    unsigned = _TYPES[(bits, False)]
-    zero = np.round(-offset / np.where(scale > 0, scale, 1.0))
-    return _Blocks(codes.astype(unsigned), scale, zero.astype(unsigned))
-
-
-def _fit(x: np.ndarray, w: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, offset) minimising sum w (scale * codes + offset - x)^2 over the last axis (a flat block: offset = mean)."""
-    sw, sl, sll = (np.broadcast_to(w, x.shape)).sum(-1), (w * codes).sum(-1), (w * codes * codes).sum(-1)
-    sx, slx = (w * x).sum(-1), (w * codes * x).sum(-1)
-    det = sw * sll - sl * sl
-    flat = det <= 1e-20
-    safe = np.where(flat, 1.0, det)
-    scale = np.where(flat, 0.0, (sw * slx - sl * sx) / safe)
-    offset = np.where(flat, sx / sw, (sll * sx - sl * slx) / safe)
-    return scale, offset
-
-
-def _fit_scale(x: np.ndarray, w: np.ndarray, centred: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """The scale minimising sum w (scale * centred - x)^2 (centred = code - zero point), else `fallback`."""
-    den = (w * centred * centred).sum(-1)
-    return np.where(den > 0, (w * centred * x).sum(-1) / np.where(den > 0, den, 1.0), fallback)
-
-
-def dequantize_float_min(blocks: _Blocks, block: int) -> np.ndarray:
-    """The float matrix a float-minimum block computes (for tests and reports)."""
-    q = blocks.q.astype(np.float32)
-    scale, low = (np.repeat(a.astype(np.float32), block, axis=0) for a in (blocks.scales, blocks.minimums))
-    return (q * scale + low).astype(blocks.scales.dtype)
-
-
-def _unpack(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
-    """(rows, bytes) of packed codes, low nibble first for 4 bits -> (rows, length) uint8."""
-    if bits == 8:
-        return packed[:, :length]
-    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)[:, :length]
-
-
-def dequantize(blocks: _Blocks, block: int) -> np.ndarray:
-    """The float matrix the graph computes from the blocks (for tests and reports)."""
-    q = blocks.q.astype(np.float32)
-    zero = 0.0 if blocks.zero_points is None else np.repeat(blocks.zero_points.astype(np.float32), block, axis=0)
-    return ((q - zero) * np.repeat(blocks.scales.astype(np.float32), block, axis=0)).astype(blocks.scales.dtype)
 
 
 def check_block(block: int, length: int, name: str, dims: list[int], graph_name: str) -> None:
@@ -350,12 +215,6 @@ def expose(model: onnx.ModelProto, activations: list[str], weights: list[str]) -
         graph.initializer.remove(tensor)
 
 
-def dequantized(matrix: np.ndarray, bits: int, block: int, float_min: bool, importance: np.ndarray | None) -> np.ndarray:
-    """The (K, N) float matrix a searched int`bits` quantization of `matrix` computes."""
-    blocks = searched_blocks(matrix, bits, block, float_min, importance)
-    return dequantize_float_min(blocks, block) if float_min else dequantize(blocks, block)
-
-
 def choose_bits(costs: dict[str, float], extra_bytes: dict[str, int], room: int) -> dict[str, int]:
     """Mixed precision: the matrices to keep at 8 bits, most KL saved per extra byte first, while their extra bytes
     fit in `room`. costs: what quantizing each matrix alone to 4 bits costs in KL; extra_bytes: int8 over int4."""
@@ -367,26 +226,21 @@ def choose_bits(costs: dict[str, float], extra_bytes: dict[str, int], room: int)
     return chosen
 
 
-def block_bytes(rows: int, cols: int, bits: int, block: int, float_min: bool, scale_size: int = 4) -> int:
-    """Bytes of a (rows, cols) matrix quantized in blocks along its rows: codes, scales, zero points or minimums."""
-    blocks = rows // block * cols
-    return rows * cols * bits // 8 + scale_size * blocks + (scale_size * blocks if float_min else blocks * bits // 8)
-
-
 class Quantizer:
     """Rewrites graphs in place; one instance for all graphs of an export, so shared weights quantize once."""
 
-    def __init__(self, scheme: QuantScheme, values: Tensors = INLINE, importance: dict[str, np.ndarray] | None = None,
+    def __init__(self, scheme: QuantScheme, values: Tensors = INLINE, rounding: BlockRounding | None = None,
                  bits_of: dict[str, int] | None = None) -> None:
         """values: how initializers are read and made (a WeightStore: graphs loaded without their weights read them
         tensor by tensor, and the quantized tensors are held once for every graph).
-        importance: a matrix's input channels' mean squared activations (its rounding search's weights);
+        rounding: how blocks are chosen, with calibration's evidence (default: the scheme's, without calibration);
         bits_of: matrices quantized at other than scheme.bits (mixed precision)."""
         scheme.check()
         self.scheme, self.values = scheme, values
-        self.importance, self.bits_of = importance or {}, bits_of or {}
+        self.rounding = rounding or BlockRounding(scheme.rounding_name, scheme.symmetric, scheme.block_size)
+        self.bits_of = bits_of or {}
         self.report = QuantReport()
-        self._done: dict[tuple, _Blocks] = {}
+        self._done: dict[tuple, list[onnx.TensorProto]] = {}
 
     def quantize(self, models: dict[str, onnx.ModelProto]) -> QuantReport:
         for name, model in models.items():
@@ -437,16 +291,10 @@ class Quantizer:
         if key not in self._done:
             array = self.values.array(tensor) if array is None else array
             oriented = array if axis == 0 else array.T
-            if self.scheme.searched:
-                weights = self.importance.get(tensor.name)
-                weights = weights if weights is not None and len(weights) == oriented.shape[0] else None
-                blocks = searched_blocks(oriented, bits, self.scheme.block_size, float_min, weights)
-            elif float_min:
-                blocks = float_min_blocks(array, bits, self.scheme.block_size)
-            else:
-                blocks = quantize_blocks(array if axis == 0 else array.T, bits, self.scheme.block_size, self.scheme.symmetric)
+            blocks = self.rounding.blocks(tensor.name, oriented, bits, float_min)
+            self.rounding.forget(tensor.name)
             if axis == 1:
-                blocks = _Blocks(*(None if a is None else np.ascontiguousarray(a.T) for a in (blocks.q, blocks.scales, blocks.zero_points)))
+                blocks = Blocks(*(None if a is None else np.ascontiguousarray(a.T) for a in (blocks.q, blocks.scales, blocks.zero_points)))
             named = [(f"{tensor.name}.q{bits}", blocks.q), (f"{tensor.name}.scales", blocks.scales),
                      (f"{tensor.name}.zero_points", blocks.zero_points), (f"{tensor.name}.minimums", blocks.minimums)]
             names, arrays = zip(*[(name, a) for name, a in named if a is not None])
@@ -473,7 +321,6 @@ class Quantizer:
             else:
                 _gather_then_dequantize(graph, node, rows, axis, self.scheme.block_size)
         graph.initializer.remove(tensor)
-
 
     def _add_minimums(self, graph: onnx.GraphProto, matmul: onnx.NodeProto, minimums: str, tensor: onnx.TensorProto, i: int) -> None:
         """MatMul(x, W) = MatMul(x, DQ(codes, scales)) + MatMul(MatMul(x, S), minimums): x's sums over each block of

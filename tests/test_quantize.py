@@ -16,8 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from kvgraph.graphs import KvgraphError, Manifest
-from kvgraph.graphs.quantization import (QuantScheme, choose_bits, dequantize, dequantize_float_min, float_min_blocks, quantize_blocks,
-                                         searched_blocks)
+from kvgraph.graphs.block_rounding import dequantize, dequantize_float_min, float_min_blocks, gptq_blocks, quantize_blocks, searched_blocks
+from kvgraph.graphs.quantization import QuantScheme, choose_bits
 from kvgraph.runtime import Generator
 from kvgraph.runtime.commands.main import main
 from kvgraph.runtime.tools.quantize_export import quantize_export
@@ -194,7 +194,7 @@ def test_export_quantize_end_to_end_and_block_size_refused_before_tracing(tmp_pa
     assert main(["export", str(model_dir), str(tmp_path / "bad"), "--quantize", "int8", "--no-validate"]) == 1
     assert "--no-validate does not apply to --quantize" in capsys.readouterr().err
     assert main(["export", str(model_dir), str(tmp_path / "bad"), "--quantize", "int4", "--budget-mb", "5"]) == 1
-    assert "--budget-mb measures each matrix on the float export, which export --quantize does not write" in capsys.readouterr().err
+    assert "--budget-mb calibrates on the float export, which export --quantize does not write" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert main(["export", str(model_dir), str(tmp_path / "q"), "--quantize", "int8", "--symmetric", "--cache", "static",
                  "--max-length", "64", "--min-top1", "0", "--max-ppl-ratio", "1e9"]) == 0
@@ -341,6 +341,40 @@ def test_searched_blocks_beat_nearest_rounding_weigh_by_importance_and_hold_a_gr
     assert np.abs(dequantize(searched_blocks(grid, 4, 32, float_min=False), 32) - grid).max() < 1e-6
     q41 = dequantize_float_min(float_min_blocks(matrix, 4, 32), 32)  # and a Q4_1 grid, with a float minimum
     assert np.abs(dequantize_float_min(searched_blocks(q41, 4, 32, float_min=True), 32) - q41).max() < 1e-6
+
+
+def test_gptq_blocks_lower_the_layer_output_error_and_stay_on_each_blocks_grid():
+    """GPTQ minimises ||X W - X W_q|| over calibration inputs X, not the weights' own error: on inputs with correlated
+    channels (as a layer's are) its output error is well below the searched grid's alone, though its weights move more."""
+    rng = np.random.default_rng(5)
+    matrix = (rng.standard_normal((128, 64)) * 0.02).astype(np.float32)
+    mixing = rng.standard_normal((128, 128)) * (rng.random(128) ** 3)[:, None]  # a few strong directions
+    x = (rng.standard_normal((512, 128)) @ mixing).astype(np.float32)
+    x[:, 7] = 0.0  # a channel calibration never drives
+    gram = x.astype(np.float64).T @ x / len(x)
+    searched = dequantize(searched_blocks(matrix, 4, 32, float_min=False, importance=np.diag(gram).astype(np.float32)), 32)
+    blocks = gptq_blocks(matrix, 4, 32, False, gram)
+    gptq = dequantize(blocks, 32)
+    assert blocks.q.shape == matrix.shape and blocks.scales.shape == blocks.zero_points.shape == (4, 64)
+    assert str(blocks.q.dtype) == "uint4" and np.all(gptq[7] == dequantize(blocks, 32)[7])
+    out_error = lambda w: float(np.square(x @ (w - matrix)).sum())
+    assert out_error(gptq) < 0.7 * out_error(searched), (out_error(gptq), out_error(searched))
+    assert np.abs(gptq - matrix).max() < 0.1  # the codes stay within the blocks' ranges: no runaway compensation
+    float_min = gptq_blocks(matrix, 4, 32, True, gram)
+    assert out_error(dequantize_float_min(float_min, 32)) < out_error(searched)
+
+
+def test_gptq_quantize_records_its_rounding_and_export_refuses_it(float_exports, tmp_path, capsys):
+    from tiny_models import text_model_dir
+
+    out = quantize_export(float_exports["dynamic"], tmp_path / "gptq", QuantScheme(4, rounding="gptq", mix="none"), **ANY_QUALITY)
+    record = Manifest.load(out).quantization
+    assert record["scheme"]["rounding"] == "gptq" and record["quality"]["top1_agreement"] > 0
+    searched = quantize_export(float_exports["dynamic"], tmp_path / "search", QuantScheme(4, mix="none"), **ANY_QUALITY)
+    assert (out / "model.onnx.data").read_bytes() != (searched / "model.onnx.data").read_bytes()
+    assert main(["export", str(text_model_dir(tmp_path / "hf")), str(tmp_path / "bad"), "--quantize", "int4",
+                 "--rounding", "gptq"]) == 1
+    assert "--rounding gptq calibrates on the float export" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_choose_bits_takes_the_most_kl_per_byte_within_the_room():

@@ -2,7 +2,8 @@
 
     calibration = Calibration(float_dir)                  # the prefill graph, weights fed as inputs, on calibration text
     importance = calibration.importance()                 # {matrix: mean squared activation of each input channel}
-    costs = calibration.costs(names, quantize)            # {matrix: KL(float || the model with only it quantized)}
+    inputs = calibration.inputs()                         # {matrix: (tokens, K) its inputs on the calibration text}
+    costs = calibration.costs(quantize)                   # {matrix: KL(float || the model with only it quantized)}
 
 The text is calibration_text.txt beside this module: prose written for this project (no copyright of others), a
 different text from the quality report's, so a quantization is never tuned on what scores it. One session serves
@@ -19,8 +20,8 @@ import numpy as np
 
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.modes import step_adapter
-from kvgraph.graphs.quantization import (MIX_ROOM, QuantScheme, block_bytes, check_block, choose_bits, dequantized, expose, gathered_weights,
-                                         matmul_weights)
+from kvgraph.graphs.block_rounding import BlockRounding, block_bytes
+from kvgraph.graphs.quantization import MIX_ROOM, QuantScheme, check_block, choose_bits, expose, gathered_weights, matmul_weights
 from kvgraph.runtime.core.sampling import log_softmax
 from kvgraph.runtime.core.text import TextCodec
 from kvgraph.runtime.tools.quality import every_position_prefill, prefill_session
@@ -52,6 +53,7 @@ class Calibration:
         self.names = [o.name for o in self.session.get_outputs()]
         self.windows = _windows(directory, contract, manifest.model.max_positions)
         self._reference: np.ndarray | None = None  # (windows, W, V) float log-probabilities
+        self._inputs: dict[str, np.ndarray] = {}  # activation -> (tokens, K)
 
     def run_window(self, ids: np.ndarray, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The (windows, W) calibration ids through the graph, one batch, with these weights fed: its outputs by name."""
@@ -66,20 +68,28 @@ class Calibration:
         return sum(block_bytes(min(shape), max(shape), bits, block, False) for shape in self.gathered.values())
 
     def importance(self) -> dict[str, np.ndarray]:
-        """Each MatMul weight's input channels' mean squared activation over the calibration tokens (float run),
-        and the float log-probabilities kept for costs()."""
-        outputs = self.run_window(self.windows, self.floats)
-        self._reference = log_softmax(outputs["logits"], np.float64)
-        found = {}
-        for activation in set(self.activation_of.values()):
-            x = outputs[activation].astype(np.float64)
-            found[activation] = (x * x).reshape(-1, x.shape[-1]).mean(axis=0).astype(np.float32)
+        """Each MatMul weight's input channels' mean squared activation over the calibration tokens (float run)."""
+        found = {a: (x.astype(np.float64) ** 2).mean(axis=0).astype(np.float32) for a, x in self._float_run().items()}
         return {w: found[a] for w, a in self.activation_of.items() if a in found}
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """Each MatMul weight's inputs over the calibration tokens, (tokens, K) float32 (weights reading one activation
+        share one array)."""
+        found = self._float_run()
+        return {w: found[a] for w, a in self.activation_of.items() if a in found}
+
+    def _float_run(self) -> dict[str, np.ndarray]:
+        """The float model's activations (tokens, K) by name, and its log-probabilities kept for costs(): run once."""
+        if self._reference is None:
+            outputs = self.run_window(self.windows, self.floats)
+            self._reference = log_softmax(outputs["logits"], np.float64)
+            self._inputs = {a: np.ascontiguousarray(outputs[a].reshape(-1, outputs[a].shape[-1]), np.float32)
+                            for a in set(self.activation_of.values()) if a in outputs}
+        return self._inputs
 
     def costs(self, quantize: Callable[[str, np.ndarray], np.ndarray], log: Callable[[str], None] = lambda m: None) -> dict[str, float]:
         """{matrix: mean KL(float || the model with only that matrix replaced by quantize(name, float matrix))}."""
-        if self._reference is None:
-            self.importance()
+        self._float_run()
         reference = self._reference
         costs = {}
         for i, name in enumerate(self.matrices):
@@ -115,22 +125,30 @@ def _windows(directory: Path, contract, max_positions: int | None) -> np.ndarray
 
 
 def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
-         log: Callable[[str], None] = lambda message: None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """What calibration tells the quantizer: (importance for the rounding search, the matrices mixed precision keeps at
-    8 bits). Nothing is run for a scheme that uses neither."""
+         log: Callable[[str], None] = lambda message: None) -> tuple[BlockRounding, dict[str, int]]:
+    """What calibration tells the quantizer: (the rounding, with the search's weights and GPTQ's inputs; the matrices
+    mixed precision keeps at 8 bits). Nothing is run for a scheme that uses neither."""
+    rounding = BlockRounding(scheme.rounding_name, scheme.symmetric, scheme.block_size)
     if not (scheme.searched or scheme.mixed):
-        return {}, {}
+        return rounding, {}
     calibration = Calibration(source, threads)
     for name in calibration.matrices:
         shape = calibration.floats[name].shape
         check_block(scheme.block_size, shape[0], name, list(shape), calibration.graph)
     log(f"calibration: {calibration.windows.size} tokens of {TEXT.name}, "
         f"{len(calibration.activation_of)} matrices' activations")
-    importance = calibration.importance()
+    rounding.importance = calibration.importance()
+    if scheme.rounding_name == "gptq":
+        rounding.inputs = calibration.inputs()
     if not scheme.mixed:
-        return importance, {}
+        return rounding, {}
+    return rounding, _mixed_bits(calibration, scheme, rounding, log)
+
+
+def _mixed_bits(calibration: Calibration, scheme: QuantScheme, rounding: BlockRounding, log: Callable[[str], None]) -> dict[str, int]:
+    """The matrices to keep at int8: the costliest in KL alone at int4 per extra byte, within the scheme's budget."""
     block, float_min = scheme.block_size, scheme.float_min
-    costs = calibration.costs(lambda name, matrix: dequantized(matrix, 4, block, float_min, importance.get(name)), log)
+    costs = calibration.costs(lambda name, matrix: rounding.dequantized(name, matrix, 4, float_min), log)
     shapes = {name: calibration.floats[name].shape for name in calibration.matrices}
     size = {name: {bits: block_bytes(*shape, bits, block, float_min and bits == 4, calibration.floats[name].itemsize)
                    for bits in (4, 8)} for name, shape in shapes.items()}
@@ -140,7 +158,9 @@ def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
         raise KvgraphError(f"--budget-mb {scheme.budget_mb:g} is below the all-int4 size of the quantized matrices, "
                            f"{all_int4 / 1e6:.1f} MB; give at least that, or --mix none")
     bits_of = choose_bits(costs, {name: s[8] - s[4] for name, s in size.items()}, int(room))
+    for name in bits_of:
+        rounding.forget(name)  # measured at int4, stored at int8
     extra = sum(size[name][8] - size[name][4] for name in bits_of)
     log(f"mixed precision: {len(bits_of)} of {len(costs)} matrices at int8 (+{extra / 1e6:.2f} MB over all-int4's "
         f"{all_int4 / 1e6:.1f} MB), chosen by the KL each costs alone at int4 on calibration text")
-    return importance, bits_of
+    return bits_of

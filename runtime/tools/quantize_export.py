@@ -33,10 +33,10 @@ def quantize_export(source: str | Path, out: str | Path, scheme: QuantScheme, *,
     _check_source(source, manifest)
     out = check_destination(Path(out), force)
     models = _load_graphs(source, manifest)  # without their weights: the quantizer reads them tensor by tensor
-    importance, bits_of = plan(source, scheme, threads, log)  # calibration: the search's weights, the int8 matrices
+    rounding, bits_of = plan(source, scheme, threads, log)  # calibration: the rounding's evidence, the int8 matrices
     store = WeightStore(source)
-    report = Quantizer(scheme, store, importance, bits_of).quantize(models)
-    del importance
+    report = Quantizer(scheme, store, rounding, bits_of).quantize(models)
+    del rounding
     log(quantized_log_line(report, scheme))
     with staged(out, force) as staging:
         _write(models, manifest, source, staging, store)
@@ -105,7 +105,7 @@ def _publish_manifest(manifest: Manifest, staging: Path) -> None:
 
 def _scheme_json(scheme: QuantScheme) -> dict:
     return {"bits": scheme.bits, "block_size": scheme.block_size, "symmetric": scheme.symmetric, "embedding_bits": scheme.embedding_bits,
-            "float_min": scheme.float_min, "rounding": "search" if scheme.searched else "nearest", "mix": "auto" if scheme.mixed else "none",
+            "float_min": scheme.float_min, "rounding": scheme.rounding_name, "mix": "auto" if scheme.mixed else "none",
             "budget_mb": scheme.budget_mb}
 
 
