@@ -28,7 +28,9 @@ from kvgraph.runtime.tools.quality import every_position_prefill, prefill_sessio
 
 TEXT = Path(__file__).with_name("calibration_text.txt")
 WINDOW = 128  # tokens a calibration window holds (fewer if the export holds fewer)
-WINDOWS = 2
+WINDOWS = 24  # at most: the importance and GPTQ's inputs see every window (GPTQ's Hessians need thousands of tokens)
+COST_WINDOWS = 2  # the windows each matrix's KL is measured on (one run per matrix)
+BATCH = 2  # windows per run
 
 
 class Calibration:
@@ -52,8 +54,10 @@ class Calibration:
         self.session = prefill_session(model, directory, threads)
         self.names = [o.name for o in self.session.get_outputs()]
         self.windows = _windows(directory, contract, manifest.model.max_positions)
-        self._reference: np.ndarray | None = None  # (windows, W, V) float log-probabilities
-        self._inputs: dict[str, np.ndarray] = {}  # activation -> (tokens, K)
+        self.cost_windows = self.windows[:COST_WINDOWS]
+        self._reference: np.ndarray | None = None  # (cost windows, W, V) float log-probabilities
+        self._squares: dict[str, np.ndarray] = {}  # activation -> (K,) mean squared activation
+        self._inputs: dict[str, np.ndarray] | None = None  # activation -> (tokens, K) float16, when asked for
 
     def run_window(self, ids: np.ndarray, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The (windows, W) calibration ids through the graph, one batch, with these weights fed: its outputs by name."""
@@ -69,32 +73,43 @@ class Calibration:
 
     def importance(self) -> dict[str, np.ndarray]:
         """Each MatMul weight's input channels' mean squared activation over the calibration tokens (float run)."""
-        found = {a: (x.astype(np.float64) ** 2).mean(axis=0).astype(np.float32) for a, x in self._float_run().items()}
-        return {w: found[a] for w, a in self.activation_of.items() if a in found}
+        self._float_runs(keep_inputs=False)
+        return {w: self._squares[a] for w, a in self.activation_of.items() if a in self._squares}
 
     def inputs(self) -> dict[str, np.ndarray]:
-        """Each MatMul weight's inputs over the calibration tokens, (tokens, K) float32 (weights reading one activation
+        """Each MatMul weight's inputs over the calibration tokens, (tokens, K) float16 (weights reading one activation
         share one array)."""
-        found = self._float_run()
-        return {w: found[a] for w, a in self.activation_of.items() if a in found}
+        self._float_runs(keep_inputs=True)
+        return {w: self._inputs[a] for w, a in self.activation_of.items() if a in self._inputs}
 
-    def _float_run(self) -> dict[str, np.ndarray]:
-        """The float model's activations (tokens, K) by name, and its log-probabilities kept for costs(): run once."""
-        if self._reference is None:
-            outputs = self.run_window(self.windows, self.floats)
-            self._reference = log_softmax(outputs["logits"], np.float64)
-            self._inputs = {a: np.ascontiguousarray(outputs[a].reshape(-1, outputs[a].shape[-1]), np.float32)
-                            for a in set(self.activation_of.values()) if a in outputs}
-        return self._inputs
+    def _float_runs(self, keep_inputs: bool) -> None:
+        """The float model over every window, BATCH at a time: the mean squared activations, the inputs if asked for,
+        and the cost windows' log-probabilities (kept for costs())."""
+        if self._reference is not None and (self._inputs is not None or not keep_inputs):
+            return
+        sums: dict[str, np.ndarray] = {}
+        kept: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(self.windows), BATCH):
+            outputs = self.run_window(self.windows[start: start + BATCH], self.floats)
+            if start == 0:
+                self._reference = log_softmax(outputs["logits"][:COST_WINDOWS], np.float64)
+            for a in set(self.activation_of.values()) & set(outputs):
+                x = outputs[a].reshape(-1, outputs[a].shape[-1])
+                sums[a] = sums.get(a, 0.0) + np.square(x, dtype=np.float64).sum(axis=0)
+                if keep_inputs:
+                    kept.setdefault(a, []).append(x.astype(np.float16))
+        self._squares = {a: (total / self.windows.size).astype(np.float32) for a, total in sums.items()}
+        if keep_inputs:
+            self._inputs = {a: np.concatenate(parts) for a, parts in kept.items()}
 
     def costs(self, quantize: Callable[[str, np.ndarray], np.ndarray], log: Callable[[str], None] = lambda m: None) -> dict[str, float]:
         """{matrix: mean KL(float || the model with only that matrix replaced by quantize(name, float matrix))}."""
-        self._float_run()
+        self._float_runs(keep_inputs=False)
         reference = self._reference
         costs = {}
         for i, name in enumerate(self.matrices):
             weights = {**self.floats, name: np.ascontiguousarray(quantize(name, np.asarray(self.floats[name])))}
-            lp = log_softmax(self.run_window(self.windows, weights)["logits"], np.float64)
+            lp = log_softmax(self.run_window(self.cost_windows, weights)["logits"], np.float64)
             costs[name] = float((np.exp(reference) * (reference - lp)).sum(axis=-1).mean())
             if (i + 1) % 50 == 0:
                 log(f"mixed precision: measured {i + 1} of {len(self.matrices)} matrices")
@@ -113,13 +128,13 @@ def _mapped(directory: Path, tensor) -> np.ndarray:
 
 
 def _windows(directory: Path, contract, max_positions: int | None) -> np.ndarray:
-    """(windows, W): the calibration text's first WINDOWS full windows (pseudo-random ids without tokenizer.json)."""
+    """(windows, W): the calibration text's full windows, WINDOWS at most (pseudo-random ids without tokenizer.json)."""
     limits = [limit for limit in (step_adapter(contract).cache.capacity(contract), max_positions) if limit]
     window = min([WINDOW] + limits)
     if (directory / "tokenizer.json").is_file():
         ids = TextCodec(directory).encode(TEXT.read_text(encoding="utf-8"))
     else:
-        ids = np.random.default_rng(2).integers(0, contract.vocab_size, size=WINDOW * WINDOWS).tolist()
+        ids = np.random.default_rng(2).integers(0, contract.vocab_size, size=WINDOW * COST_WINDOWS).tolist()
     count = max(1, min(WINDOWS, len(ids) // window))
     return np.array([ids[start: start + window] for start in range(0, window * count, window)], dtype=np.int64)
 
@@ -135,7 +150,7 @@ def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
     for name in calibration.matrices:
         shape = calibration.floats[name].shape
         check_block(scheme.block_size, shape[0], name, list(shape), calibration.graph)
-    log(f"calibration: {calibration.windows.size} tokens of {TEXT.name}, "
+    log(f"calibration: {calibration.windows.size} tokens of {TEXT.name} ({calibration.cost_windows.size} for each matrix's KL), "
         f"{len(calibration.activation_of)} matrices' activations")
     rounding.importance = calibration.importance()
     if scheme.rounding_name == "gptq":
