@@ -66,6 +66,7 @@ class QuantScheme:
     # "nearest": plain min/max rounding (graphs/block_rounding.py)
     mix: str = "auto"  # int4 only: "auto" keeps the matrices that cost most KL at 8 bits within budget_mb; "none": all int4
     budget_mb: float | None = None  # mix auto: MB the quantized matrices may take (None: MIX_ROOM over all-int4)
+    awq: bool = False  # activation-aware scales folded into the norms and projections before each matrix (graphs/awq_folds.py)
 
     def check(self) -> None:
         if self.bits not in BITS:
@@ -100,7 +101,7 @@ class QuantScheme:
         form = "float minimum" if self.float_min else "symmetric" if self.symmetric else "asymmetric"
         how = {"search": "searched", "gptq": "GPTQ"}.get(self.rounding_name, "nearest")
         mix = ", mixed with int8" if self.mixed else ""
-        return f"int{self.bits}, block {self.block_size}, {form}, {how}{mix}"
+        return f"int{self.bits}, block {self.block_size}, {form}, {how}{mix}{', AWQ' if self.awq else ''}"
 
 
 def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +121,10 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int4: auto (default) measures what quantizing each matrix alone costs in KL on calibration "
                              f"text and keeps the costliest at int8 within --budget-mb (default {100 * MIX_ROOM:.0f} %% over "
                              "all-int4); none: every matrix int4")
+    parser.add_argument("--awq", action="store_true",
+                        help="activation-aware scaling (AWQ): each matrix's input rows scaled by a power of its activations' "
+                             "mean magnitude searched on calibration text, the inverse folded into the norm (or up "
+                             "projection) before it; the graphs keep their nodes")
     parser.add_argument("--budget-mb", type=float, default=None, metavar="MB",
                         help="int4 with --mix auto: megabytes the quantized matrices may take")
     parser.add_argument("--min-top1", type=float, default=None, metavar="FRACTION",
@@ -135,18 +140,20 @@ def scheme_from_arguments(args: argparse.Namespace, bits: int | None, at_export:
     may be given). At export no float graph exists to measure each matrix on: mixed precision is `kvgraph quantize`'s."""
     given = [flag for flag, value in (("--block-size", args.block_size), ("--symmetric", args.symmetric or None),
                                       ("--float-min", args.float_min or None), ("--rounding", args.rounding),
-                                      ("--mix", args.mix), ("--budget-mb", args.budget_mb),
+                                      ("--mix", args.mix), ("--budget-mb", args.budget_mb), ("--awq", args.awq or None),
                                       ("--min-top1", args.min_top1), ("--max-ppl-ratio", args.max_ppl_ratio)) if value is not None]
     if bits is None:
         if given:
             raise KvgraphError(f"{given[0]} applies to quantized exports only; add --quantize int4 or int8")
         return None
-    if at_export and (args.mix == "auto" or args.budget_mb is not None or args.rounding == "gptq"):
-        flag = "--budget-mb" if args.budget_mb is not None else "--mix auto" if args.mix == "auto" else "--rounding gptq"
+    calibrated = [flag for flag, on in (("--budget-mb", args.budget_mb is not None), ("--mix auto", args.mix == "auto"),
+                                        ("--rounding gptq", args.rounding == "gptq"), ("--awq", args.awq)) if on]
+    if at_export and calibrated:
+        flag = calibrated[0]
         raise KvgraphError(f"{flag} calibrates on the float export, which export --quantize does not write: run "
                            "kvgraph export, then kvgraph quantize FLOAT_EXPORT OUT --bits 4")
     return QuantScheme(bits, args.block_size or 32, args.symmetric, float_min=args.float_min, rounding=args.rounding or "search",
-                       mix=args.mix or ("none" if at_export else "auto"), budget_mb=args.budget_mb)
+                       mix=args.mix or ("none" if at_export else "auto"), budget_mb=args.budget_mb, awq=args.awq)
 
 
 def thresholds(bits: int, min_top1: float | None, max_ppl_ratio: float | None) -> tuple[float, float]:
@@ -230,15 +237,16 @@ class Quantizer:
     """Rewrites graphs in place; one instance for all graphs of an export, so shared weights quantize once."""
 
     def __init__(self, scheme: QuantScheme, values: Tensors = INLINE, rounding: BlockRounding | None = None,
-                 bits_of: dict[str, int] | None = None) -> None:
+                 bits_of: dict[str, int] | None = None, replaced: dict[str, np.ndarray] | None = None) -> None:
         """values: how initializers are read and made (a WeightStore: graphs loaded without their weights read them
         tensor by tensor, and the quantized tensors are held once for every graph).
         rounding: how blocks are chosen, with calibration's evidence (default: the scheme's, without calibration);
-        bits_of: matrices quantized at other than scheme.bits (mixed precision)."""
+        bits_of: matrices quantized at other than scheme.bits (mixed precision);
+        replaced: float values stored in place of the export's (AWQ's scaled matrices and divided norms)."""
         scheme.check()
         self.scheme, self.values = scheme, values
         self.rounding = rounding or BlockRounding(scheme.rounding_name, scheme.symmetric, scheme.block_size)
-        self.bits_of = bits_of or {}
+        self.bits_of, self.replaced = bits_of or {}, replaced or {}
         self.report = QuantReport()
         self._done: dict[tuple, list[onnx.TensorProto]] = {}
 
@@ -255,6 +263,9 @@ class Quantizer:
         for node in graph.node:
             for name in set(node.input):
                 users.setdefault(name, []).append(node)
+        for tensor in [t for t in graph.initializer if t.name in self.replaced and len(t.dims) != 2]:
+            graph.initializer.remove(tensor)  # AWQ's divided norm scales: float, in place
+            graph.initializer.append(self.values.tensor(self.replaced[tensor.name], tensor.name))
         for tensor in [t for t in graph.initializer if t.data_type in _FLOATS and len(t.dims) == 2]:
             plan = self._plan(graph_name, tensor, users.get(tensor.name, []))
             if plan is not None:
@@ -285,7 +296,9 @@ class Quantizer:
         graph holds is read and quantized once, and only references to its stored parts are kept."""
         stored = self.values.key(tensor)  # a stored tensor's content key saves reading it again
         float_min = self.scheme.float_min and not gathered  # a gathered matrix keeps the plain form: standard Gather reads it
-        array = self.values.array(tensor) if stored is None else None
+        array = self.replaced.get(tensor.name)
+        stored = ("replaced", tensor.name) if array is not None else stored
+        array = self.values.array(tensor) if stored is None else array
         content = stored if stored is not None else (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
         key = (bits, axis, float_min, content)
         if key not in self._done:

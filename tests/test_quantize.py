@@ -36,7 +36,15 @@ def float_exports(tmp_path_factory):
 
     from kvgraph.export import export_model
 
+    import zlib
+
+    import torch
+
     model = tiny_model("llama", **SMOLLM2_LIKE)
+    with torch.no_grad():  # trained norms differ from one another (fresh ones are all 1, merged into one constant)
+        for name, weight in model.named_parameters():
+            if "norm" in name:
+                weight.copy_(1 + 0.2 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
     root = tmp_path_factory.mktemp("float")
     return {"dynamic": export_model(model, root / "dynamic").directory,
             "static": export_model(model, root / "static", cache="static", max_length=64).directory}
@@ -375,6 +383,59 @@ def test_gptq_quantize_records_its_rounding_and_export_refuses_it(float_exports,
     assert main(["export", str(text_model_dir(tmp_path / "hf")), str(tmp_path / "bad"), "--quantize", "int4",
                  "--rounding", "gptq"]) == 1
     assert "--rounding gptq calibrates on the float export" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_awq_folds_keep_the_float_function_and_its_scale_never_loses_on_calibration(float_exports):
+    """Every fold found (the norm before q/k/v and before gate/up, the up projection before down) leaves the float
+    prefill graph's logits as they were for any scales; the searched scale's error is at most no scaling's."""
+    from onnx import numpy_helper
+
+    from kvgraph.graphs.awq_folds import apply_fold, awq_folds, awq_scale
+
+    source = float_exports["dynamic"]
+    model = onnx.load(str(source / "prefill.onnx"))
+    folds = awq_folds(model.graph)
+    kinds = sorted({(len(f.matrices), f.divided[0][1]) for f in folds})
+    assert len(folds) == 3 * 2 and kinds == [(1, 1), (2, 0), (3, 0)], folds  # per layer: q/k/v, gate/up, down
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    for fold in folds:
+        apply_fold(fold, np.exp(rng.normal(0, 0.7, values[fold.matrices[0]].shape[0])).astype(np.float32), values)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    for tensor in changed.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
+    feeds = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim],
+                              helper_dtype(i.type.tensor_type.elem_type)) for i in model.graph.input}
+    feeds.update({n: rng.integers(0, 1000, a.shape).astype(a.dtype) for n, a in feeds.items() if "input_ids" in n})
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    before, after = run(model), run(changed)
+    assert np.abs(before - after).max() < 1e-4 * max(1.0, np.abs(before).max()), np.abs(before - after).max()
+    x = rng.standard_normal((256, 128)).astype(np.float32) * np.exp(rng.normal(0, 1.5, 128)).astype(np.float32)
+    w = (rng.standard_normal((128, 64)) * 0.02).astype(np.float32)
+    s = awq_scale(x, [w], 4, 32)
+    error = lambda scale: float(np.square(x @ w - (x / scale) @ dequantize(quantize_blocks(scale[:, None] * w, 4, 32, False), 32)).sum())
+    assert error(s) <= error(np.ones(128, np.float32)) and error(s) < 0.9 * error(np.ones(128, np.float32))
+
+
+def helper_dtype(elem_type: int):
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def test_awq_quantize_folds_scales_into_the_norms_and_stays_standard(float_exports, tmp_path, capsys):
+    source = float_exports["dynamic"]
+    assert main(["quantize", str(source), str(tmp_path / "awq"), "--bits", "4", "--awq", "--mix", "none",
+                 "--min-top1", "0", "--max-ppl-ratio", "1e9"]) == 0
+    assert "AWQ: 6 activations scaled" in capsys.readouterr().err
+    record = Manifest.load(tmp_path / "awq").quantization
+    assert record["scheme"]["awq"] is True
+    model = onnx.load(str(tmp_path / "awq" / "decode.onnx"))
+    floats = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(source / "decode.onnx")).graph.initializer}
+    norms = [t for t in model.graph.initializer if "layernorm" in t.name and len(t.dims) == 1]
+    assert norms and all(not np.array_equal(onnx.numpy_helper.to_array(t), floats[t.name]) for t in norms)
+    assert {node.domain for node in model.graph.node} <= {""}
+    assert main(["export", str(source), str(tmp_path / "bad"), "--quantize", "int4", "--awq"]) == 1
+    assert "--awq calibrates on the float export" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_choose_bits_takes_the_most_kl_per_byte_within_the_room():

@@ -20,6 +20,9 @@ import numpy as np
 
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.modes import step_adapter
+from dataclasses import dataclass, field
+
+from kvgraph.graphs.awq_folds import apply_fold, awq_folds, awq_scale
 from kvgraph.graphs.block_rounding import BlockRounding, block_bytes
 from kvgraph.graphs.quantization import MIX_ROOM, QuantScheme, check_block, choose_bits, expose, gathered_weights, matmul_weights
 from kvgraph.runtime.core.sampling import log_softmax
@@ -31,6 +34,7 @@ WINDOW = 128  # tokens a calibration window holds (fewer if the export holds few
 WINDOWS = 24  # at most: the importance and GPTQ's inputs see every window (GPTQ's Hessians need thousands of tokens)
 COST_WINDOWS = 2  # the windows each matrix's KL is measured on (one run per matrix)
 BATCH = 2  # windows per run
+AWQ_WINDOWS = 4  # the windows whose inputs AWQ's scale search reads (512 tokens)
 
 
 class Calibration:
@@ -49,8 +53,11 @@ class Calibration:
         self.activation_of = activations
         tensors = {t.name: t for t in model.graph.initializer}
         self.gathered = {name: tuple(tensors[name].dims) for name in gathered if name in tensors and len(tensors[name].dims) == 2}
-        self.floats = {w: _mapped(directory, tensors[w]) for w in self.matrices}  # read from the file as runs need them
-        expose(model, sorted(set(activations.values())), self.matrices)
+        self.folds = awq_folds(model.graph)  # where AWQ's scales fold into the graph
+        constants = sorted({name for fold in self.folds for name, _ in fold.divided} - set(self.matrices))
+        fed = self.matrices + constants
+        self.floats = {w: _mapped(directory, tensors[w]) for w in fed}  # read from the file as runs need them
+        expose(model, sorted(set(activations.values())), fed)
         self.session = prefill_session(model, directory, threads)
         self.names = [o.name for o in self.session.get_outputs()]
         self.windows = _windows(directory, contract, manifest.model.max_positions)
@@ -70,6 +77,19 @@ class Calibration:
     def gathered_bytes(self, bits: int, block: int) -> int:
         """The gathered matrices' bytes at `bits` (their blocks run along the features: the shorter side of a tied (H, V))."""
         return sum(block_bytes(min(shape), max(shape), bits, block, False) for shape in self.gathered.values())
+
+    def awq(self, bits: int, block: int) -> dict[str, np.ndarray]:
+        """AWQ: each fold's scale searched on the first AWQ_WINDOWS windows' inputs and applied to the values the runs
+        feed (the float function is unchanged); the changed values by name, for the quantizer to store."""
+        outputs = self.run_window(self.windows[:AWQ_WINDOWS], self.floats)
+        changed: set[str] = set()
+        for fold in self.folds:
+            x = outputs[fold.activation].reshape(-1, outputs[fold.activation].shape[-1]).astype(np.float32)
+            s = awq_scale(x, [np.asarray(self.floats[m], np.float32) for m in fold.matrices], bits, block)
+            apply_fold(fold, s, self.floats)
+            changed |= set(fold.matrices) | {name for name, _ in fold.divided}
+        self._reference, self._inputs, self._squares = None, None, {}  # the activations are x / s now
+        return {name: self.floats[name] for name in changed}
 
     def importance(self) -> dict[str, np.ndarray]:
         """Each MatMul weight's input channels' mean squared activation over the calibration tokens (float run)."""
@@ -139,25 +159,36 @@ def _windows(directory: Path, contract, max_positions: int | None) -> np.ndarray
     return np.array([ids[start: start + window] for start in range(0, window * count, window)], dtype=np.int64)
 
 
+@dataclass
+class QuantPlan:
+    """What calibration tells the quantizer."""
+
+    rounding: BlockRounding  # with the search's weights and GPTQ's inputs
+    bits_of: dict[str, int] = field(default_factory=dict)  # the matrices mixed precision keeps at 8 bits
+    replaced: dict[str, np.ndarray] = field(default_factory=dict)  # AWQ's scaled matrices and divided norms
+
+
 def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
-         log: Callable[[str], None] = lambda message: None) -> tuple[BlockRounding, dict[str, int]]:
-    """What calibration tells the quantizer: (the rounding, with the search's weights and GPTQ's inputs; the matrices
-    mixed precision keeps at 8 bits). Nothing is run for a scheme that uses neither."""
-    rounding = BlockRounding(scheme.rounding_name, scheme.symmetric, scheme.block_size)
-    if not (scheme.searched or scheme.mixed):
-        return rounding, {}
+         log: Callable[[str], None] = lambda message: None) -> QuantPlan:
+    """Calibrate for `scheme` on the float export `source`. Nothing is run for a scheme that needs no calibration."""
+    found = QuantPlan(BlockRounding(scheme.rounding_name, scheme.symmetric, scheme.block_size))
+    if not (scheme.searched or scheme.mixed or scheme.awq):
+        return found
     calibration = Calibration(source, threads)
     for name in calibration.matrices:
         shape = calibration.floats[name].shape
         check_block(scheme.block_size, shape[0], name, list(shape), calibration.graph)
     log(f"calibration: {calibration.windows.size} tokens of {TEXT.name} ({calibration.cost_windows.size} for each matrix's KL), "
         f"{len(calibration.activation_of)} matrices' activations")
-    rounding.importance = calibration.importance()
+    if scheme.awq:
+        found.replaced = calibration.awq(scheme.bits, scheme.block_size)
+        log(f"AWQ: {len(calibration.folds)} activations scaled, folded into {len(found.replaced)} tensors")
+    found.rounding.importance = calibration.importance()
     if scheme.rounding_name == "gptq":
-        rounding.inputs = calibration.inputs()
-    if not scheme.mixed:
-        return rounding, {}
-    return rounding, _mixed_bits(calibration, scheme, rounding, log)
+        found.rounding.inputs = calibration.inputs()
+    if scheme.mixed:
+        found.bits_of = _mixed_bits(calibration, scheme, found.rounding, log)
+    return found
 
 
 def _mixed_bits(calibration: Calibration, scheme: QuantScheme, rounding: BlockRounding, log: Callable[[str], None]) -> dict[str, int]:

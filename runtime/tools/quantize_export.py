@@ -33,10 +33,10 @@ def quantize_export(source: str | Path, out: str | Path, scheme: QuantScheme, *,
     _check_source(source, manifest)
     out = check_destination(Path(out), force)
     models = _load_graphs(source, manifest)  # without their weights: the quantizer reads them tensor by tensor
-    rounding, bits_of = plan(source, scheme, threads, log)  # calibration: the rounding's evidence, the int8 matrices
+    found = plan(source, scheme, threads, log)  # calibration: the rounding's evidence, the int8 matrices, AWQ's values
     store = WeightStore(source)
-    report = Quantizer(scheme, store, rounding, bits_of).quantize(models)
-    del rounding
+    report = Quantizer(scheme, store, found.rounding, found.bits_of, found.replaced).quantize(models)
+    del found
     log(quantized_log_line(report, scheme))
     with staged(out, force) as staging:
         _write(models, manifest, source, staging, store)
@@ -106,7 +106,7 @@ def _publish_manifest(manifest: Manifest, staging: Path) -> None:
 def _scheme_json(scheme: QuantScheme) -> dict:
     return {"bits": scheme.bits, "block_size": scheme.block_size, "symmetric": scheme.symmetric, "embedding_bits": scheme.embedding_bits,
             "float_min": scheme.float_min, "rounding": scheme.rounding_name, "mix": "auto" if scheme.mixed else "none",
-            "budget_mb": scheme.budget_mb}
+            "budget_mb": scheme.budget_mb, "awq": scheme.awq}
 
 
 def _versions() -> dict[str, str]:
