@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from kvgraph.graphs.manifest import MANIFEST_NAME
-from kvgraph.graphs.quantization import add_scheme_arguments, scheme_from_arguments
+from kvgraph.graphs.quantization_options import add_scheme_arguments, scheme_from_arguments
 
 
 HELP = "export a Hugging Face causal LM to prefill + decode ONNX graphs"  # shown by `kvgraph --help` (the command is registered in pyproject.toml)

@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from kvgraph.graphs.manifest import MANIFEST_NAME
-from kvgraph.graphs.quantization import BITS, add_scheme_arguments, scheme_from_arguments
+from kvgraph.graphs.quantization import BITS
+from kvgraph.graphs.quantization_options import add_scheme_arguments, scheme_from_arguments
 
 HELP = "quantize an export's weights to int4 or int8 (standard ONNX), with a quality report"  # registered in pyproject.toml
 
