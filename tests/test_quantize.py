@@ -29,22 +29,28 @@ SMOLLM2_LIKE = dict(vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M:
 ANY_QUALITY = dict(min_top1=0.0, max_ppl_ratio=1e9)  # random-init logits are nearly flat: top-1 agreement means little there
 
 
-@pytest.fixture(scope="module")
-def float_exports(tmp_path_factory):
-    """The SmolLM2-like tiny model exported in float, dynamic and static: {mode: directory}."""
-    from tiny_models import tiny_model
-
-    from kvgraph.export import export_model
-
+def smollm2_like_model():
+    """The tiny SmolLM2-like model, its norms made distinct as a trained checkpoint's are (fresh ones are all 1, which
+    the export merges into one constant)."""
     import zlib
 
     import torch
+    from tiny_models import tiny_model
 
     model = tiny_model("llama", **SMOLLM2_LIKE)
-    with torch.no_grad():  # trained norms differ from one another (fresh ones are all 1, merged into one constant)
+    with torch.no_grad():
         for name, weight in model.named_parameters():
             if "norm" in name:
                 weight.copy_(1 + 0.2 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def float_exports(tmp_path_factory):
+    """The SmolLM2-like tiny model exported in float, dynamic and static: {mode: directory}."""
+    from kvgraph.export import export_model
+
+    model = smollm2_like_model()
     root = tmp_path_factory.mktemp("float")
     return {"dynamic": export_model(model, root / "dynamic").directory,
             "static": export_model(model, root / "static", cache="static", max_length=64).directory}
@@ -142,7 +148,8 @@ def test_quality_report_is_in_the_manifest_and_inspect(quantized, capsys):
     assert schema_errors(json.loads((directory / "kvgraph.json").read_text())) == []
     record = Manifest.load(directory).quantization
     assert record["scheme"] == {"bits": 8, "block_size": 32, "symmetric": False, "embedding_bits": 8, "float_min": False,
-                                "rounding": "search", "mix": "none", "budget_mb": None, "format": "qdq"}
+                                "rounding": "search", "mix": "none", "budget_mb": None, "awq": False,
+                                "format": "qdq"}
     assert set(record["tensors"]["bits"].values()) == {8}
     assert record["reference"] == "float export"
     quality = record["quality"]
@@ -253,7 +260,6 @@ def test_quality_report_figures_equal_pytorch_and_an_export_against_itself_is_pe
     """The report's float perplexity is the model's own (transformers, same windows); scored against itself an
     export agrees everywhere; the quantized report's figures are those of compare() on the same answers."""
     import torch
-    from tiny_models import tiny_model
 
     from kvgraph.runtime.tools.quality import Workload, answer, compare
 
@@ -264,7 +270,7 @@ def test_quality_report_figures_equal_pytorch_and_an_export_against_itself_is_pe
     assert (same.top1_agreement, same.greedy_identical, same.greedy_common_prefix) == (1.0, 8, 1.0)
     assert abs(same.mean_kl) < 1e-9 and same.perplexity_ratio == 1.0
 
-    model = tiny_model("llama", **SMOLLM2_LIKE).eval()
+    model = smollm2_like_model()
     nll = 0.0
     with torch.no_grad():
         for window in workload.windows:
