@@ -90,7 +90,6 @@ def searched_blocks(matrix: np.ndarray, bits: int, block: int, float_min: bool, 
     squared error. float_min: w = scale * code + minimum (signed codes centred, as float_min_blocks); else the
     asymmetric integer-zero-point form of quantize_blocks (w = scale * (code - zero point)), standard DequantizeLinear.
     importance: (K,) weights of the input channels (None: all 1)."""
-    rows, cols = matrix.shape
     scale, offset = searched_grid(matrix, bits, block, float_min, importance)
     codes = grid_codes(matrix, scale, offset, bits, block)
     return grid_blocks(codes, scale, offset, bits, float_min, matrix.dtype)
@@ -217,9 +216,10 @@ def gptq_blocks(matrix: np.ndarray, bits: int, block: int, float_min: bool, gram
                 g = r // block
                 scale, offset = searched_grid(w[r: r + block], bits, block, float_min, diagonal[r: r + block])
                 scales[g], offsets[g] = scale[0], offset[0]
-            step = np.where(scales[g] > 0, scales[g], 1.0).astype(np.float32)
-            codes[r] = np.clip(np.round((w[r] - offsets[g]) / step), 0, levels)
-            error = (w[r] - (scales[g].astype(np.float32) * codes[r] + offsets[g])) / upper[r, r]
+                scale32, offset32 = scales[g].astype(np.float32), offsets[g]  # as stored (fp16 scales round)
+                step = np.where(scale32 > 0, scale32, 1.0)
+            codes[r] = np.clip(np.round((w[r] - offset32) / step), 0, levels)
+            error = (w[r] - (scale32 * codes[r] + offset32)) / upper[r, r]
             w[r + 1: stop] -= np.outer(upper[r, r + 1: stop], error)
             errors[r - start] = error
         w[stop:] -= upper[start:stop, stop:].T @ errors

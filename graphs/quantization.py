@@ -196,6 +196,7 @@ class Quantizer:
         self.bits_of, self.replaced = bits_of or {}, replaced or {}
         self.report = QuantReport()
         self._done: dict[tuple, list[onnx.TensorProto]] = {}
+        self._floats: dict[str, onnx.TensorProto] = {}  # replaced float constants, by name
 
     def quantize(self, models: dict[str, onnx.ModelProto]) -> QuantReport:
         for name, model in models.items():
@@ -211,8 +212,10 @@ class Quantizer:
             for name in set(node.input):
                 users.setdefault(name, []).append(node)
         for tensor in [t for t in graph.initializer if t.name in self.replaced and len(t.dims) != 2]:
-            graph.initializer.remove(tensor)  # AWQ's divided norm scales: float, in place
-            graph.initializer.append(self.values.tensor(self.replaced[tensor.name], tensor.name))
+            if tensor.name not in self._floats:  # AWQ's divided norm scales: float, in place, made once for every graph
+                self._floats[tensor.name] = self.values.tensor(self.replaced[tensor.name], tensor.name)
+            graph.initializer.remove(tensor)
+            graph.initializer.append(self._floats[tensor.name])
         for tensor in [t for t in graph.initializer if t.data_type in _FLOATS and len(t.dims) == 2]:
             plan = self._plan(graph_name, tensor, users.get(tensor.name, []))
             if plan is not None:
@@ -241,12 +244,12 @@ class Quantizer:
     def _parts(self, tensor: onnx.TensorProto, bits: int, axis: int, gathered: bool) -> list[onnx.TensorProto]:
         """The quantized initializers of `tensor` (codes, scales, zero points), made once per content: a matrix every
         graph holds is read and quantized once, and only references to its stored parts are kept."""
-        stored = self.values.key(tensor)  # a stored tensor's content key saves reading it again
         float_min = self.scheme.float_min and not gathered  # a gathered matrix keeps the plain form: standard Gather reads it
         array = self.replaced.get(tensor.name)
-        stored = ("replaced", tensor.name) if array is not None else stored
-        array = self.values.array(tensor) if stored is None else array
-        content = stored if stored is not None else (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        content = ("replaced", tensor.name) if array is not None else self.values.key(tensor)  # a stored tensor's key saves reading it
+        if content is None:
+            array = self.values.array(tensor)
+            content = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
         key = (bits, axis, float_min, content)
         if key not in self._done:
             array = self.values.array(tensor) if array is None else array

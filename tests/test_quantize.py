@@ -412,7 +412,7 @@ def test_awq_folds_keep_the_float_function_and_its_scale_never_loses_on_calibrat
     for tensor in changed.graph.initializer:
         tensor.CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
     feeds = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim],
-                              helper_dtype(i.type.tensor_type.elem_type)) for i in model.graph.input}
+                              onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)) for i in model.graph.input}
     feeds.update({n: rng.integers(0, 1000, a.shape).astype(a.dtype) for n, a in feeds.items() if "input_ids" in n})
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     before, after = run(model), run(changed)
@@ -422,10 +422,6 @@ def test_awq_folds_keep_the_float_function_and_its_scale_never_loses_on_calibrat
     s = awq_scale(x, [w], 4, 32)
     error = lambda scale: float(np.square(x @ w - (x / scale) @ dequantize(quantize_blocks(scale[:, None] * w, 4, 32, False), 32)).sum())
     assert error(s) <= error(np.ones(128, np.float32)) and error(s) < 0.9 * error(np.ones(128, np.float32))
-
-
-def helper_dtype(elem_type: int):
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
 
 
 def test_awq_quantize_folds_scales_into_the_norms_and_stays_standard(float_exports, tmp_path, capsys):

@@ -13,17 +13,16 @@ place of the float ones (the others are the float export's own bytes, read from 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from kvgraph.graphs.errors import KvgraphError
-from kvgraph.graphs.modes import step_adapter
-from dataclasses import dataclass, field
-
 from kvgraph.graphs.awq_folds import apply_fold, awq_folds, awq_scale
 from kvgraph.graphs.block_rounding import BlockRounding, block_bytes
+from kvgraph.graphs.errors import KvgraphError
+from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.quantization import MIX_ROOM, QuantScheme, check_block, choose_bits, expose, gathered_weights, matmul_weights
 from kvgraph.runtime.core.sampling import log_softmax
 from kvgraph.runtime.core.text import TextCodec
@@ -183,9 +182,9 @@ def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
     if scheme.awq:
         found.replaced = calibration.awq(scheme.bits, scheme.block_size)
         log(f"AWQ: {len(calibration.folds)} activations scaled, folded into {len(found.replaced)} tensors")
-    found.rounding.importance = calibration.importance()
-    if scheme.rounding_name == "gptq":
+    if scheme.rounding_name == "gptq":  # first: the one float pass that keeps the inputs also gives the importance
         found.rounding.inputs = calibration.inputs()
+    found.rounding.importance = calibration.importance()
     if scheme.mixed:
         found.bits_of = _mixed_bits(calibration, scheme, found.rounding, log)
     return found
