@@ -70,7 +70,7 @@ def _llamacpp_row(python: str, gguf: Path, label: str, workload, reference, scra
     (job / "job.json").write_text(json.dumps({"windows": workload.windows, "prompts": workload.prompts,
                                               "window": workload.window, "new_tokens": workload.new_tokens}))
     subprocess.run([python, __file__, "--worker", str(gguf), str(job)], check=True)
-    answers = quality.Answers(job, json.loads((job / "greedy.json").read_text()))
+    answers = quality.Answers(job, json.loads((job / "greedy.json").read_text()), workload.windows)
     return _row(label, quality.compare(workload, reference, answers), gguf)
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = quality.answer(args.reference, workload, Path(scratch.name) / "float")
     rows = []
     for i, directory in enumerate(args.quantized):
-        answers = quality.answer(directory, workload, Path(scratch.name) / f"quantized{i}")
+        answers = quality.answer(directory, workload, Path(scratch.name) / f"quantized{i}", sequences=reference.sequences)
         rows.append(_row(f"kvgraph {_scheme(directory)}", quality.compare(workload, reference, answers), directory))
     if args.llamacpp:
         python, gguf = args.llamacpp[0], Path(args.llamacpp[1])
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([python, __file__, "--requantize", str(gguf), str(target), kind], check=True)
             rows.append(_llamacpp_row(python, target, f"llama.cpp {kind.upper()} (requantized from {gguf.name})", workload, reference,
                                       Path(scratch.name), quality))
-    text, window, windows, prompts = workload.text, workload.window, workload.windows, workload.prompts
-    print(f"quality against {Path(args.reference).name} (float32): {text}, {sum(len(w) - 1 for w in windows)} next-token "
+    text, window, prompts = workload.text, workload.window, workload.prompts
+    print(f"quality against {Path(args.reference).name} (float32): {text}, {workload.tokens} next-token "
           f"predictions in windows of {window}; greedy: {len(prompts)} prompts x {workload.new_tokens} new tokens")
     print("| system | weights file | top-1 agreement | mean KL (nats) | perplexity (float -> it) | ratio | greedy identical | tokens before first difference |")
     print("|---|---|---|---|---|---|---|---|")

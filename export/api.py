@@ -106,7 +106,7 @@ def export_model(
     _check_task(dims, task, source.description)
     _check_static_fits(dims, max_length)
     if dims.encoder_decoder:
-        _check_seq2seq_options(dims, cache, all_logits, quantize)
+        _check_seq2seq_options(dims, cache, all_logits)
     kind = "encoder-decoder" if dims.encoder_decoder else "decoder"
     rings = _rings(dims, cache, max_length)
     contract = GraphContract(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.vocab_size, dtype, all_logits, cache, max_length,
@@ -142,7 +142,7 @@ def _export_quantized(source: Source, family, contract: GraphContract, out: Path
                 reference = torch_answers(source.model, workload, Path(scratch) / "reference")
         source.release_weights()
         with phase("quality"):
-            quality = compare(workload, reference, answer(staging, workload, Path(scratch) / "quantized"))
+            quality = compare(workload, reference, answer(staging, workload, Path(scratch) / "quantized", sequences=reference.sequences))
         log(quality.table("PyTorch"))
         gate(quality, limits)
         publish_quantized(manifest, staging, scheme, report, quality, limits, reference="pytorch")
@@ -203,11 +203,10 @@ def _check_quantizable(model: torch.nn.Module, contract: GraphContract, scheme: 
 
 
 def _check_blocks(model: torch.nn.Module, scheme: QuantScheme) -> None:
-    """Every linear layer's input width (and the embedding width) is a whole number of blocks."""
+    """Every linear layer's input width is a whole number of blocks (a gathered table that is not, such as T5's relative
+    position buckets, stays float: the quantizer records it under `kept`)."""
     widths = {f"{name} (in_features {module.in_features})": module.in_features for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear)}
-    widths.update({f"{name} (embedding_dim {module.embedding_dim})": module.embedding_dim for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Embedding)})
     bad = [name for name, width in widths.items() if width % scheme.block_size]
     if bad:
         raise KvgraphError(f"block size {scheme.block_size} does not divide the input dimension of {bad[0]}"
@@ -402,9 +401,7 @@ def _check_task(dims: ModelDims, task: str | None, description: str) -> None:
         raise KvgraphError(f"{description}: --task {task} was asked for, but model type {dims.family!r} is {kind}")
 
 
-def _check_seq2seq_options(dims: ModelDims, cache: str, all_logits: bool, quantize: QuantScheme | None) -> None:
-    if quantize is not None:
-        raise KvgraphError("--quantize covers decoder-only models for now; export this encoder-decoder in float")
+def _check_seq2seq_options(dims: ModelDims, cache: str, all_logits: bool) -> None:
     if all_logits:
         raise KvgraphError(f"model type {dims.family!r} is an encoder-decoder: --all-logits is not available for it yet")
     if dims.decoder_start_token_id is None:

@@ -1,5 +1,6 @@
 """The float side of a quantized export's quality report, from PyTorch itself: the source model's logits over the
-quality workload's windows and its greedy tokens on the workload's prompts (runtime/tools/quality.py's `Answers`).
+quality workload's windows (an encoder-decoder's: its greedy targets for the sources, teacher-forced) and its greedy
+tokens on the workload's prompts (runtime/tools/quality.py's `Answers`).
 
 A quantized export never writes its float graphs, so the model that was traced is the reference. Its weights are the
 checkpoint's mapped file and the relaid weights' scratch file (export/layout.py); each module's pages are dropped
@@ -20,25 +21,34 @@ from kvgraph.runtime.tools.quality import Answers, Workload
 
 
 def torch_answers(model: torch.nn.Module, workload: Workload, logits_dir: Path) -> Answers:
-    """The model's (W, V) logits of every window (one .npy file each, as the exports' answers) and its greedy tokens:
-    `new_tokens` each, end-of-sequence suppressed until then, as the runtime's greedy loop with min_new_tokens."""
+    """The model's (W, V) logits of every scored sequence (one .npy file each, as the exports' answers) and its greedy
+    tokens: `new_tokens` each, end-of-sequence suppressed until then, as the runtime's greedy loop with
+    min_new_tokens. An encoder-decoder's sequences are its own greedy targets for the workload's sources."""
     logits_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), pages_dropped_after_use(model):
-        for i, window in enumerate(workload.windows):
-            logits = model(torch.tensor([window])).logits[0]
-            np.save(logits_dir / f"window{i}.npy", logits.float().numpy())
-        greedy = [_greedy(model, prompt, workload.new_tokens) for prompt in workload.prompts]
-    return Answers(logits_dir, greedy)
+        greedy = [_greedy(model, prompt, workload) for prompt in workload.prompts]
+        sequences = workload.sequences(lambda source: _greedy(model, source, workload))
+        for i, sequence in enumerate(sequences):
+            np.save(logits_dir / f"window{i}.npy", _logits(model, sequence, workload.source(i)).float().numpy())
+    return Answers(logits_dir, greedy, sequences)
 
 
-def _greedy(model: torch.nn.Module, prompt: list[int], new: int) -> list[int]:
-    ids = torch.tensor([prompt])
+def _logits(model: torch.nn.Module, sequence: list[int], source: list[int] | None) -> torch.Tensor:
+    if source is None:
+        return model(torch.tensor([sequence])).logits[0]
+    ids = torch.tensor([source])
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=torch.tensor([sequence])).logits[0]
+
+
+def _greedy(model: torch.nn.Module, prompt: list[int], workload: Workload) -> list[int]:
+    ids, new = torch.tensor([prompt]), workload.new_tokens
     eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    start = {"decoder_start_token_id": workload.start} if workload.seq2seq else {}
     config = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=eos,
-                              pad_token_id=model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None
-                              else (eos[0] if isinstance(eos, list) else eos))
+                              pad_token_id=pad if pad is not None else (eos[0] if isinstance(eos, list) else eos), **start)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, len(prompt):].tolist()
+    return out[0, 1:].tolist() if workload.seq2seq else out[0, len(prompt):].tolist()
 
 
 @contextlib.contextmanager

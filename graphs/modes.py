@@ -254,7 +254,6 @@ class Seq2SeqFeeds:
         "speculation": "speculative decoding takes decoder-only exports (this one is an encoder-decoder)",
         "batching": ("an encoder-decoder export carries cross K/V per source; continuous batching takes decoder-only "
                      "static-cache exports"),
-        "quantization": "quantization covers decoder-only exports for now (this one is an encoder-decoder)",
     }
 
     def refusal(self, capability: str) -> str | None:

@@ -169,6 +169,40 @@ def expose(model: onnx.ModelProto, activations: list[str], weights: list[str]) -
         graph.initializer.remove(tensor)
 
 
+class SharedNames:
+    """One name for each stored tensor across an export's graphs. Graph-local names repeat (val_73 is one matrix in the
+    encoder and another in the decoder) and one tensor has other names in other graphs, so a tensor is known by where
+    its bytes are, and named by the first graph that holds it: its own name, or `graph/name` when another tensor took
+    that one. Calibration and the quantizer name graphs in the contract's order, so what one measures the other finds."""
+
+    def __init__(self, values: Tensors = INLINE) -> None:
+        self.values = values
+        self._by_place: dict[Any, str] = {}
+        self._taken: set[str] = set()
+
+    def graph(self, graph_name: str, graph: onnx.GraphProto) -> dict[str, str]:
+        """{local name: shared name} of every float initializer of `graph`, in its order."""
+        return {t.name: self._name(graph_name, t) for t in graph.initializer if t.data_type in _FLOATS}
+
+    def _name(self, graph_name: str, tensor: onnx.TensorProto) -> str:
+        place = self.values.key(tensor) or _external_place(tensor)
+        if place is None:  # bytes of its own: its content is its place
+            array = self.values.array(tensor)
+            place = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        if place not in self._by_place:
+            name = tensor.name if tensor.name not in self._taken else f"{graph_name}/{tensor.name}"
+            self._taken.add(name)
+            self._by_place[place] = name
+        return self._by_place[place]
+
+
+def _external_place(tensor: onnx.TensorProto) -> tuple | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    return info.get("location"), int(info.get("offset", 0)), int(info.get("length", 0))
+
+
 def choose_bits(costs: dict[str, float], extra_bytes: dict[str, int], room: int) -> dict[str, int]:
     """Mixed precision: the matrices to keep at 8 bits, most KL saved per extra byte first, while their extra bytes
     fit in `room`. costs: what quantizing each matrix alone to 4 bits costs in KL; extra_bytes: int8 over int4."""
@@ -195,6 +229,8 @@ class Quantizer:
         self.rounding = rounding or BlockRounding(scheme.rounding_name, scheme.symmetric, scheme.block_size)
         self.bits_of, self.replaced = bits_of or {}, replaced or {}
         self.report = QuantReport()
+        self.names = SharedNames(values)  # bits_of, replaced, the rounding's evidence and the report use these names
+        self._shared: dict[str, str] = {}  # the graph being rewritten: local name -> shared name
         self._done: dict[tuple, list[onnx.TensorProto]] = {}
         self._floats: dict[str, onnx.TensorProto] = {}  # replaced float constants, by name
 
@@ -211,11 +247,13 @@ class Quantizer:
         for node in graph.node:
             for name in set(node.input):
                 users.setdefault(name, []).append(node)
-        for tensor in [t for t in graph.initializer if t.name in self.replaced and len(t.dims) != 2]:
-            if tensor.name not in self._floats:  # AWQ's divided norm scales: float, in place, made once for every graph
-                self._floats[tensor.name] = self.values.tensor(self.replaced[tensor.name], tensor.name)
+        self._shared = shared = self.names.graph(graph_name, graph)
+        for tensor in [t for t in graph.initializer if shared.get(t.name) in self.replaced and len(t.dims) != 2]:
+            name = shared[tensor.name]
+            if name not in self._floats:  # AWQ's divided norm scales: float, in place, made once for every graph
+                self._floats[name] = self.values.tensor(self.replaced[name], tensor.name)
             graph.initializer.remove(tensor)
-            graph.initializer.append(self._floats[tensor.name])
+            graph.initializer.append(_named(self._floats[name], tensor.name))
         for tensor in [t for t in graph.initializer if t.data_type in _FLOATS and len(t.dims) == 2]:
             plan = self._plan(graph_name, tensor, users.get(tensor.name, []))
             if plan is not None:
@@ -238,32 +276,32 @@ class Quantizer:
             return None
         axis = axes.pop()
         length = tensor.dims[axis]
+        if not matmuls and length % self.scheme.block_size:  # a small table (T5's relative position buckets) stays float
+            self.report.kept.append(f"{tensor.name}: a gathered table of {length} features, fewer than a block or not a whole number of them")
+            return None
         check_block(self.scheme.block_size, length, tensor.name, list(tensor.dims), graph_name)
-        return (self.scheme.embedding_bits if gathers else self.bits_of.get(tensor.name, self.scheme.bits)), axis, readers
+        return (self.scheme.embedding_bits if gathers else self.bits_of.get(self._shared[tensor.name], self.scheme.bits)), axis, readers
 
     def _parts(self, tensor: onnx.TensorProto, bits: int, axis: int, gathered: bool) -> list[onnx.TensorProto]:
         """The quantized initializers of `tensor` (codes, scales, zero points), made once per content: a matrix every
         graph holds is read and quantized once, and only references to its stored parts are kept."""
         float_min = self.scheme.float_min and not gathered  # a gathered matrix keeps the plain form: standard Gather reads it
-        array = self.replaced.get(tensor.name)
-        content = ("replaced", tensor.name) if array is not None else self.values.key(tensor)  # a stored tensor's key saves reading it
-        if content is None:
-            array = self.values.array(tensor)
-            content = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
-        key = (bits, axis, float_min, content)
+        name = self._shared[tensor.name]  # one per stored tensor, whatever each graph calls it
+        key = (bits, axis, float_min, name)
         if key not in self._done:
+            array = self.replaced.get(name)
             array = self.values.array(tensor) if array is None else array
             oriented = array if axis == 0 else array.T
-            blocks = self.rounding.blocks(tensor.name, oriented, bits, float_min)
-            self.rounding.forget(tensor.name)
+            blocks = self.rounding.blocks(name, oriented, bits, float_min)
+            self.rounding.forget(name)
             if axis == 1:
                 blocks = Blocks(*(None if a is None else np.ascontiguousarray(a.T) for a in (blocks.q, blocks.scales, blocks.zero_points)))
             named = [(f"{tensor.name}.q{bits}", blocks.q), (f"{tensor.name}.scales", blocks.scales),
                      (f"{tensor.name}.zero_points", blocks.zero_points), (f"{tensor.name}.minimums", blocks.minimums)]
             names, arrays = zip(*[(name, a) for name, a in named if a is not None])
-            self._done[key] = [self.values.tensor(a, name) for name, a in zip(names, arrays)]
-            (self.report.gathered if gathered else self.report.matmul).append(tensor.name)
-            self.report.bits[tensor.name] = bits
+            self._done[key] = [self.values.tensor(a, part) for part, a in zip(names, arrays)]
+            (self.report.gathered if gathered else self.report.matmul).append(name)
+            self.report.bits[name] = bits
             self.report.float_bytes += array.nbytes
             self.report.quantized_bytes += blocks.nbytes
         return [_renamed(part, tensor.name) for part in self._done[key]]
@@ -316,9 +354,13 @@ class Quantizer:
 
 def _renamed(part: onnx.TensorProto, name: str) -> onnx.TensorProto:
     """A copy of a quantized part named after `name` (the same content may sit under another name in another graph)."""
+    return _named(part, name + part.name[part.name.rindex("."):])
+
+
+def _named(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
     copy = onnx.TensorProto()
-    copy.CopyFrom(part)
-    copy.name = name + part.name[part.name.rindex("."):]
+    copy.CopyFrom(tensor)
+    copy.name = name
     return copy
 
 

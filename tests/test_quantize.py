@@ -30,19 +30,10 @@ ANY_QUALITY = dict(min_top1=0.0, max_ppl_ratio=1e9)  # random-init logits are ne
 
 
 def smollm2_like_model():
-    """The tiny SmolLM2-like model, its norms made distinct as a trained checkpoint's are (fresh ones are all 1, which
-    the export merges into one constant)."""
-    import zlib
+    """The tiny SmolLM2-like model, its norms made distinct as a trained checkpoint's are."""
+    from tiny_models import distinct_norms, tiny_model
 
-    import torch
-    from tiny_models import tiny_model
-
-    model = tiny_model("llama", **SMOLLM2_LIKE)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "norm" in name:
-                weight.copy_(1 + 0.2 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
-    return model.eval()
+    return distinct_norms(tiny_model("llama", **SMOLLM2_LIKE))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,12 @@ def logits_at_every_position(model: onnx.ModelProto, logits: str = "logits") -> 
         name, node = node.input[0], producers.get(node.input[0])
     if node is None:
         raise ValueError(f"{logits} is not computed from a last-position Slice: this graph cannot score every position")
-    rename_input(graph, node.output[0], node.input[0])
+    if node.output[0] == logits:  # the Slice makes the output itself (the lm_head ran on every position): it passes all
+        node.op_type, node.name = "Identity", f"{node.name}/every_position"
+        del node.input[1:]
+        del node.attribute[:]
+    else:
+        rename_input(graph, node.output[0], node.input[0])
     drop_unused(graph)
     output = next(o for o in graph.output if o.name == logits)
     output.type.tensor_type.shape.dim[1].dim_param = "sequence"

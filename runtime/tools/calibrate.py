@@ -19,11 +19,15 @@ from typing import Callable
 
 import numpy as np
 
-from kvgraph.graphs.awq_folds import apply_fold, awq_folds, awq_scale
+from kvgraph.graphs.awq_folds import Fold, apply_fold, awq_folds, awq_scale
 from kvgraph.graphs.block_rounding import BlockRounding, block_bytes
+from kvgraph.graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, INPUT_IDS
 from kvgraph.graphs.errors import KvgraphError
+from kvgraph.graphs.manifest import Manifest, graph_file
 from kvgraph.graphs.modes import step_adapter
-from kvgraph.graphs.quantization import MIX_ROOM, QuantScheme, check_block, choose_bits, expose, gathered_weights, matmul_weights
+from kvgraph.graphs.quantization import (MIX_ROOM, QuantScheme, SharedNames, check_block, choose_bits, expose, gathered_weights,
+                                         matmul_weights)
+from kvgraph.graphs.safety import check_graph_file
 from kvgraph.runtime.core.sampling import log_softmax
 from kvgraph.runtime.core.text import TextCodec
 from kvgraph.runtime.tools.quality import every_position_prefill, prefill_session
@@ -36,9 +40,47 @@ BATCH = 2  # windows per run
 AWQ_WINDOWS = 4  # the windows whose inputs AWQ's scale search reads (512 tokens)
 
 
+class _Part:
+    """One graph of the calibration (the prefill graph; an encoder-decoder's encoder too): a session with every
+    MatMul's activation an output (under `graph:name`) and its matrices and AWQ's constants inputs, fed by shared name
+    (graphs/quantization.py's SharedNames)."""
+
+    def __init__(self, directory: Path, name: str, model, names: SharedNames, threads: int | None) -> None:
+        graph = model.graph
+        shared = names.graph(name, graph)
+        activations = matmul_weights(graph)  # local weight -> local activation
+        gathered = gathered_weights(graph)
+        self.name = name
+        self.activation_of = {shared[w]: f"{name}:{a}" for w, a in activations.items()}
+        self.matrices = [shared[w] for w in activations if w not in gathered]
+        tensors = {t.name: t for t in graph.initializer}
+        self.gathered = {shared[n]: tuple(tensors[n].dims) for n in gathered if n in tensors and len(tensors[n].dims) == 2}
+        folds = awq_folds(graph)
+        self.folds = [Fold(f"{name}:{f.activation}", tuple(shared[m] for m in f.matrices), tuple((shared[c], axis) for c, axis in f.divided))
+                      for f in folds]
+        matrices = [w for w in activations if w not in gathered]
+        constants = sorted({c for f in folds for c, _ in f.divided} - set(matrices))
+        self.fed = {shared[w]: w for w in matrices + constants}  # shared -> local
+        self.floats = {s: _mapped(directory, tensors[w]) for s, w in self.fed.items()}  # read from the file as runs need them
+        self.taken = set(shared.values())
+        self.qualified = {a: f"{name}:{a}" for a in activations.values()}  # local activation -> its name in run()'s outputs
+        inputs = {i.name for i in graph.input}
+        shown = sorted(set(activations.values()) - inputs)  # a graph input MatMuls read (the encoder's states) is in the feeds
+        expose(model, shown, list(self.fed.values()))
+        self.session = prefill_session(model, directory, threads)
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The graph's outputs by name, its activations by `graph:name`."""
+        outputs = dict(zip(self.names, self.session.run(None, {**feeds, **{w: weights[s] for s, w in self.fed.items()}})))
+        values = {**feeds, **outputs}
+        return {**outputs, **{q: values[a] for a, q in self.qualified.items()}}
+
+
 class Calibration:
-    """The float export's prefill graph with logits at every position, every MatMul's activation as an output and
-    its weight as an input, run on the calibration windows."""
+    """The float export's prefill graph with logits at every position (an encoder-decoder's encoder before it), every
+    MatMul's activation as an output and its weight as an input, run on the calibration windows. An encoder-decoder
+    reads each window as a source, and its decoder the float export's own greedy target for it."""
 
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
         directory = Path(directory)
@@ -46,32 +88,39 @@ class Calibration:
         contract = manifest.contract
         self.steps = step_adapter(contract)
         self.graph = self.steps.graph("prefill")
-        activations = matmul_weights(model.graph)  # weight -> activation
-        gathered = gathered_weights(model.graph)
-        self.matrices = sorted(w for w in activations if w not in gathered)  # what mixed precision may choose
-        self.activation_of = activations
-        tensors = {t.name: t for t in model.graph.initializer}
-        self.gathered = {name: tuple(tensors[name].dims) for name in gathered if name in tensors and len(tensors[name].dims) == 2}
-        self.folds = awq_folds(model.graph)  # where AWQ's scales fold into the graph
-        constants = sorted({name for fold in self.folds for name, _ in fold.divided} - set(self.matrices))
-        fed = self.matrices + constants
-        self.floats = {w: _mapped(directory, tensors[w]) for w in fed}  # read from the file as runs need them
-        expose(model, sorted(set(activations.values())), fed)
-        self.session = prefill_session(model, directory, threads)
-        self.names = [o.name for o in self.session.get_outputs()]
+        names = SharedNames()
+        encoder = _Part(directory, "encoder", check_graph_file(directory, graph_file("encoder")), names, threads) if contract.seq2seq else None
+        self.parts = [p for p in (encoder, _Part(directory, self.graph, model, names, threads)) if p is not None]
+        self.activation_of = {w: a for part in self.parts for w, a in part.activation_of.items()}
+        self.matrices = sorted(w for part in self.parts for w in part.matrices)  # what mixed precision may choose
+        self.gathered = {w: shape for part in self.parts for w, shape in part.gathered.items()}
+        self.folds = _private_folds(self.parts)  # where AWQ's scales fold into the graph
+        self.floats = {w: v for part in self.parts for w, v in part.floats.items()}
         self.windows = _windows(directory, contract, manifest.model.max_positions)
+        self.targets = _targets(directory, self.windows, contract, threads) if contract.seq2seq else None
         self.cost_windows = self.windows[:COST_WINDOWS]
         self._reference: np.ndarray | None = None  # (cost windows, W, V) float log-probabilities
         self._squares: dict[str, np.ndarray] = {}  # activation -> (K,) mean squared activation
         self._inputs: dict[str, np.ndarray] | None = None  # activation -> (tokens, K) float16, when asked for
 
-    def run_window(self, ids: np.ndarray, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The (windows, W) calibration ids through the graph, one batch, with these weights fed: its outputs by name."""
-        def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return dict(zip(self.names, self.session.run(None, {**feeds, **weights})))
+    @property
+    def tokens(self) -> int:
+        return self.windows.size if self.targets is None else self.windows.size + self.targets.size
 
-        _, outputs = self.steps.run(run, "prefill", ids, np.ones_like(ids), [])
-        return outputs
+    def run_window(self, rows: slice, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Calibration windows `rows` through the graphs, one batch, with these weights fed: the outputs by name."""
+        prefill, found = self.parts[-1], {}
+        ids = self.windows[rows]
+        mask, other = np.ones_like(ids), {}
+        if self.targets is not None:  # the encoder reads the window; the decoder its target after the start token
+            found = self.parts[0].run({INPUT_IDS: ids, ATTENTION_MASK: mask}, weights)
+            ids, other = self.targets[rows], {ENCODER_HIDDEN: found[ENCODER_HIDDEN]}
+
+        def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return prefill.run(feeds, weights)
+
+        _, outputs = self.steps.run(run, "prefill", ids, mask, [], other)
+        return {**found, **outputs}
 
     def gathered_bytes(self, bits: int, block: int) -> int:
         """The gathered matrices' bytes at `bits` (their blocks run along the features: the shorter side of a tied (H, V))."""
@@ -80,7 +129,7 @@ class Calibration:
     def awq(self, bits: int, block: int) -> dict[str, np.ndarray]:
         """AWQ: each fold's scale searched on the first AWQ_WINDOWS windows' inputs and applied to the values the runs
         feed (the float function is unchanged); the changed values by name, for the quantizer to store."""
-        outputs = self.run_window(self.windows[:AWQ_WINDOWS], self.floats)
+        outputs = self.run_window(slice(0, AWQ_WINDOWS), self.floats)
         changed: set[str] = set()
         for fold in self.folds:
             x = outputs[fold.activation].reshape(-1, outputs[fold.activation].shape[-1]).astype(np.float32)
@@ -107,17 +156,19 @@ class Calibration:
         if self._reference is not None and (self._inputs is not None or not keep_inputs):
             return
         sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
         kept: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(self.windows), BATCH):
-            outputs = self.run_window(self.windows[start: start + BATCH], self.floats)
+            outputs = self.run_window(slice(start, start + BATCH), self.floats)
             if start == 0:
                 self._reference = log_softmax(outputs["logits"][:COST_WINDOWS], np.float64)
             for a in set(self.activation_of.values()) & set(outputs):
                 x = outputs[a].reshape(-1, outputs[a].shape[-1])
                 sums[a] = sums.get(a, 0.0) + np.square(x, dtype=np.float64).sum(axis=0)
+                counts[a] = counts.get(a, 0) + len(x)
                 if keep_inputs:
                     kept.setdefault(a, []).append(x.astype(np.float16))
-        self._squares = {a: (total / self.windows.size).astype(np.float32) for a, total in sums.items()}
+        self._squares = {a: (total / counts[a]).astype(np.float32) for a, total in sums.items()}
         if keep_inputs:
             self._inputs = {a: np.concatenate(parts) for a, parts in kept.items()}
 
@@ -128,7 +179,7 @@ class Calibration:
         costs = {}
         for i, name in enumerate(self.matrices):
             weights = {**self.floats, name: np.ascontiguousarray(quantize(name, np.asarray(self.floats[name])))}
-            lp = log_softmax(self.run_window(self.cost_windows, weights)["logits"], np.float64)
+            lp = log_softmax(self.run_window(slice(0, COST_WINDOWS), weights)["logits"], np.float64)
             costs[name] = float((np.exp(reference) * (reference - lp)).sum(axis=-1).mean())
             if (i + 1) % 50 == 0:
                 log(f"mixed precision: measured {i + 1} of {len(self.matrices)} matrices")
@@ -144,6 +195,28 @@ def _mapped(directory: Path, tensor) -> np.ndarray:
     info = {entry.key: entry.value for entry in tensor.external_data}
     return np.memmap(directory / info["location"], dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type), mode="r",
                      offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+
+
+def _private_folds(parts: list[_Part]) -> list[Fold]:
+    """The folds whose matrices and divided constants no other graph of the calibration holds: an encoder's norm
+    stored once with a decoder's (the same bytes) cannot be divided for one of them only."""
+    folds = []
+    for part in parts:
+        others = set().union(*(p.taken for p in parts if p is not part))
+        folds += [f for f in part.folds if not others & ({*f.matrices} | {c for c, _ in f.divided})]
+    return folds
+
+
+def _targets(directory: Path, windows: np.ndarray, contract, threads: int | None) -> np.ndarray:
+    """(windows, T): an encoder-decoder's decoder input for each window, its start token and the float export's greedy
+    target for it (T as long as the window, or as the decoder holds)."""
+    from kvgraph.runtime.tools.quality import greedy_tokens
+
+    manifest = Manifest.load(directory)
+    limits = [limit for limit in (step_adapter(contract).cache.capacity(contract), manifest.model.max_positions) if limit]
+    new = min([windows.shape[1]] + [limit - 1 for limit in limits])
+    start = manifest.special_tokens.decoder_start_token_id
+    return np.array([[start, *target][:new] for target in greedy_tokens(directory, windows.tolist(), new, threads)], dtype=np.int64)
 
 
 def _windows(directory: Path, contract, max_positions: int | None) -> np.ndarray:
@@ -177,7 +250,7 @@ def plan(source: str | Path, scheme: QuantScheme, threads: int | None = None,
     for name in calibration.matrices:
         shape = calibration.floats[name].shape
         check_block(scheme.block_size, shape[0], name, list(shape), calibration.graph)
-    log(f"calibration: {calibration.windows.size} tokens of {TEXT.name} ({calibration.cost_windows.size} for each matrix's KL), "
+    log(f"calibration: {calibration.tokens} tokens of {TEXT.name} ({calibration.cost_windows.size} for each matrix's KL), "
         f"{len(calibration.activation_of)} matrices' activations")
     if scheme.awq:
         found.replaced = calibration.awq(scheme.bits, scheme.block_size)

@@ -5,13 +5,18 @@
 
     workload = Workload.of(float_dir)                       # or piece by piece, for other systems' logits
     answers = answer(float_dir, workload, scratch_dir)      # one export at a time: logits on disk, greedy tokens
-    compare(workload, answers, other_answers)               # -> QualityReport
+    other = answer(other_dir, workload, other_scratch, sequences=answers.sequences)  # the reference's targets
+    compare(workload, answers, other)                       # -> QualityReport
 
 - Next-token figures over a fixed public-domain text (quality_text.txt beside this module: the
   Declaration of Independence and two of Lincoln's addresses, about 2,900 SmolLM2 tokens): the text
   is cut into windows, each read from scratch by the prefill graph with logits at every position;
   top-1 agreement, mean KL(float || quantized) and the perplexity of both.
 - Greedy agreement: 64 new tokens on 8 fixed prompts, through the runtime's own loop.
+- An encoder-decoder is scored on teacher-forced targets: the text is cut into sources, the reference's
+  greedy translation of each (NEW_TOKENS, end-of-sequence suppressed until then) is its target, and
+  both exports read every target after the decoder's start token with logits at every position. The
+  prompts are sources as well: the greedy agreement compares what each export writes for them.
 
 An export without tokenizer.json is scored on fixed pseudo-random token ids instead (the report
 says so): the comparison between the two exports stays exact, only the text is not language.
@@ -29,6 +34,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from kvgraph.graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, INPUT_IDS
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.manifest import Manifest, graph_file
 from kvgraph.graphs.modes import step_adapter
@@ -38,6 +44,8 @@ from kvgraph.runtime.core.text import TextCodec
 
 TEXT = Path(__file__).with_name("quality_text.txt")
 WINDOW = 256  # tokens a window holds (fewer if the export holds fewer positions)
+SOURCE_WINDOW = 64  # an encoder-decoder's sources: tokens each (fewer if the model holds fewer positions)
+SOURCES = 16  # at most: each source is decoded greedily by the reference, then scored teacher-forced
 NEW_TOKENS = 64
 PROMPTS = (
     "The capital of France is",
@@ -101,23 +109,37 @@ def measure(reference: str | Path, quantized: str | Path, threads: int | None = 
     log(f"quality: scoring {workload.tokens} tokens of {workload.text} in windows of {workload.window}, "
         f"then greedy decoding of {len(workload.prompts)} prompts, on each export in turn")
     with tempfile.TemporaryDirectory(prefix="kvgraph-quality-") as scratch:
-        answers = [answer(directory, workload, Path(scratch) / label, threads)
-                   for directory, label in ((reference, "reference"), (quantized, "quantized"))]
-        return compare(workload, *answers)
+        first = answer(reference, workload, Path(scratch) / "reference", threads)
+        return compare(workload, first, answer(quantized, workload, Path(scratch) / "quantized", threads, first.sequences))
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What one model is scored on: the text cut into windows, the prompts, how many new tokens each."""
+    """What one model is scored on: the text cut into windows, the prompts, how many new tokens each. An
+    encoder-decoder's windows are sources: what is scored is the decoder's target for each, after `start`."""
     text: str
     window: int
     windows: list[list[int]]
     prompts: list[list[int]]
     new_tokens: int
+    start: int | None = None  # encoder-decoder: the decoder's start token
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.start is not None
 
     @property
     def tokens(self) -> int:
-        return sum(len(w) - 1 for w in self.windows)
+        return len(self.windows) * self.new_tokens if self.seq2seq else sum(len(w) - 1 for w in self.windows)
+
+    def source(self, i: int) -> list[int] | None:
+        """The encoder's input for scored sequence i (a decoder-only export has none)."""
+        return self.windows[i] if self.seq2seq else None
+
+    def sequences(self, decode: Callable[[list[int]], list[int]]) -> list[list[int]]:
+        """The token sequences scored (logits at each position predict the next): the windows themselves, or each
+        source's target, `decode(source)`, after the start token."""
+        return [[self.start, *decode(w)] for w in self.windows] if self.seq2seq else list(self.windows)
 
     @classmethod
     def of(cls, directory: str | Path) -> Workload:
@@ -127,49 +149,72 @@ class Workload:
         contract, model = manifest.contract, manifest.model
         codec = TextCodec(directory) if (directory / "tokenizer.json").is_file() else None
         ids, text = _text_ids(codec, contract.vocab_size)
-        limits = [limit for limit in (step_adapter(contract).cache.capacity(contract), model.max_positions) if limit]
+        capacity = step_adapter(contract).cache.capacity(contract)
+        limits = [limit for limit in (capacity, model.max_positions) if limit]
+        prompts = _prompts(codec, contract.vocab_size)
+        if contract.seq2seq:  # sources for the encoder; the decoder holds the start token and the new ones
+            window = min([SOURCE_WINDOW] + ([model.max_positions] if model.max_positions else []))
+            new = max(1, min([NEW_TOKENS] + [limit - 1 for limit in limits]))
+            sources = [ids[start: start + window] for start in range(0, window * SOURCES, window)]
+            text = f"{text}: {len(sources)} sources, their targets teacher-forced"
+            return cls(text, window, [s for s in sources if s], prompts, new, manifest.special_tokens.decoder_start_token_id)
         window = min([WINDOW] + limits)
         windows = [ids[start: start + window] for start in range(0, len(ids) - 1, window)]
-        prompts = _prompts(codec, contract.vocab_size)
         new = max(1, min([NEW_TOKENS] + [limit - max(map(len, prompts)) for limit in limits]))
         return cls(text, window, [w for w in windows if len(w) >= 2], prompts, new)
 
 
 @dataclass(frozen=True)
 class Answers:
-    """One export's answers to a workload: the logits of every window (one .npy file each) and the greedy tokens."""
+    """One export's answers to a workload: the logits of every scored sequence (one .npy file each), the sequences,
+    and the greedy tokens."""
     logits_dir: Path
     greedy: list[list[int]]
+    sequences: list[list[int]]
 
     def logits(self, window: int) -> np.ndarray:
-        """(W, V) logits of window `window`."""
+        """(W, V) logits of scored sequence `window`."""
         return np.load(self.logits_dir / f"window{window}.npy")
 
 
-def answer(directory: str | Path, workload: Workload, logits_dir: Path, threads: int | None = None) -> Answers:
-    """Run one export on the workload: the windows through its prefill graph with logits at every position, then the
-    prompts through the runtime's own loop; each session is closed before the next opens."""
-    from kvgraph.runtime.generator import Generator
-
+def answer(directory: str | Path, workload: Workload, logits_dir: Path, threads: int | None = None,
+           sequences: list[list[int]] | None = None) -> Answers:
+    """Run one export on the workload: the prompts (and an encoder-decoder's sources, unless the reference's
+    `sequences` are given) through the runtime's own greedy loop, then every sequence through its prefill graph with
+    logits at every position; each session is closed before the next opens."""
     logits_dir.mkdir(parents=True, exist_ok=True)
+    sources = workload.windows if workload.seq2seq and sequences is None else []
+    tokens = greedy_tokens(directory, workload.prompts + sources, workload.new_tokens, threads)
+    targets = iter(tokens[len(workload.prompts):])
+    tokens = tokens[:len(workload.prompts)]
+    sequences = workload.sequences(lambda source: next(targets)) if sequences is None else sequences
     scorer = TextScorer(directory, threads)
-    for i, window in enumerate(workload.windows):
-        np.save(logits_dir / f"window{i}.npy", scorer.logits(np.array([window], dtype=np.int64)))
+    for i, sequence in enumerate(sequences):
+        np.save(logits_dir / f"window{i}.npy", scorer.logits(np.array([sequence], dtype=np.int64), workload.source(i)))
     del scorer
     gc.collect()
+    return Answers(logits_dir, tokens, sequences)
+
+
+def greedy_tokens(directory: str | Path, prompts: list[list[int]], new: int, threads: int | None = None) -> list[list[int]]:
+    """Each prompt's `new` greedy tokens (end-of-sequence suppressed until then) through the runtime's own loop, without
+    the export's generation config; the session is closed on return."""
+    from kvgraph.runtime.generator import Generator
+
     generator = Generator.load(directory, threads=threads, max_cache_bytes=None, generation_config=False)  # greedy as such
-    new = workload.new_tokens
-    greedy = [generator.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids for prompt in workload.prompts]
+    tokens = [generator.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids for prompt in prompts]
     del generator
     gc.collect()
-    return Answers(logits_dir, greedy)
+    return tokens
 
 
 def compare(workload: Workload, reference: Answers, other: Answers) -> QualityReport:
     """The quality report of `other` against `reference`, both answers to `workload`."""
+    if other.sequences != reference.sequences:
+        raise ValueError("the answers scored different sequences: score the other export on the reference's")
     scores = _Scores()
-    for i, window in enumerate(workload.windows):
-        scores.add(reference.logits(i), other.logits(i), np.array(window))
+    for i, sequence in enumerate(reference.sequences):
+        scores.add(reference.logits(i), other.logits(i), np.array(sequence))
     identical, shares = 0, []
     for a, b in zip(reference.greedy, other.greedy):
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
@@ -198,7 +243,7 @@ class _Scores:
 
 class TextScorer:
     """An export's prefill graph, changed in memory to return logits at every position, in a session of its own with
-    onnxruntime's default kernels (as the export runs)."""
+    onnxruntime's default kernels (as the export runs); an encoder-decoder's encoder beside it."""
 
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
         directory = Path(directory)
@@ -206,13 +251,19 @@ class TextScorer:
         self.steps = step_adapter(manifest.contract)
         self.session = prefill_session(model, directory, threads)
         self.names = [o.name for o in self.session.get_outputs()]
+        self.encoder = (prefill_session(check_graph_file(directory, graph_file("encoder")), directory, threads)
+                        if manifest.contract.seq2seq else None)
 
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        """(1, W) token ids -> (W, V) logits."""
+    def logits(self, ids: np.ndarray, source: list[int] | None = None) -> np.ndarray:
+        """(1, W) token ids (an encoder-decoder's decoder tokens, after reading `source`) -> (W, V) logits."""
         def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return dict(zip(self.names, self.session.run(None, feeds)))
 
-        _, outputs = self.steps.run(run, "prefill", ids, np.ones_like(ids), [])
+        mask, other = np.ones_like(ids), {}
+        if source is not None:
+            mask = np.ones((1, len(source)), dtype=np.int64)
+            other = {ENCODER_HIDDEN: self.encoder.run(None, {INPUT_IDS: np.array([source], dtype=np.int64), ATTENTION_MASK: mask})[0]}
+        _, outputs = self.steps.run(run, "prefill", ids, mask, [], other)
         return outputs["logits"][0]
 
 
@@ -231,7 +282,7 @@ def every_position_prefill(directory: Path, purpose: str):
 
 
 def prefill_session(model, directory: Path, threads: int | None) -> ort.InferenceSession:
-    """A CPU session of an edited graph header whose weights stay in the export's weights file."""
+    """A CPU session of a graph header (edited or not) whose weights stay in the export's weights file."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
