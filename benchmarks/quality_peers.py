@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workload = quality.Workload.of(args.reference)
     scratch = tempfile.TemporaryDirectory(prefix="quality-peers-")
-    reference = quality.answer(args.reference, workload, Path(scratch.name) / "float")
+    reference = quality.reference_answers(args.reference, workload, Path(scratch.name) / "float", log=lambda m: print(m, file=sys.stderr))
     rows = []
     for i, directory in enumerate(args.quantized):
         answers = quality.answer(directory, workload, Path(scratch.name) / f"quantized{i}", sequences=reference.sequences)

@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationConfig
 
 from kvgraph.export import memory
-from kvgraph.runtime.tools.quality import Answers, Workload
+from kvgraph.runtime.tools.quality import TEXTS, Answers, Workload
 
 
 def torch_answers(model: torch.nn.Module, workload: Workload, logits_dir: Path) -> Answers:
@@ -44,11 +44,11 @@ def _greedy(model: torch.nn.Module, prompt: list[int], workload: Workload) -> li
     ids, new = torch.tensor([prompt]), workload.new_tokens
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
-    start = {"decoder_start_token_id": workload.start} if workload.seq2seq else {}
     config = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=eos,
-                              pad_token_id=pad if pad is not None else (eos[0] if isinstance(eos, list) else eos), **start)
+                              pad_token_id=pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+                              decoder_start_token_id=workload.start)  # None for a decoder-only model, which has none
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, 1:].tolist() if workload.seq2seq else out[0, len(prompt):].tolist()
+    return TEXTS[workload.kind].generated(out[0].tolist(), prompt)
 
 
 @contextlib.contextmanager

@@ -489,3 +489,28 @@ def test_bad_mixed_precision_options_are_refused_and_write_nothing(float_exports
     assert main(["quantize", str(float_exports["dynamic"]), str(out), *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not out.exists()
+
+
+def test_the_float_side_of_the_report_is_made_once_per_float_export(float_exports, tmp_path):
+    """A second quantization of one float export reads the float answers kept in it; a changed file makes them again;
+    the figures are the same either way, and the kept answers never travel into a quantized export."""
+    import os
+
+    source = tmp_path / "float"
+    shutil.copytree(float_exports["static"], source, ignore=shutil.ignore_patterns("quality-reference"))
+    logs: list[list[str]] = []
+
+    def quantize(name: str) -> dict:
+        logs.append([])
+        out = quantize_export(source, tmp_path / name, QuantScheme(8, rounding="nearest"), log=logs[-1].append, **ANY_QUALITY)
+        assert not (out / "quality-reference").exists()
+        return Manifest.load(out).quantization["quality"]
+
+    kept = lambda: any("the float side read from" in line for line in logs[-1])
+    first = quantize("a")
+    assert not kept() and (source / "quality-reference" / "key.json").is_file()
+    assert quantize("b") == first and kept()
+    weights = source / "model.onnx.data"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert quantize("c") == first and not kept()
+    assert quantize("d") == first and kept()

@@ -116,7 +116,7 @@ def _torch_teacher_forced(model, workload: Workload):
 def test_quality_report_scores_transformers_own_targets_and_an_export_against_itself_is_perfect(exports, tmp_path, family):
     model, source, directory = exports(family)
     workload = Workload.of(source)
-    assert workload.seq2seq and workload.tokens == len(workload.windows) * workload.new_tokens
+    assert workload.kind == "encoder-decoder" and workload.tokens == len(workload.windows) * workload.new_tokens
     reference = answer(source, workload, tmp_path / "float")
     sequences, perplexity = _torch_teacher_forced(model, workload)
     assert reference.sequences == sequences  # the targets are transformers' own greedy translations of the sources

@@ -1,6 +1,6 @@
 """How far a quantized export departs from the float export it was made from: the quality report.
 
-    report = measure(float_dir, quantized_dir)
+    report = measure(float_dir, quantized_dir)              # the float side kept in float_dir/quality-reference/
     report.shortfalls(min_top1=0.9, max_ppl_ratio=1.1)   # reasons, empty when it passes
 
     workload = Workload.of(float_dir)                       # or piece by piece, for other systems' logits
@@ -25,7 +25,10 @@ says so): the comparison between the two exports stays exact, only the text is n
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import math
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,8 +112,48 @@ def measure(reference: str | Path, quantized: str | Path, threads: int | None = 
     log(f"quality: scoring {workload.tokens} tokens of {workload.text} in windows of {workload.window}, "
         f"then greedy decoding of {len(workload.prompts)} prompts, on each export in turn")
     with tempfile.TemporaryDirectory(prefix="kvgraph-quality-") as scratch:
-        first = answer(reference, workload, Path(scratch) / "reference", threads)
+        first = reference_answers(reference, workload, Path(scratch) / "reference", threads, log)
         return compare(workload, first, answer(quantized, workload, Path(scratch) / "quantized", threads, first.sequences))
+
+
+CACHE_DIR = "quality-reference"  # inside a float export: its answers to the quality workload, made once
+CACHE_FORMAT = 1
+
+
+def reference_answers(directory: str | Path, workload: Workload, scratch: Path, threads: int | None = None,
+                      log: Callable[[str], None] = lambda message: None) -> Answers:
+    """The float export's answers, kept in its quality-reference/ directory: every quantization of one float export
+    scores against the same answers, made once. They are made again when the workload or any of the export's files
+    (their sizes and modification times) change; an export that cannot be written to is answered in a scratch
+    directory each time, and the log says so."""
+    directory = Path(directory)
+    cache, key = directory / CACHE_DIR, _cache_key(directory, workload)
+    if (cache / "key.json").is_file() and json.loads((cache / "key.json").read_text()) == key:
+        kept = json.loads((cache / "answers.json").read_text())
+        log(f"quality: the float side read from {cache} (made once for this export and workload)")
+        return Answers(cache, kept["greedy"], kept["sequences"])
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{CACHE_DIR}-", dir=directory))
+    except OSError as exc:
+        log(f"quality: cannot keep the float side in {directory} ({exc.strerror}): answering it in a scratch directory")
+        return answer(directory, workload, scratch, threads)
+    made = answer(directory, workload, staging, threads)
+    (staging / "answers.json").write_text(json.dumps({"greedy": made.greedy, "sequences": made.sequences}))
+    (staging / "key.json").write_text(json.dumps(key))  # last: a directory with its key is complete
+    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        staging.rename(cache)
+    except OSError:  # another process kept its answers first: these are used once and go
+        shutil.move(staging, scratch)
+        return Answers(scratch, made.greedy, made.sequences)
+    return Answers(cache, made.greedy, made.sequences)
+
+
+def _cache_key(directory: Path, workload: Workload) -> dict:
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    digest = hashlib.sha256(json.dumps(asdict(workload), sort_keys=True).encode()).hexdigest()
+    return {"format": CACHE_FORMAT, "workload": digest,
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
 
 @dataclass(frozen=True)
@@ -122,24 +165,25 @@ class Workload:
     windows: list[list[int]]
     prompts: list[list[int]]
     new_tokens: int
+    kind: str = "decoder"  # the contract's graph kind: how its text is scored (TEXTS)
     start: int | None = None  # encoder-decoder: the decoder's start token
 
     @property
-    def seq2seq(self) -> bool:
-        return self.start is not None
-
-    @property
     def tokens(self) -> int:
-        return len(self.windows) * self.new_tokens if self.seq2seq else sum(len(w) - 1 for w in self.windows)
+        """Next-token predictions scored."""
+        return TEXTS[self.kind].tokens(self)
+
+    def sources(self) -> list[list[int]]:
+        """What the reference decodes greedily to make the scored sequences (an encoder-decoder's sources)."""
+        return TEXTS[self.kind].sources(self)
 
     def source(self, i: int) -> list[int] | None:
         """The encoder's input for scored sequence i (a decoder-only export has none)."""
-        return self.windows[i] if self.seq2seq else None
+        return TEXTS[self.kind].source(self, i)
 
     def sequences(self, decode: Callable[[list[int]], list[int]]) -> list[list[int]]:
-        """The token sequences scored (logits at each position predict the next): the windows themselves, or each
-        source's target, `decode(source)`, after the start token."""
-        return [[self.start, *decode(w)] for w in self.windows] if self.seq2seq else list(self.windows)
+        """The token sequences scored (logits at each position predict the next), `decode` giving a source's target."""
+        return TEXTS[self.kind].sequences(self, decode)
 
     @classmethod
     def of(cls, directory: str | Path) -> Workload:
@@ -152,16 +196,64 @@ class Workload:
         capacity = step_adapter(contract).cache.capacity(contract)
         limits = [limit for limit in (capacity, model.max_positions) if limit]
         prompts = _prompts(codec, contract.vocab_size)
-        if contract.seq2seq:  # sources for the encoder; the decoder holds the start token and the new ones
-            window = min([SOURCE_WINDOW] + ([model.max_positions] if model.max_positions else []))
-            new = max(1, min([NEW_TOKENS] + [limit - 1 for limit in limits]))
-            sources = [ids[start: start + window] for start in range(0, window * SOURCES, window)]
-            text = f"{text}: {len(sources)} sources, their targets teacher-forced"
-            return cls(text, window, [s for s in sources if s], prompts, new, manifest.special_tokens.decoder_start_token_id)
+        return TEXTS[contract.kind].workload(ids, text, prompts, limits, manifest)
+
+
+class _DecoderText:
+    """A decoder-only export reads the text's windows itself, each position predicting the next token."""
+
+    def workload(self, ids: list[int], text: str, prompts: list[list[int]], limits: list[int], manifest: Manifest) -> Workload:
         window = min([WINDOW] + limits)
         windows = [ids[start: start + window] for start in range(0, len(ids) - 1, window)]
         new = max(1, min([NEW_TOKENS] + [limit - max(map(len, prompts)) for limit in limits]))
-        return cls(text, window, [w for w in windows if len(w) >= 2], prompts, new)
+        return Workload(text, window, [w for w in windows if len(w) >= 2], prompts, new)
+
+    def tokens(self, workload: Workload) -> int:
+        return sum(len(w) - 1 for w in workload.windows)
+
+    def sources(self, workload: Workload) -> list[list[int]]:
+        return []
+
+    def source(self, workload: Workload, i: int) -> None:
+        return None
+
+    def sequences(self, workload: Workload, decode: Callable[[list[int]], list[int]]) -> list[list[int]]:
+        return list(workload.windows)
+
+    def generated(self, row: list[int], prompt: list[int]) -> list[int]:
+        """The new tokens of a transformers generate() row."""
+        return row[len(prompt):]
+
+
+class _Seq2SeqText:
+    """An encoder-decoder reads each window as a source; its decoder is scored on the reference's greedy target for
+    it, teacher-forced after the start token."""
+
+    def workload(self, ids: list[int], text: str, prompts: list[list[int]], limits: list[int], manifest: Manifest) -> Workload:
+        positions = manifest.model.max_positions
+        window = min([SOURCE_WINDOW] + ([positions] if positions else []))
+        new = max(1, min([NEW_TOKENS] + [limit - 1 for limit in limits]))  # the decoder holds the start token and the new ones
+        sources = [s for s in (ids[start: start + window] for start in range(0, window * SOURCES, window)) if s]
+        return Workload(f"{text}: {len(sources)} sources, their targets teacher-forced", window, sources, prompts, new,
+                        "encoder-decoder", manifest.special_tokens.decoder_start_token_id)
+
+    def tokens(self, workload: Workload) -> int:
+        return len(workload.windows) * workload.new_tokens
+
+    def sources(self, workload: Workload) -> list[list[int]]:
+        return list(workload.windows)
+
+    def source(self, workload: Workload, i: int) -> list[int]:
+        return workload.windows[i]
+
+    def sequences(self, workload: Workload, decode: Callable[[list[int]], list[int]]) -> list[list[int]]:
+        return [[workload.start, *decode(w)] for w in workload.windows]
+
+    def generated(self, row: list[int], prompt: list[int]) -> list[int]:
+        return row[1:]  # after the decoder's start token
+
+
+TEXTS = {"decoder": _DecoderText(), "encoder-decoder": _Seq2SeqText()}
 
 
 @dataclass(frozen=True)
@@ -183,7 +275,7 @@ def answer(directory: str | Path, workload: Workload, logits_dir: Path, threads:
     `sequences` are given) through the runtime's own greedy loop, then every sequence through its prefill graph with
     logits at every position; each session is closed before the next opens."""
     logits_dir.mkdir(parents=True, exist_ok=True)
-    sources = workload.windows if workload.seq2seq and sequences is None else []
+    sources = workload.sources() if sequences is None else []
     tokens = greedy_tokens(directory, workload.prompts + sources, workload.new_tokens, threads)
     targets = iter(tokens[len(workload.prompts):])
     tokens = tokens[:len(workload.prompts)]
@@ -251,8 +343,8 @@ class TextScorer:
         self.steps = step_adapter(manifest.contract)
         self.session = prefill_session(model, directory, threads)
         self.names = [o.name for o in self.session.get_outputs()]
-        self.encoder = (prefill_session(check_graph_file(directory, graph_file("encoder")), directory, threads)
-                        if manifest.contract.seq2seq else None)
+        encoder = "encoder" in manifest.contract.graphs()  # an encoder-decoder's: the sources go through it first
+        self.encoder = encoder and prefill_session(check_graph_file(directory, graph_file("encoder")), directory, threads)
 
     def logits(self, ids: np.ndarray, source: list[int] | None = None) -> np.ndarray:
         """(1, W) token ids (an encoder-decoder's decoder tokens, after reading `source`) -> (W, V) logits."""
