@@ -26,7 +26,6 @@ and give identical initializers, which the weights file then stores once.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +36,7 @@ from onnx import helper
 from kvgraph.graphs.block_rounding import Blocks, BlockRounding
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.rewrites.graph_edit import attr
-from kvgraph.graphs.weight_store import INLINE, Tensors
+from kvgraph.graphs.weight_store import INLINE, SharedNames, Tensors
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two from 16: what onnxruntime's MatMulNBits kernel takes
@@ -167,40 +166,6 @@ def expose(model: onnx.ModelProto, activations: list[str], weights: list[str]) -
         tensor = by_name[name]
         graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
         graph.initializer.remove(tensor)
-
-
-class SharedNames:
-    """One name for each stored tensor across an export's graphs. Graph-local names repeat (val_73 is one matrix in the
-    encoder and another in the decoder) and one tensor has other names in other graphs, so a tensor is known by where
-    its bytes are, and named by the first graph that holds it: its own name, or `graph/name` when another tensor took
-    that one. Calibration and the quantizer name graphs in the contract's order, so what one measures the other finds."""
-
-    def __init__(self, values: Tensors = INLINE) -> None:
-        self.values = values
-        self._by_place: dict[Any, str] = {}
-        self._taken: set[str] = set()
-
-    def graph(self, graph_name: str, graph: onnx.GraphProto) -> dict[str, str]:
-        """{local name: shared name} of every float initializer of `graph`, in its order."""
-        return {t.name: self._name(graph_name, t) for t in graph.initializer if t.data_type in _FLOATS}
-
-    def _name(self, graph_name: str, tensor: onnx.TensorProto) -> str:
-        place = self.values.key(tensor) or _external_place(tensor)
-        if place is None:  # bytes of its own: its content is its place
-            array = self.values.array(tensor)
-            place = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
-        if place not in self._by_place:
-            name = tensor.name if tensor.name not in self._taken else f"{graph_name}/{tensor.name}"
-            self._taken.add(name)
-            self._by_place[place] = name
-        return self._by_place[place]
-
-
-def _external_place(tensor: onnx.TensorProto) -> tuple | None:
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    return info.get("location"), int(info.get("offset", 0)), int(info.get("length", 0))
 
 
 def choose_bits(costs: dict[str, float], extra_bytes: dict[str, int], room: int) -> dict[str, int]:

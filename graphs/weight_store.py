@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -152,3 +152,40 @@ def refer(tensor: onnx.TensorProto, key: str, length: int) -> None:
     external_data_helper.set_external_data(tensor, location=location(key), offset=0, length=length)
     tensor.data_location = onnx.TensorProto.EXTERNAL
     tensor.ClearField("raw_data")
+
+
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # the initializers SharedNames names
+
+
+class SharedNames:
+    """One name for each stored tensor across an export's graphs. Graph-local names repeat (val_73 is one matrix in the
+    encoder and another in the decoder) and one tensor has other names in other graphs, so a tensor is known by where
+    its bytes are, and named by the first graph that holds it: its own name, or `graph/name` when another tensor took
+    that one. Calibration and the quantizer name graphs in the contract's order, so what one measures the other finds."""
+
+    def __init__(self, values: Tensors | None = None) -> None:
+        self.values = values or INLINE
+        self._by_place: dict[Any, str] = {}
+        self._taken: set[str] = set()
+
+    def graph(self, graph_name: str, graph: onnx.GraphProto) -> dict[str, str]:
+        """{local name: shared name} of every float initializer of `graph`, in its order."""
+        return {t.name: self._name(graph_name, t) for t in graph.initializer if t.data_type in FLOATS}
+
+    def _name(self, graph_name: str, tensor: onnx.TensorProto) -> str:
+        place = self.values.key(tensor) or _external_place(tensor)
+        if place is None:  # bytes of its own: its content is its place
+            array = self.values.array(tensor)
+            place = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        if place not in self._by_place:
+            name = tensor.name if tensor.name not in self._taken else f"{graph_name}/{tensor.name}"
+            self._taken.add(name)
+            self._by_place[place] = name
+        return self._by_place[place]
+
+
+def _external_place(tensor: onnx.TensorProto) -> tuple | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    return info.get("location"), int(info.get("offset", 0)), int(info.get("length", 0))

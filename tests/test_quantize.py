@@ -215,10 +215,14 @@ def test_export_quantize_end_to_end_and_block_size_refused_before_tracing(tmp_pa
 
 @pytest.mark.parametrize("mode,bits", [("dynamic", 4), ("static", 8)])
 def test_quantized_golden_vectors_reproduce_in_node_and_the_reference_evaluator(quantized, tmp_path, mode, bits):
+    assert_vectors_reproduce(quantized(mode, bits), tmp_path / "vectors")
+
+
+def assert_vectors_reproduce(directory, out) -> None:
+    """Golden vectors of `directory` check in kvgraph's runtime, in Node and in onnx's ReferenceEvaluator."""
     from test_vectors import node, reference_runner
 
-    directory = quantized(mode, bits)
-    vectors = make_vectors(directory, tmp_path / "vectors")
+    vectors = make_vectors(directory, out)
     check_vectors(directory, vectors)
     result = node(str(directory), str(vectors))
     assert result.returncode == 0, result.stderr

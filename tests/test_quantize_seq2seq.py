@@ -17,11 +17,8 @@ from kvgraph.graphs import Manifest
 from kvgraph.graphs.quantization import QuantScheme
 from kvgraph.runtime import Generator
 from kvgraph.runtime.commands.main import main
-from kvgraph.runtime.tools.golden_runs import check_vectors, make_vectors
-from kvgraph.runtime.tools.golden_vectors import first_mismatch, read_vectors
 from kvgraph.runtime.tools.quality import Workload, answer, compare
 from kvgraph.runtime.tools.quantize_export import quantize_export
-from kvgraph.runtime.tools.step_trace import replay
 
 ANY_QUALITY = dict(min_top1=0.0, max_ppl_ratio=1e9)
 # (family, cache mode, scheme): int8; plain int4 (every matrix at 4 bits); the default int4 (searched, mixed) with AWQ.
@@ -152,19 +149,9 @@ def test_calibration_names_the_matrices_as_the_quantizer_does_and_awq_keeps_the_
 
 @pytest.mark.parametrize("family", ["marian", "t5"])
 def test_quantized_encoder_decoder_golden_vectors_reproduce_in_node_and_the_reference_evaluator(exports, tmp_path, family):
-    from test_vectors import node, reference_runner
+    from test_quantize import assert_vectors_reproduce
 
-    _, _, directory = exports(family)
-    vectors = make_vectors(directory, tmp_path / "vectors")
-    check_vectors(directory, vectors)
-    result = node(str(directory), str(vectors))
-    assert result.returncode == 0, result.stderr
-    golden = read_vectors(vectors)
-    manifest = Manifest.load(directory)
-    traces = {name: replay(manifest, reference_runner(directory), t) for name, t in golden.cases.items()}
-    assert first_mismatch(golden, manifest.contract, traces) is None
-    for name, trace in golden.cases.items():
-        assert f"case '{name}': {len(trace.steps)} graph calls match" in result.stdout
+    assert_vectors_reproduce(exports(family)[2], tmp_path / "vectors")
 
 
 def test_export_quantize_of_an_encoder_decoder_is_scored_against_pytorch(exports, tmp_path, capsys):

@@ -25,9 +25,9 @@ from kvgraph.graphs.contract import ATTENTION_MASK, ENCODER_HIDDEN, INPUT_IDS
 from kvgraph.graphs.errors import KvgraphError
 from kvgraph.graphs.manifest import Manifest, graph_file
 from kvgraph.graphs.modes import step_adapter
-from kvgraph.graphs.quantization import (MIX_ROOM, QuantScheme, SharedNames, check_block, choose_bits, expose, gathered_weights,
-                                         matmul_weights)
+from kvgraph.graphs.quantization import MIX_ROOM, QuantScheme, check_block, choose_bits, expose, gathered_weights, matmul_weights
 from kvgraph.graphs.safety import check_graph_file
+from kvgraph.graphs.weight_store import SharedNames
 from kvgraph.runtime.core.sampling import log_softmax
 from kvgraph.runtime.core.text import TextCodec
 from kvgraph.runtime.tools.quality import every_position_prefill, prefill_session
@@ -43,7 +43,7 @@ AWQ_WINDOWS = 4  # the windows whose inputs AWQ's scale search reads (512 tokens
 class _Part:
     """One graph of the calibration (the prefill graph; an encoder-decoder's encoder too): a session with every
     MatMul's activation an output (under `graph:name`) and its matrices and AWQ's constants inputs, fed by shared name
-    (graphs/quantization.py's SharedNames)."""
+    (graphs/weight_store.py's SharedNames)."""
 
     def __init__(self, directory: Path, name: str, model, names: SharedNames, threads: int | None) -> None:
         graph = model.graph
@@ -51,19 +51,19 @@ class _Part:
         activations = matmul_weights(graph)  # local weight -> local activation
         gathered = gathered_weights(graph)
         self.name = name
-        self.activation_of = {shared[w]: f"{name}:{a}" for w, a in activations.items()}
-        self.matrices = [shared[w] for w in activations if w not in gathered]
+        self.qualified = {a: f"{name}:{a}" for a in activations.values()}  # local activation -> its name in run()'s outputs
+        self.activation_of = {shared[w]: self.qualified[a] for w, a in activations.items()}
+        matrices = [w for w in activations if w not in gathered]
+        self.matrices = [shared[w] for w in matrices]
         tensors = {t.name: t for t in graph.initializer}
         self.gathered = {shared[n]: tuple(tensors[n].dims) for n in gathered if n in tensors and len(tensors[n].dims) == 2}
         folds = awq_folds(graph)
         self.folds = [Fold(f"{name}:{f.activation}", tuple(shared[m] for m in f.matrices), tuple((shared[c], axis) for c, axis in f.divided))
                       for f in folds]
-        matrices = [w for w in activations if w not in gathered]
         constants = sorted({c for f in folds for c, _ in f.divided} - set(matrices))
         self.fed = {shared[w]: w for w in matrices + constants}  # shared -> local
         self.floats = {s: _mapped(directory, tensors[w]) for s, w in self.fed.items()}  # read from the file as runs need them
         self.taken = set(shared.values())
-        self.qualified = {a: f"{name}:{a}" for a in activations.values()}  # local activation -> its name in run()'s outputs
         inputs = {i.name for i in graph.input}
         shown = sorted(set(activations.values()) - inputs)  # a graph input MatMuls read (the encoder's states) is in the feeds
         expose(model, shown, list(self.fed.values()))
@@ -98,7 +98,7 @@ class Calibration:
         self.folds = _private_folds(self.parts)  # where AWQ's scales fold into the graph
         self.floats = {w: v for part in self.parts for w, v in part.floats.items()}
         self.windows = _windows(directory, contract, manifest.model.max_positions)
-        self.targets = _targets(directory, self.windows, contract, threads) if encoder else None  # the decoder's inputs
+        self.targets = _targets(directory, manifest, self.windows, threads) if encoder else None  # the decoder's inputs
         self.cost_windows = self.windows[:COST_WINDOWS]
         self._reference: np.ndarray | None = None  # (cost windows, W, V) float log-probabilities
         self._squares: dict[str, np.ndarray] = {}  # activation -> (K,) mean squared activation
@@ -208,16 +208,16 @@ def _private_folds(parts: list[_Part]) -> list[Fold]:
     return folds
 
 
-def _targets(directory: Path, windows: np.ndarray, contract, threads: int | None) -> np.ndarray:
+def _targets(directory: Path, manifest: Manifest, windows: np.ndarray, threads: int | None) -> np.ndarray:
     """(windows, T): an encoder-decoder's decoder input for each window, its start token and the float export's greedy
     target for it (T as long as the window, or as the decoder holds)."""
     from kvgraph.runtime.tools.quality import greedy_tokens
 
-    manifest = Manifest.load(directory)
+    contract = manifest.contract
     limits = [limit for limit in (step_adapter(contract).cache.capacity(contract), manifest.model.max_positions) if limit]
-    new = min([windows.shape[1]] + [limit - 1 for limit in limits])
+    length = min([windows.shape[1]] + [limit - 1 for limit in limits])
     start = manifest.special_tokens.decoder_start_token_id
-    return np.array([[start, *target][:new] for target in greedy_tokens(directory, windows.tolist(), new, threads)], dtype=np.int64)
+    return np.array([[start, *target] for target in greedy_tokens(directory, windows.tolist(), length - 1, threads)], dtype=np.int64)
 
 
 def _windows(directory: Path, contract, max_positions: int | None) -> np.ndarray:
