@@ -22,6 +22,7 @@ from kvgraph.graphs.modes import step_adapter
 from kvgraph.graphs.onnx_files import apply_shapes, read_io
 from kvgraph.graphs.rewrites.every_position import keep_every_position
 from kvgraph.graphs.rewrites.grouped_heads import attend_grouped_heads_directly
+from kvgraph.graphs.rewrites.packed_heads import attend_packed_heads
 from kvgraph.graphs.rewrites.strip_metadata import strip_exporter_metadata
 from kvgraph.graphs.rewrites.transposed_embeddings import share_embeddings_across_graphs, store_embedding_transposed
 from kvgraph.graphs.rewrites.untie_transposed import untie_transposed_copies
@@ -162,6 +163,7 @@ def _optimized(program, graph: str, family: Family, store: WeightStore) -> onnx.
     untie_transposed_copies(proto, store)
     store_embedding_transposed(proto, store)  # no session folds a second (H, V) copy of a tied embedding
     attend_grouped_heads_directly(proto)  # GQA: the Attention op reads Hkv heads, no per-step copy of the cache
+    attend_packed_heads(proto)  # Q, K, V and the output (B, S, H·D); a dynamic cache's Concat inside the op
     drop_zero_additions(proto, store)  # BART-like final_logits_bias: zeros, neither stored nor added
     strip_exporter_metadata(proto)
     return proto

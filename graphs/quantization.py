@@ -35,6 +35,7 @@ from onnx import helper
 
 from kvgraph.graphs.block_rounding import Blocks, BlockRounding
 from kvgraph.graphs.errors import KvgraphError
+from kvgraph.graphs.rewrites.fused_projections import fuse_sibling_projections
 from kvgraph.graphs.rewrites.graph_edit import attr
 from kvgraph.graphs.weight_store import INLINE, SharedNames, Tensors
 
@@ -168,10 +169,10 @@ def expose(model: onnx.ModelProto, activations: list[str], weights: list[str]) -
         graph.initializer.remove(tensor)
 
 
-def choose_bits(costs: dict[str, float], extra_bytes: dict[str, int], room: int) -> dict[str, int]:
-    """Mixed precision: the matrices to keep at 8 bits, most KL saved per extra byte first, while their extra bytes
-    fit in `room`. costs: what quantizing each matrix alone to 4 bits costs in KL; extra_bytes: int8 over int4."""
-    chosen: dict[str, int] = {}
+def choose_bits(costs: dict[Any, float], extra_bytes: dict[Any, int], room: int) -> dict[Any, int]:
+    """Mixed precision: the matrices (or groups of them) to keep at 8 bits, most KL saved per extra byte first, while
+    their extra bytes fit in `room`. costs: what quantizing each alone to 4 bits costs in KL; extra_bytes: int8 over int4."""
+    chosen: dict[Any, int] = {}
     for name in sorted(costs, key=lambda n: costs[n] / max(extra_bytes[n], 1), reverse=True):
         if costs[name] > 0 and extra_bytes[name] <= room:
             chosen[name] = 8
@@ -198,6 +199,7 @@ class Quantizer:
         self._shared: dict[str, str] = {}  # the graph being rewritten: local name -> shared name
         self._done: dict[tuple, list[onnx.TensorProto]] = {}
         self._floats: dict[str, onnx.TensorProto] = {}  # replaced float constants, by name
+        self._fused: dict = {}  # sibling matrices side by side, made once for every graph
 
     def quantize(self, models: dict[str, onnx.ModelProto]) -> QuantReport:
         for name, model in models.items():
@@ -223,6 +225,7 @@ class Quantizer:
             plan = self._plan(graph_name, tensor, users.get(tensor.name, []))
             if plan is not None:
                 self._rewrite(graph, tensor, *plan)
+        fuse_sibling_projections(model, self.values, self._fused)  # q, k, v (gate, up) of one width: one product
         _set_opset(model)
 
     def _plan(self, graph_name: str, tensor: onnx.TensorProto, readers: list[onnx.NodeProto]) -> tuple[int, int, list] | None:

@@ -93,6 +93,9 @@ class WeightStore:
         if key is None and not (self.source is not None and tensor.data_location == onnx.TensorProto.EXTERNAL):
             return numpy_helper.to_array(tensor)
         raw = self.blobs[key] if key is not None else self._read(tensor)
+        if tensor.data_type in PACKED:  # two values a byte: onnx unpacks them (a copy)
+            packed = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, raw_data=bytes(raw))
+            return numpy_helper.to_array(packed)
         return raw.view(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
 
     def _read(self, tensor: onnx.TensorProto) -> np.ndarray:

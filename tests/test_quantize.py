@@ -70,10 +70,13 @@ def test_quantized_graphs_are_standard_onnx_and_onnxruntime_fuses_every_matmul(q
     assert {node.domain for node in model.graph.node} <= {""}
     types = {t.name: t.data_type for t in model.graph.initializer}
     weights = {"matmul": onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8, "gathered": onnx.TensorProto.UINT8}
-    for role, want in weights.items():
-        assert record["tensors"][role], role
-        for name in record["tensors"][role]:
-            assert types[f"{name}.q{bits if role == 'matmul' else 8}"] == want, name
+    assert record["tensors"]["matmul"] and record["tensors"]["gathered"]
+    for name in record["tensors"]["gathered"]:
+        assert types[f"{name}.q8"] == weights["gathered"], name
+    # the MatMuls' codes (q, k and v side by side: graphs/rewrites/fused_projections.py), every one at the scheme's bits
+    codes = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in types]
+    assert {types[c] for c in codes if c.rsplit(".", 1)[0] not in record["tensors"]["gathered"]} == {weights["matmul"]}
+    assert sum(c.endswith(".fused") for c in codes) == 2 * 2  # per layer: q, k, v; gate, up
     dequantize_nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert all(onnx.helper.get_attribute_value(a) == 32 for n in dequantize_nodes for a in n.attribute if a.name == "block_size")
     assert not [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
@@ -84,7 +87,8 @@ def test_quantized_graphs_are_standard_onnx_and_onnxruntime_fuses_every_matmul(q
     ort.InferenceSession(str(directory / "decode.onnx"), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     ops = [n.op_type for n in optimized.graph.node]
-    assert ops.count("MatMulNBits") == len([n for n in model.graph.node if n.op_type == "MatMul"]) == 15  # 2 layers x 7, and the lm_head
+    # 2 layers x (q, k, v; o; gate, up; down), and the lm_head
+    assert ops.count("MatMulNBits") == len([n for n in model.graph.node if n.op_type == "MatMul"]) == 2 * 4 + 1
     assert "MatMul" not in ops and ops.count("DequantizeLinear") == 1  # the gathered embedding rows only
 
 
@@ -452,11 +456,14 @@ def test_calibration_measures_a_matrix_cost_in_kl(float_exports):
     importance = calibration.importance()
     assert set(calibration.matrices) <= set(importance) and len(calibration.matrices) == 14  # 2 layers x 7; the tied lm_head is gathered
     assert all(v.ndim == 1 and (v >= 0).all() and v.sum() > 0 for v in importance.values())
-    first = calibration.matrices[:2]
-    calibration.matrices = first
+    # a group is the matrices reading one activation: per layer q, k, v; o; gate, up; down
+    assert sorted(len(g) for g in calibration.groups) == [1] * 4 + [2] * 2 + [3] * 2
+    assert sorted(n for g in calibration.groups for n in g) == calibration.matrices
+    first = sorted(calibration.groups, key=len)[-2:]  # two groups of three
+    calibration.groups = first
     same = calibration.costs(lambda name, matrix: matrix)
     zeroed = calibration.costs(lambda name, matrix: np.zeros_like(matrix))
-    assert all(abs(same[n]) < 1e-9 for n in first) and all(zeroed[n] > 1e-6 for n in first)
+    assert all(abs(same[g]) < 1e-9 for g in first) and all(zeroed[g] > 1e-6 for g in first)
 
 
 def test_mixed_int4_keeps_matrices_at_int8_within_the_budget(float_exports, tmp_path):
@@ -472,15 +479,23 @@ def test_mixed_int4_keeps_matrices_at_int8_within_the_budget(float_exports, tmp_
     assert record["scheme"]["mix"] == "auto" and record["scheme"]["budget_mb"] == budget
     assert 0 < sum(bits[n] == 8 for n in matmul) < len(matmul) and record["tensors"]["quantized_bytes"] <= budget * 1e6
     model = onnx.load(str(tmp_path / "mixed" / "decode.onnx"), load_external_data=False)
-    types = {t.name: t.data_type for t in model.graph.initializer}
-    for name in matmul:
-        assert types[f"{name}.q{bits[name]}"] == (onnx.TensorProto.UINT8 if bits[name] == 8 else onnx.TensorProto.UINT4), name
+    floats = {t.name: int(np.prod(t.dims)) for t in onnx.load(str(source / "decode.onnx"), load_external_data=False).graph.initializer}
+    codes = {}  # integer type -> the weights its DequantizeLinear codes hold (q, k, v side by side count as theirs)
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]:
+        tensor = initializers[node.input[0]]
+        codes[tensor.data_type] = codes.get(tensor.data_type, 0) + tensor.dims[0] * tensor.dims[1]
+    tied = sum(floats[n] for n in record["tensors"]["gathered"])  # the tied lm_head multiplies the embedding's int8
+    want = {onnx.TensorProto.UINT8: tied + sum(floats[n] for n in matmul if bits[n] == 8),
+            onnx.TensorProto.UINT4: sum(floats[n] for n in matmul if bits[n] == 4)}
+    assert codes == want  # every matrix at the bits the manifest records
     assert {node.domain for node in model.graph.node} <= {""}
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "mixed" / "decode.onnx"), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 15 and "MatMul" not in ops  # both widths run onnxruntime's fused kernel
+    # both widths run onnxruntime's fused kernel; per layer q, k, v and gate, up are one product each (4 of 7), + lm_head
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and "MatMul" not in ops
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -5,6 +5,8 @@
     transposed_embeddings   the embedding stored (H, V), once, within and across graphs
     zero_additions          Add(x, zeros) -> Identity(x)
     grouped_heads           Attention reads the Hkv cached heads without repeat_kv's copies
+    packed_heads            Attention over (B, S, H·D) tensors, a dynamic cache's concatenation inside the op
+    fused_projections       quantized q, k, v (gate, up) reading one activation multiplied as one matrix
     every_position          logits at every new position (the verify graph)
 
 graph_edit holds the small edits they share. graphs/quantization.py is the weight-quantizing rewrite.
