@@ -169,10 +169,10 @@ def expose(model: onnx.ModelProto, activations: list[str], weights: list[str]) -
         graph.initializer.remove(tensor)
 
 
-def choose_bits(costs: dict[Any, float], extra_bytes: dict[Any, int], room: int) -> dict[Any, int]:
-    """Mixed precision: the matrices (or groups of them) to keep at 8 bits, most KL saved per extra byte first, while
-    their extra bytes fit in `room`. costs: what quantizing each alone to 4 bits costs in KL; extra_bytes: int8 over int4."""
-    chosen: dict[Any, int] = {}
+def choose_bits(costs: dict[str, float], extra_bytes: dict[str, int], room: int) -> dict[str, int]:
+    """Mixed precision: the matrices to keep at 8 bits, most KL saved per extra byte first, while their extra bytes
+    fit in `room`. costs: what quantizing each matrix alone to 4 bits costs in KL; extra_bytes: int8 over int4."""
+    chosen: dict[str, int] = {}
     for name in sorted(costs, key=lambda n: costs[n] / max(extra_bytes[n], 1), reverse=True):
         if costs[name] > 0 and extra_bytes[name] <= room:
             chosen[name] = 8
