@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         specs.append((f"onnxruntime-genai {_genai_precision(Path(model))}", "genai", python, model))
     if args.llamacpp:
         specs.append((f"llama.cpp {Path(args.llamacpp[1]).name} (llama-cpp-python)", "llamacpp", *args.llamacpp))
+    labels = [spec[0] for spec in specs]  # two exports of one kind: told apart by their directory's name
+    specs = [(f"{label} ({Path(model).name})" if labels.count(label) > 1 else label, kind, python, model)
+             for label, kind, python, model in specs]
     workers = []
     for label, kind, python, model in specs:  # one at a time: loading in parallel would skew nothing but RAM
         worker = Worker(label, kind, python, model, ids)
