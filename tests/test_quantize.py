@@ -476,7 +476,8 @@ def test_mixed_int4_keeps_matrices_at_int8_within_the_budget(float_exports, tmp_
     assert record["scheme"]["mix"] == "auto" and record["scheme"]["budget_mb"] == budget
     assert 0 < sum(bits[n] == 8 for n in matmul) < len(matmul) and record["tensors"]["quantized_bytes"] <= budget * 1e6
     model = onnx.load(str(tmp_path / "mixed" / "decode.onnx"), load_external_data=False)
-    floats = {t.name: int(np.prod(t.dims)) for t in onnx.load(str(source / "decode.onnx"), load_external_data=False).graph.initializer}
+    float_graph = onnx.load(str(source / "decode.onnx"), load_external_data=False).graph
+    floats = {t.name: int(np.prod(t.dims)) for t in float_graph.initializer}
     codes = {}  # integer type -> the weights its DequantizeLinear codes hold (q, k, v side by side count as theirs)
     initializers = {t.name: t for t in model.graph.initializer}
     for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]:
@@ -493,7 +494,6 @@ def test_mixed_int4_keeps_matrices_at_int8_within_the_budget(float_exports, tmp_
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
     # both widths run onnxruntime's fused kernel; the matrices that multiply one activation (q, k, v; gate, up) are
     # one product per width among them (each matrix's width is chosen alone); the tied lm_head reads the embedding
-    float_graph = onnx.load(str(source / "decode.onnx"), load_external_data=False).graph
     siblings = {}  # activation -> the widths of the matrices multiplying it
     for node in float_graph.node:
         if node.op_type == "MatMul" and node.input[1] in bits:

@@ -283,10 +283,11 @@ def _mixed_bits(calibration: Calibration, scheme: QuantScheme, rounding: BlockRo
     if room < 0:
         raise KvgraphError(f"--budget-mb {scheme.budget_mb:g} is below the all-int4 size of the quantized matrices, "
                            f"{all_int4 / 1e6:.1f} MB; give at least that, or --mix none")
-    bits_of = choose_bits(costs, {name: s[8] - s[4] for name, s in size.items()}, int(room))
+    extra = {name: s[8] - s[4] for name, s in size.items()}
+    bits_of = choose_bits(costs, extra, int(room))
     for name in bits_of:
         rounding.forget(name)  # measured at int4, stored at int8
-    added = sum(size[name][8] - size[name][4] for name in bits_of)
+    added = sum(extra[name] for name in bits_of)
     log(f"mixed precision: {len(bits_of)} of {len(costs)} matrices at int8 (+{added / 1e6:.2f} MB over all-int4's "
         f"{all_int4 / 1e6:.1f} MB), chosen by the KL each costs alone at int4 on calibration text")
     return bits_of
